@@ -1,0 +1,45 @@
+"""The one place that chooses how a step is computed.
+
+A backend is a function `step(params, grads, states, group, grad_scale)` that applies one
+Amos step (ALGORITHM.md) to the tensors of one param group, with `state["step"]` already t.
+Each entry of `_BACKENDS` says whether it can run on a device and, if not, why.
+"""
+from .reference import reference_step
+
+BACKENDS = ("auto", "reference")
+
+
+def _reference(device):
+    return reference_step, None
+
+
+# name -> function(device) -> (step function or None, reason it cannot run)
+_BACKENDS = {"reference": _reference}
+
+# what "auto" tries, in order, per device type; "reference" always runs
+_AUTO_ORDER = {"cuda": (), "cpu": ()}
+
+
+def check_backend(name):
+    """Raise unless `name` is known (its availability is checked per device by `resolve`)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is unknown; use one of {BACKENDS}")
+
+
+def resolve(name, device):
+    """The step function of backend `name` for tensors on `device`.
+
+    An explicitly requested backend that cannot run raises with the reason; "auto" falls back
+    quietly to the next choice and finally to the reference path.
+    """
+    check_backend(name)
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ()):
+            fn, _ = _BACKENDS[candidate](device)
+            if fn is not None:
+                return fn
+        return reference_step
+    fn, why = _BACKENDS[name](device)
+    if fn is None:
+        raise RuntimeError(f"backend={name!r} cannot run on {device}: {why}. Use backend='auto' or 'reference'.")
+    return fn

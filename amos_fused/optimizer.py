@@ -1,0 +1,254 @@
+"""`Amos`: the torch.optim front end. Checks options, keeps state, hands each group to a backend."""
+import math
+import numbers
+import warnings
+
+import torch
+
+from . import backends
+from .reference import compute_dtype
+from .schedules import CLOSED_FORMS, DECAYING
+from .slices import GRANULARITIES, default_eta, slice_shape
+
+SCHEDULES = ("amos",) + CLOSED_FORMS
+MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+# Default lr per family, chosen by the main job (benchmarks/convergence.py; README, "Defaults").
+DEFAULT_LR = {"amos": 0.1, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
+
+# Options only one family reads, with their neutral values: setting them for the other family
+# is an error rather than a silent no-op.
+_AMOS_ONLY = {"d_coef": 0.25, "c_coef": 0.25, "extra_l2": 0.0}
+_CLOSED_FORM_ONLY = {"q": 1.0}
+
+
+def _number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_options(o, where):
+    """Raise ValueError/TypeError naming the option and the fix; `o` is a group (or defaults)."""
+
+    def bad(name, need):
+        raise ValueError(f"{where}: {name}={o[name]!r} is invalid; {need}")
+
+    lr = o["lr"]
+    if torch.is_tensor(lr):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            bad("lr", "a tensor lr must be a floating-point scalar tensor")
+    elif not (_number(lr) and lr >= 0):
+        bad("lr", "use a finite number >= 0")
+    if o["schedule"] not in SCHEDULES:
+        bad("schedule", f"use one of {SCHEDULES}")
+    if o["granularity"] not in GRANULARITIES:
+        bad("granularity", f"use one of {GRANULARITIES}")
+    if o["schedule"] in DECAYING:
+        if not (_number(o["half_life"]) and o["half_life"] > 0):
+            bad("half_life", f"schedule={o['schedule']!r} needs half_life > 0 (in steps)")
+    elif o["half_life"] is not None:
+        bad("half_life", f"schedule={o['schedule']!r} does not decay; leave half_life=None")
+    for name in ("beta", "momentum"):
+        if not (_number(o[name]) and 0 <= o[name] < 1):
+            bad(name, "use a number in [0, 1)")
+    if o["momentum_dtype"] not in MOMENTUM_DTYPES:
+        bad("momentum_dtype", "use None (fp32), torch.float32, torch.bfloat16 or torch.float16")
+    if o["clip_value"] is not None and not (_number(o["clip_value"]) and o["clip_value"] > 0):
+        bad("clip_value", "use None (no clipping) or a number > 0")
+    for name in ("d_coef", "c_coef", "extra_l2"):
+        if not (_number(o[name]) and o[name] >= 0):
+            bad(name, "use a finite number >= 0")
+    for name in ("q", "eps"):
+        if not (_number(o[name]) and o[name] > 0):
+            bad(name, "use a finite number > 0")
+    if o["eta"] is not None and not (_number(o["eta"]) and o["eta"] > 0):
+        bad("eta", "use None (measured from the initial weights) or a number > 0")
+    unused = _CLOSED_FORM_ONLY if o["schedule"] == "amos" else _AMOS_ONLY
+    for name, neutral in unused.items():
+        if o[name] != neutral:
+            bad(name, f"schedule={o['schedule']!r} does not use it; leave it at {neutral}")
+
+
+class Amos(torch.optim.Optimizer):
+    r"""Amos (Tian & Parikh, arXiv 2210.11693) and its closed-form schedules; see ALGORITHM.md.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or group dicts;
+            every option below except ``eta_fn`` and ``backend`` can be overridden per group.
+        lr: the global learning rate ``xi`` (``alpha0``); read at every step, so LR schedulers
+            work. None picks the family's default (``DEFAULT_LR``).
+        schedule: ``"amos"`` (official, adaptive decay) or ``"constant"``, ``"inverse_time"``,
+            ``"inverse_square"`` (closed forms; the last two need ``half_life`` in steps).
+        q: closed forms only: the decoupled decay rate is ``lr**2 / (2q) * s(t)``.
+        beta: decay of the second moment ``v``.
+        momentum: EMA of the whole update (0 disables it and its state ``m``).
+        momentum_dtype: storage of ``m``: None (fp32), float32, bfloat16 or float16.
+        clip_value: element-wise gradient clipping (after unscaling), or None.
+        d_coef, c_coef, extra_l2: ``"amos"`` only, as in the official code.
+        eps: floor of ``v`` (not an addend).
+        eta: the expected RMS of each parameter's entries. None measures it once, from the
+            initial weights (matrices) or uses 0.5 (vectors and scalars); a float sets it.
+        eta_fn: ``eta_fn(name, param) -> float or None`` per parameter (name is None when
+            params came without names); None falls back to the group's ``eta`` rule.
+        granularity: ``"row"`` (default), ``"tensor"`` or ``"element"``: the slices of ``v``.
+        backend: ``"auto"`` or an explicit backend from ``amos_fused.backends.BACKENDS``.
+
+    A step whose gradients hold NaN or Inf changes nothing: it is counted in
+    ``skipped_steps`` and warned about once. With ``torch.amp.GradScaler`` the scaler's
+    ``found_inf`` decides the skip and the gradients are unscaled inside the step.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
+
+    def __init__(self, params, lr=None, *, schedule="amos", half_life=None, q=1.0, beta=0.999,
+                 momentum=0.9, momentum_dtype=None, clip_value=None, d_coef=0.25, c_coef=0.25,
+                 extra_l2=0.0, eps=2.0**-125, eta=None, eta_fn=None, granularity="row",
+                 backend="auto"):
+        defaults = dict(lr=lr, schedule=schedule, half_life=half_life, q=q, beta=beta,
+                        momentum=momentum, momentum_dtype=momentum_dtype, clip_value=clip_value,
+                        d_coef=d_coef, c_coef=c_coef, extra_l2=extra_l2, eps=eps, eta=eta,
+                        granularity=granularity)
+        backends.check_backend(backend)
+        if eta_fn is not None and not callable(eta_fn):
+            raise TypeError(f"Amos: eta_fn must be callable as eta_fn(name, param), got {eta_fn!r}")
+        self.backend = backend
+        self.eta_fn = eta_fn
+        self.skipped_steps = 0  # steps skipped for non-finite gradients or GradScaler's found_inf
+        self._warned_nonfinite = False
+        super().__init__(params, defaults)
+
+    # ---- groups and eta -------------------------------------------------------------------
+    def add_param_group(self, param_group):
+        group = dict(param_group)
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        if group["lr"] is None and group.get("schedule") in DEFAULT_LR:
+            group["lr"] = DEFAULT_LR[group["schedule"]]
+        where = f"Amos param group {len(self.param_groups)}"
+        check_options(group, where)
+        tensors = [p[1] if isinstance(p, tuple) else p for p in
+                   ([group["params"]] if torch.is_tensor(group["params"]) else list(group["params"]))]
+        for i, p in enumerate(tensors):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{where}: params[{i}] is a {type(p).__name__}, not a tensor")
+            if p.is_complex():
+                raise TypeError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is complex; Amos "
+                                "supports real floating-point parameters: split it with torch.view_as_real")
+            if not p.is_floating_point():
+                raise TypeError(f"{where}: params[{i}] has dtype {p.dtype}; Amos needs floating-point parameters")
+        if self.backend != "auto":
+            for p in tensors:
+                backends.resolve(self.backend, p.device)  # raises now, with the reason
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        names = group.get("param_names", [None] * len(group["params"]))
+        for name, p in zip(names, group["params"]):
+            self.state[p]["eta"] = self._measure_eta(name, p, group)
+
+    def _measure_eta(self, name, p, group):
+        eta = self.eta_fn(name, p) if self.eta_fn is not None else None
+        if eta is None:
+            eta = group["eta"] if group["eta"] is not None else default_eta(p)
+        if not (_number(eta) and eta > 0):
+            raise ValueError(f"Amos: eta for parameter {name or tuple(p.shape)} is {eta!r}; "
+                             "eta_fn and eta must give a number > 0")
+        return float(eta)
+
+    # ---- state ----------------------------------------------------------------------------
+    def _state_for(self, p, group):
+        """The state of `p`, created at its first step: v, b (one per slice), m, step."""
+        state = self.state[p]
+        R, _ = slice_shape(p.shape, group["granularity"])
+        if "v" not in state:
+            wide = compute_dtype(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["v"] = torch.zeros(R, dtype=wide, device=p.device)
+            state["b"] = torch.zeros(R, dtype=wide, device=p.device)
+        if group["momentum"] > 0 and "m" not in state:
+            mdt = group["momentum_dtype"] or compute_dtype(p)
+            state["m"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
+        return state
+
+    def _check_state(self, p, group, where):
+        state = self.state.get(p, {})
+        R, _ = slice_shape(p.shape, group["granularity"])
+        if "v" in state and state["v"].shape != (R,):
+            raise ValueError(f"{where}: state 'v' has shape {tuple(state['v'].shape)} but granularity="
+                             f"{group['granularity']!r} needs ({R},); a group's granularity cannot change "
+                             "once it has state: build a new optimizer")
+        if "m" in state and state["m"].shape != p.shape:
+            raise ValueError(f"{where}: state 'm' has shape {tuple(state['m'].shape)}, parameter has "
+                             f"{tuple(p.shape)}; the state belongs to another model")
+
+    @staticmethod
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        # torch casts floating state to the parameter's dtype on load; Amos keeps v, b, m in
+        # their own dtypes (fp32 v/b with bf16 params, bf16 m with fp32 params) and only moves them.
+        return value.to(device=param.device)
+
+    # ---- the step -------------------------------------------------------------------------
+    def _param_name(self, group_index, group, i):
+        names = group.get("param_names")
+        p = group["params"][i]
+        label = repr(names[i]) if names else f"param_groups[{group_index}]['params'][{i}]"
+        return f"Amos parameter {label} (shape {tuple(p.shape)})"
+
+    def _collect(self):
+        """(group, params, grads) per group, with every check done before anything changes."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            check_options(group, f"Amos param group {gi}")
+            params, grads = [], []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                g, where = p.grad, self._param_name(gi, group, i)
+                if g.is_sparse:
+                    raise TypeError(f"{where}: sparse gradients are not supported; use dense gradients "
+                                    "(e.g. nn.Embedding(..., sparse=False))")
+                if g.shape != p.shape or g.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                    raise ValueError(f"{where}: gradient has shape {tuple(g.shape)} and dtype {g.dtype}; it must "
+                                     "have the parameter's shape and a floating-point dtype")
+                if g.device != p.device:
+                    raise ValueError(f"{where}: gradient is on {g.device}, parameter on {p.device}; move them together")
+                self._check_state(p, group, where)
+                params.append(p)
+                grads.append(g)
+            work.append((group, params, grads))
+        return work
+
+    def _should_skip(self, work):
+        """True when GradScaler found inf or a gradient is non-finite: then nothing changes."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return True
+        grads = [g for _, _, gs in work for g in gs]
+        if grads and not bool(torch.stack([g.isfinite().all().cpu() for g in grads]).all()):
+            if not self._warned_nonfinite:
+                warnings.warn("Amos: a gradient holds NaN or Inf; the step was skipped (parameters and state "
+                              "unchanged) and counted in optimizer.skipped_steps. This warning is shown once.")
+                self._warned_nonfinite = True
+            return True
+        return False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect()
+        if self._should_skip(work):
+            self.skipped_steps += 1
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        for group, params, grads in work:
+            states = [self._state_for(p, group) for p in params]
+            for state in states:
+                state["step"] += 1
+            by_device = {}
+            for i, p in enumerate(params):
+                by_device.setdefault(p.device, []).append(i)
+            for device, idx in by_device.items():
+                fn = backends.resolve(self.backend, device)
+                fn([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
+        return loss

@@ -1,0 +1,1 @@
+"""Triton kernels of amos_fused (installed as amos_fused.kernels)."""
