@@ -119,6 +119,8 @@ class Amos(torch.optim.Optimizer):
     # ---- groups and eta -------------------------------------------------------------------
     def add_param_group(self, param_group):
         group = dict(param_group)
+        if not torch.is_tensor(group.get("params")) and not isinstance(group.get("params"), set):
+            group["params"] = list(group["params"])  # a generator (model.parameters()) reads only once
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         if group["lr"] is None and group.get("schedule") in DEFAULT_LR:
