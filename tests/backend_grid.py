@@ -1,0 +1,199 @@
+"""The grid every fused backend is tested on against the reference path.
+
+Usage in a backend's test file:
+
+    from backend_grid import CASES, assert_matches_reference
+
+    @pytest.mark.parametrize("case", CASES)
+    def test_matches_reference(case):
+        assert_matches_reference("triton", case)
+
+A case is a dict: `shapes` (list of shapes), `dtypes` ((param dtype, grad dtype) per tensor, or one
+pair for all), `options` (Amos keyword options), `scaler` (None, "finite" or "inf": GradScaler's
+fused protocol, grads scaled by 2**10 and `grad_scale`/`found_inf` set as GradScaler does) and
+`steps` (>= 5). Params, grads and every state entry are compared after EVERY step, so a failure
+names the first step that diverged.
+
+Tolerances (per stored dtype, |actual - expected| <= rtol * |expected| + atol):
+- fp32: the backends reorder the one reduction S_r = sum g*g (blocks, splits, threads). In fp32 a
+  sum of C terms has relative error ~sqrt(C)*2**-24 typically and C*2**-24 at worst; C <= ~5000 in
+  the grid gives ~3e-6 typical. K_r goes with sqrt(1/S) (half that error), and everything else is
+  element-wise with the same formula, so 1e-5 relative covers the reordering with margin while a
+  wrong formula (off by any coefficient, a missed clip, a wrong slice) is off by >= 1e-3.
+- bf16 / fp16 storage: both paths round the same fp32 value with RTNE, so results are identical
+  unless the fp32 values straddle a rounding boundary; then they differ by one unit in the last place
+  (ulp), and later steps can add at most another such flip. So 2 ulps: rtol 2**-7 for bf16 (8-bit
+  significand), 2**-10 for fp16 (11-bit), with an atol of one ulp at the magnitude of the smallest
+  values we generate (~1e-3), i.e. 2**-17 and 2**-20.
+- Rounding itself is checked too: a boundary straddle is rare (probability ~ fp32 error / ulp, about
+  1e-5 / 2**-8 < 0.3% of elements), while a wrong rounding mode (truncation instead of RTNE) changes
+  about half of them. So at most 1% (+2) of the elements of a 16-bit tensor may differ at all.
+- v and b are fp32 and depend only on the gradients (identical inputs) and lr/eta: fp32 tolerance.
+- m holds -D*theta, so it inherits theta's rounding flips (scaled by D < 1): it gets the looser of
+  its own dtype's and the parameter dtype's tolerance.
+"""
+import itertools
+
+import pytest
+import torch
+
+from amos_fused import Amos
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+TOL = {F32: (1e-5, 1e-7), BF16: (2.0**-7, 2.0**-17), F16: (2.0**-10, 2.0**-20)}
+SCALE = 2.0**10  # GradScaler-like scale: a power of two, so scaling is exact
+
+MIX = [(), (7,), (3, 5), (1, 1), (5, 4097), (4, 3, 3, 3), (0,), (0, 5), (2, 0)]
+MANY_SMALL = [(1 + i % 13,) for i in range(150)] + [(2 + i % 5, 3) for i in range(50)]
+LONG_ROW = [(70000,)]
+
+
+def _case(shapes, options, dtypes=(F32, F32), scaler=None, steps=5, tag=""):
+    return dict(shapes=shapes, options=options, dtypes=dtypes, scaler=scaler, steps=steps, tag=tag)
+
+
+def _cases():
+    out = []
+    # every granularity x family x momentum, fp32, mixed shapes
+    for gran, sched, mom in itertools.product(("row", "tensor", "element"), ("amos", "inverse_time"), (0.0, 0.9)):
+        opts = dict(granularity=gran, schedule=sched, momentum=mom)
+        if sched == "inverse_time":
+            opts["half_life"] = 3
+        out.append(_case(MIX, opts, tag=f"{gran}-{sched}-m{mom}"))
+    # dtypes: params/grads/momentum independently
+    for (pd, gd), sched, mdt in [((BF16, BF16), "amos", None), ((F16, F16), "amos", None),
+                                 ((F32, BF16), "amos", BF16), ((BF16, F32), "inverse_square", None),
+                                 ((F16, F32), "amos", F16), ((BF16, BF16), "inverse_time", BF16),
+                                 ((F16, F16), "constant", None), ((F32, F16), "inverse_time", F16)]:
+        opts = dict(schedule=sched, momentum=0.9, momentum_dtype=mdt)
+        if sched in ("inverse_time", "inverse_square"):
+            opts["half_life"] = 4
+        out.append(_case(MIX, opts, dtypes=(pd, gd), tag=f"{pd}-{gd}-{sched}-m{mdt}".replace("torch.", "")))
+    mixed = [(F32, BF16), (BF16, BF16), (F16, F32), (F32, F32)]  # one group, tensors of different dtypes
+    out.append(_case(MIX[:8], dict(momentum=0.9), dtypes=[mixed[i % 4] for i in range(8)], tag="mixed-dtypes"))
+    # shapes: many small tensors, one long row
+    for sched, gran in [("amos", "row"), ("inverse_time", "row"), ("amos", "element")]:
+        opts = dict(schedule=sched, granularity=gran, momentum=0.0)
+        if sched == "inverse_time":
+            opts["half_life"] = 3
+        out.append(_case(MANY_SMALL, opts, tag=f"many-small-{sched}-{gran}"))
+        out.append(_case(LONG_ROW, dict(opts, granularity="tensor" if gran == "element" else gran),
+                         tag=f"long-row-{sched}-{gran}"))
+    # options
+    out += [
+        _case(MIX, dict(clip_value=0.05, momentum=0.9), tag="amos-clip"),
+        _case(MIX, dict(schedule="inverse_square", half_life=2, clip_value=0.05, momentum=0.0), tag="closed-clip"),
+        _case(MIX, dict(extra_l2=0.01, d_coef=0.5, c_coef=0.1, beta=0.99), tag="amos-coefs"),
+        _case(MIX, dict(schedule="constant", q=2.5, momentum=0.5), tag="constant-q"),
+        _case(MIX, dict(lr=torch.tensor(0.05)), tag="tensor-lr"),
+    ]
+    # GradScaler's fused protocol
+    for sched, scaler in itertools.product(("amos", "inverse_time"), ("finite", "inf")):
+        opts = dict(schedule=sched, momentum=0.9, clip_value=0.1)
+        if sched == "inverse_time":
+            opts["half_life"] = 3
+        out.append(_case(MIX, opts, dtypes=(BF16, F16), scaler=scaler, tag=f"scaler-{scaler}-{sched}"))
+    return out
+
+
+CASES = [pytest.param(c, id=c["tag"]) for c in _cases()]
+
+
+def _dtypes(case):
+    d = case["dtypes"]
+    return d if isinstance(d, list) else [d] * len(case["shapes"])
+
+
+def make_params(case, device=DEVICE):
+    gen = torch.Generator().manual_seed(1234)
+    params = []
+    for shape, (pd, _) in zip(case["shapes"], _dtypes(case)):
+        scale = 0.5 if len(shape) <= 1 else 0.1
+        params.append((torch.randn(shape, generator=gen) * scale + 0.01).to(device, pd))
+    return params
+
+
+def make_grads(case, step, device=DEVICE):
+    gen = torch.Generator().manual_seed(100 + step)
+    grads = []
+    for shape, (_, gd) in zip(case["shapes"], _dtypes(case)):
+        g = torch.randn(shape, generator=gen) * 0.1
+        if len(shape) == 2 and shape[0] > 1:
+            g[1] = 0.0  # a slice with an exactly zero gradient: gamma = 0, b unchanged
+        grads.append(g.to(device, gd))
+    return grads
+
+
+def run(backend, case, device=DEVICE):
+    """Per-step snapshots [(params, states)] of `steps` steps of Amos with `backend`."""
+    params = make_params(case, device)
+    for p in params:
+        if hasattr(p, "grad_dtype"):  # torch >= 2.10 insists grad dtype == param dtype unless cleared
+            p.grad_dtype = None
+    opts = dict(case["options"])
+    lr = opts.pop("lr", 0.1)
+    opt = Amos(params, lr=lr.clone() if torch.is_tensor(lr) else lr, backend=backend, **opts)
+    snapshots = []
+    for step in range(case["steps"]):
+        grads = make_grads(case, step, device)
+        if case["scaler"]:
+            inf = case["scaler"] == "inf" and step == 2
+            for g in grads:
+                g.mul_(SCALE)
+            if inf and grads[2].numel():
+                grads[2].view(-1)[0] = float("inf")
+            opt.grad_scale = torch.tensor(SCALE, device=device)
+            opt.found_inf = torch.tensor(1.0 if inf else 0.0, device=device)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for attr in ("grad_scale", "found_inf"):
+            if hasattr(opt, attr):
+                delattr(opt, attr)
+        snapshots.append(([p.detach().clone() for p in params],
+                          [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+                           for p in params]))
+    return snapshots
+
+
+def _tol(*dtypes):
+    rtols, atols = zip(*(TOL.get(d, TOL[F32]) for d in dtypes))
+    return max(rtols), max(atols)
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{what}: non-finite values differ"
+    rtol, atol = tol
+    if actual.dtype in (BF16, F16):
+        flips = int((actual != expected).sum())
+        assert flips <= 0.01 * actual.numel() + 2, (
+            f"{what}: {flips}/{actual.numel()} 16-bit values differ from the reference at all; "
+            "rounding must be RTNE of the same fp32 value")
+    err = (a - e).abs()
+    bad = err > rtol * e.abs() + atol
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} elements off (rtol={rtol}, atol={atol}); "
+                             f"first at flat index {i}: {a.flatten()[i].item()!r} vs reference "
+                             f"{e.flatten()[i].item()!r}; max abs err {err.max().item():.3g}")
+
+
+def assert_matches_reference(backend, case, device=DEVICE):
+    got, want = run(backend, case, device), run("reference", case, device)
+    for step, ((gp, gs), (wp, ws)) in enumerate(zip(got, want), start=1):
+        for i, (pd_gd, a, e, sa, se) in enumerate(zip(_dtypes(case), gp, wp, gs, ws)):
+            pd = pd_gd[0]
+            where = f"step {step}, tensor {i} shape {tuple(a.shape)}"
+            assert_close(a, e, _tol(pd), f"{where}: param")
+            assert sorted(sa) == sorted(se), f"{where}: state keys {sorted(sa)} != {sorted(se)}"
+            for key in se:
+                if key == "eta":
+                    assert sa[key] == se[key], f"{where}: eta {sa[key]} != {se[key]}"
+                elif key == "m":
+                    assert_close(sa[key], se[key], _tol(se[key].dtype, pd), f"{where}: state m")
+                else:
+                    assert_close(sa[key], se[key], _tol(F32), f"{where}: state {key}")
