@@ -181,11 +181,49 @@ class Amos(torch.optim.Optimizer):
             raise ValueError(f"{where}: state 'm' has shape {tuple(state['m'].shape)}, parameter has "
                              f"{tuple(p.shape)}; the state belongs to another model")
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # torch casts floating state to the parameter's dtype on load; Amos keeps v, b, m in
-        # their own dtypes (fp32 v/b with bf16 params, bf16 m with fp32 params) and only moves them.
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict):
+        """Load `state_dict` after checking that it fits these parameters (if not, nothing changes).
+
+        torch casts floating state to each parameter's dtype on load, through
+        `Optimizer._process_value_according_to_param_policy` called by class name (a subclass
+        cannot override it); Amos keeps v, b, m in their saved dtypes (fp32 v/b with bf16
+        params, bf16 m with fp32 params) and only moves them to the parameter's device.
+        """
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device)
+
+    def _check_loadable(self, state_dict):
+        """Raise ValueError naming the group or parameter whose saved state does not fit."""
+        where = "Amos.load_state_dict"
+        saved_groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(state, dict):
+            raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups', as Amos.state_dict() returns")
+        fix = "load it into an Amos built on the same model with the same param groups"
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the state dict has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}; {fix}")
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{where}: param group {gi} holds {len(saved['params'])} parameters in the state "
+                                 f"dict and {len(group['params'])} here; {fix}")
+            opts = {**self.defaults, **saved}
+            check_options(opts, f"{where}: saved param group {gi}")
+            for j, (i, p) in enumerate(zip(saved["params"], group["params"])):
+                st, name = state.get(i, {}), self._param_name(gi, group, j)
+                R, _ = slice_shape(p.shape, opts["granularity"])
+                for key, shape in (("v", (R,)), ("b", (R,)), ("m", tuple(p.shape)), ("step", ())):
+                    if key in st and tuple(st[key].shape) != shape:
+                        raise ValueError(f"{where}: {name}: saved state '{key}' has shape {tuple(st[key].shape)}, "
+                                         f"expected {shape}; the state dict belongs to another model: {fix}")
+                if "eta" not in st:
+                    raise ValueError(f"{where}: {name} has no saved 'eta' (Amos saves it for every parameter); "
+                                     "pass a state dict made by Amos.state_dict()")
 
     # ---- the step -------------------------------------------------------------------------
     def _param_name(self, group_index, group, i):
