@@ -137,14 +137,25 @@ class Amos(torch.optim.Optimizer):
                                 "supports real floating-point parameters: split it with torch.view_as_real")
             if not p.is_floating_point():
                 raise TypeError(f"{where}: params[{i}] has dtype {p.dtype}; Amos needs floating-point parameters")
+            if p.device.type == "meta":
+                raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is on the meta device and holds "
+                                 "no data; materialise the model (model.to_empty(device=...), then initialise "
+                                 "it) before building the optimizer")
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        for i, p in enumerate(tensors):  # torch only warns within a group: the tensor would step twice
+            if id(p) in seen:
+                raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is already in this or an earlier "
+                                 "param group; list every parameter once (tied weights are one tensor)")
+            seen.add(id(p))
         if self.backend != "auto":
             for p in tensors:
                 backends.resolve(self.backend, p.device)  # raises now, with the reason
+        names = [p[0] if isinstance(p, tuple) else None for p in
+                 ([group["params"]] if torch.is_tensor(group["params"]) else group["params"])]
+        etas = [self._measure_eta(name, p, group) for name, p in zip(names, tensors)]  # may raise: before adding
         super().add_param_group(group)
-        group = self.param_groups[-1]
-        names = group.get("param_names", [None] * len(group["params"]))
-        for name, p in zip(names, group["params"]):
-            self.state[p]["eta"] = self._measure_eta(name, p, group)
+        for p, eta in zip(tensors, etas):
+            self.state[p]["eta"] = eta
 
     def _measure_eta(self, name, p, group):
         eta = self.eta_fn(name, p) if self.eta_fn is not None else None
@@ -261,13 +272,44 @@ class Amos(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
             return True
-        grads = [g for _, _, gs in work for g in gs]
-        if grads and not bool(torch.stack([g.isfinite().all().cpu() for g in grads]).all()):
+        if self._nonfinite(work):
             if not self._warned_nonfinite:
-                warnings.warn("Amos: a gradient holds NaN or Inf; the step was skipped (parameters and state "
-                              "unchanged) and counted in optimizer.skipped_steps. This warning is shown once.")
+                warnings.warn("Amos: a gradient holds NaN or Inf, or its sum of squares overflows; the step was "
+                              "skipped (parameters and state unchanged) and counted in optimizer.skipped_steps. "
+                              "This warning is shown once.")
                 self._warned_nonfinite = True
             return True
+        return False
+
+    def _nonfinite(self, work):
+        """True when a gradient holds NaN/Inf, or a slice's S_r = sum g*g would overflow.
+
+        A finite gradient can still overflow S_r (1e30**2 in fp32), which would write inf into v
+        and NaN into b and the parameters. One fused norm per gradient finds both cases (a finite
+        ||g/grad_scale||**2 bounds every S_r); only when it is not finite do we check exactly what
+        the backends square: the unscaled, clipped gradient in the compute dtype.
+        """
+        grad_scale = getattr(self, "grad_scale", None)
+        items = [(p, g, group) for group, ps, gs in work for p, g in zip(ps, gs) if g.numel()]
+        if not items:
+            return False
+        flags = {}  # one host sync per device
+        for (p, _, _), n in zip(items, torch._foreach_norm([g for _, g, _ in items])):
+            n = n.to(compute_dtype(p))
+            if grad_scale is not None:
+                n = n / grad_scale.to(n.device, n.dtype)
+            flags.setdefault(n.device, []).append((n * n).isfinite())
+        if all(bool(torch.stack(f).all()) for f in flags.values()):
+            return False
+        for p, g, group in items:
+            x = g.to(compute_dtype(p))
+            if grad_scale is not None:
+                x = x / grad_scale.to(x.device, x.dtype)
+            if group["clip_value"] is not None:
+                x = x.clamp(-group["clip_value"], group["clip_value"])
+            S = (x * x).reshape(slice_shape(p.shape, group["granularity"])).sum(dim=1)
+            if not (bool(g.isfinite().all()) and bool(S.isfinite().all())):
+                return True
         return False
 
     @torch.no_grad()
