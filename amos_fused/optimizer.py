@@ -32,14 +32,14 @@ def check_options(o, where):
     def bad(name, need):
         raise ValueError(f"{where}: {name}={o[name]!r} is invalid; {need}")
 
+    if o["schedule"] not in SCHEDULES:  # first: an unknown schedule also leaves lr=None unresolved
+        bad("schedule", f"use one of {SCHEDULES}")
     lr = o["lr"]
     if torch.is_tensor(lr):
         if lr.numel() != 1 or not lr.is_floating_point():
             bad("lr", "a tensor lr must be a floating-point scalar tensor")
     elif not (_number(lr) and lr >= 0):
         bad("lr", "use a finite number >= 0")
-    if o["schedule"] not in SCHEDULES:
-        bad("schedule", f"use one of {SCHEDULES}")
     if o["granularity"] not in GRANULARITIES:
         bad("granularity", f"use one of {GRANULARITIES}")
     if o["schedule"] in DECAYING:
