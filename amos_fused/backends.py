@@ -6,18 +6,36 @@ Each entry of `_BACKENDS` says whether it can run on a device and, if not, why.
 """
 from .reference import reference_step
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 
 def _reference(device):
     return reference_step, None
 
 
+def _triton(device):
+    # imported here: importing triton is slow and must not happen for the other backends
+    try:
+        from . import triton_backend
+    except ImportError as err:
+        return None, f"triton is not importable ({err}); pip install triton"
+    interpreting = triton_backend.K.INTERPRET
+    if device.type == "cuda" and interpreting:
+        return None, ("TRITON_INTERPRET=1 is set, and the interpreter cannot run on CUDA tensors (its address "
+                      "tables hold device pointers); unset TRITON_INTERPRET before importing amos_fused")
+    if device.type == "cpu" and not interpreting:
+        return None, ("triton needs a CUDA device; CPU tensors run only under the Triton interpreter: set "
+                      "TRITON_INTERPRET=1 before importing amos_fused (slow, for tests)")
+    if device.type not in ("cuda", "cpu"):
+        return None, f"triton runs on CUDA devices (or on CPU under TRITON_INTERPRET=1), not {device.type}"
+    return triton_backend.triton_step, None
+
+
 # name -> function(device) -> (step function or None, reason it cannot run)
-_BACKENDS = {"reference": _reference}
+_BACKENDS = {"reference": _reference, "triton": _triton}
 
 # what "auto" tries, in order, per device type; "reference" always runs
-_AUTO_ORDER = {"cuda": (), "cpu": ()}
+_AUTO_ORDER = {"cuda": ("triton",), "cpu": ()}
 
 
 def check_backend(name):

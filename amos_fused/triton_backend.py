@@ -1,0 +1,145 @@
+"""backend="triton": the host side of the fused multi-tensor Triton step (kernels/amos_triton.py).
+
+`triton_step` has the backend signature of backends.py. Per (param, grad, momentum) dtype
+combination it fetches a cached launch plan (kernels/tables.py) and launches:
+- schedule="amos": one `_rows_kernel` pass per column-block bucket (reduce, finalize and apply
+  fused); slices longer than the heuristic's `long_row` add chunk-reduce, finalize and
+  chunk-apply launches.
+- closed forms: reduce launches (v, sqrt(r), partials of ||u||^2), one `_norm_kernel` launch
+  (||u|| per tensor, fixed order) and apply launches.
+Every per-step scalar is read on the device (t from state["step"], lr when it is a tensor,
+GradScaler's scale), and nothing is copied to the host, so a step is CUDA-graph capturable once
+the plan exists (warm up one step before capturing).
+
+Tensors the kernels do not take run on the reference path instead (same results, slower):
+fp64 params or grads (the kernels compute in fp32, the reference in fp64 for them),
+non-contiguous params or momentum, and state loaded in another dtype or on another device.
+Zero-size tensors are skipped, as on the reference path.
+"""
+import contextlib
+
+import torch
+
+from .kernels import amos_triton as K
+from .kernels import tables
+from .reference import reference_step
+
+_TL_DTYPE = {torch.float32: K.tl.float32, torch.bfloat16: K.tl.bfloat16, torch.float16: K.tl.float16}
+
+# Block sizes: a fixed heuristic (tables.py); tests may replace it to exercise small splits.
+HEURISTIC = tables.INTERPRETED if K.INTERPRET else tables.COMPILED
+
+
+def _on_kernels(p, g, st, momentum):
+    """Whether this tensor's step can run in the kernels (else: the reference path)."""
+    ok = (p.dtype in tables.SUPPORTED and g.dtype in tables.SUPPORTED and p.is_contiguous()
+          and all(st[k].dtype == torch.float32 and st[k].is_contiguous() and st[k].device == p.device
+                  for k in ("v", "b", "step")) and st["step"].numel() == 1)
+    if momentum:
+        m = st["m"]
+        ok = ok and m.dtype in tables.SUPPORTED and m.is_contiguous() and m.device == p.device
+    return ok
+
+
+def _scalars(group, device):
+    """Kernel arguments that do not depend on the tensor; no host synchronisation."""
+    lr = group["lr"]
+    out = dict(lr=0.0, lr_ptr=None, LR_IS_PTR=torch.is_tensor(lr))
+    if torch.is_tensor(lr):
+        out["lr_ptr"] = lr.detach().reshape(1).to(device=device, dtype=torch.float32)
+    else:
+        out["lr"] = float(lr)
+    beta = group["beta"]
+    beta32 = float(torch.tensor(beta, dtype=torch.float32))
+    out.update(
+        # fp32(beta) for beta*v; the pair (beta32, beta_lo) gives beta**t in fp64, as the reference
+        beta=beta32, beta_lo=beta - beta32, one_minus_beta=1.0 - beta, eps=group["eps"],
+        c_coef=group["c_coef"], d_coef=group["d_coef"], extra_l2=group["extra_l2"],
+        two_q=2.0 * group["q"], half_life=float(group["half_life"] or 1.0),
+        momentum=group["momentum"], one_minus_momentum=1.0 - group["momentum"],
+        clip=float(group["clip_value"] or 0.0))
+    return out
+
+
+@torch.no_grad()
+def triton_step(params, grads, states, group, grad_scale=None):
+    """One Amos step for the tensors of a group on one device (`state["step"]` is already t)."""
+    momentum = group["momentum"] > 0
+    fallback, combos = [], {}
+    for p, g, st in zip(params, grads, states):
+        if p.numel() == 0:
+            continue
+        if not _on_kernels(p, g, st, momentum):
+            fallback.append((p, g, st))
+            continue
+        key = (p.dtype, g.dtype, st["m"].dtype if momentum else None)
+        combo = combos.setdefault(key, ([], [], []))
+        combo[0].append(p)
+        combo[1].append(g.contiguous())
+        combo[2].append(st)
+    if fallback:
+        reference_step(*map(list, zip(*fallback)), group, grad_scale)
+    if not combos:
+        return
+    device = next(iter(combos.values()))[0][0].device
+    sc = _scalars(group, device)
+    if grad_scale is not None:
+        grad_scale = grad_scale.detach().reshape(1).to(device=device, dtype=torch.float32)
+    closed = group["schedule"] != "amos"
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        for (pd, gd, md), (ps, gs, sts) in combos.items():
+            plan = tables.get_plan(ps, gs, sts, closed, HEURISTIC, momentum)
+            _launch(plan, plan.g_table(gs), sc, group["schedule"], grad_scale,
+                    dict(P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd], M_DTYPE=_TL_DTYPE[md or pd],
+                         MOMENTUM=momentum, CLIP=group["clip_value"] is not None))
+
+
+def _launch(plan, g_table, sc, schedule, grad_scale, dtypes):
+    h = plan.heuristic
+    dummy = plan.tensor_a  # stands for absent pointers (never read)
+    lr_ptr = sc["lr_ptr"] if sc["lr_ptr"] is not None else dummy
+    scale_ptr = grad_scale if grad_scale is not None else dummy
+    sched = K.SCHEDULE_CODE[schedule]
+    flags = dict(SCHED=sched, HAS_SCALE=grad_scale is not None, LR_IS_PTR=sc["LR_IS_PTR"], RTNE=K.INTERPRET,
+                 **dtypes)
+    step_args = (sc["lr"], lr_ptr, sc["beta"], sc["beta_lo"])
+
+    def rows(phase):
+        for n_rows, colb, one_block, tiles, ntiles in plan.buckets:
+            K._rows_kernel[(ntiles,)](
+                plan.info, plan.finfo, g_table, tiles, plan.coef_k, plan.qpart, plan.tensor_a, scale_ptr,
+                *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
+                sc["extra_l2"], sc["two_q"], sc["half_life"], sc["momentum"], sc["one_minus_momentum"], sc["clip"],
+                PHASE=phase, ROWS=n_rows, COLB=colb, ONE_BLOCK=one_block, num_warps=h.num_warps, **flags)
+
+    def chunks(phase):
+        tiles, ntiles = plan.chunk_tiles
+        if ntiles:
+            K._chunk_kernel[(ntiles,)](
+                plan.info, g_table, tiles, plan.coef_k, plan.coef_d, plan.partial, plan.tensor_a, scale_ptr,
+                *step_args, sc["two_q"], sc["half_life"], sc["momentum"], sc["one_minus_momentum"], sc["clip"],
+                PHASE=phase, CHUNK=h.chunk, BLOCK=h.block, num_warps=h.num_warps, **flags)
+
+    def split_finalize():
+        tiles, ntiles = plan.final_tiles
+        if ntiles:
+            K._split_finalize_kernel[(ntiles,)](
+                plan.info, plan.finfo, tiles, plan.coef_k, plan.coef_d, plan.partial, plan.qpart,
+                *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
+                sc["extra_l2"], sc["half_life"], SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"],
+                ROWS=plan.final_rows, KB=plan.kb, num_warps=4)
+
+    if sched == K.AMOS:
+        rows(K.FUSED)
+        chunks(K.REDUCE)
+        split_finalize()
+        chunks(K.APPLY)
+    else:
+        rows(K.REDUCE)
+        chunks(K.REDUCE)
+        split_finalize()
+        K._norm_kernel[(plan.n,)](plan.info, plan.finfo, plan.qpart, plan.tensor_a, *step_args, sc["half_life"],
+                                  SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"], QB=plan.qb, num_warps=4)
+        rows(K.APPLY)
+        chunks(K.APPLY)

@@ -1,0 +1,318 @@
+"""Triton kernels of the Amos step (ALGORITHM.md §3-§6, kernel shape §8).
+
+Every kernel is multi-tensor: it reads the tensors' addresses and geometry from the int64 table
+`info` (columns below, built by kernels/tables.py) and its work items from a tile table, so one
+launch covers all tensors of a (device, dtype-combination) group. All math is fp32; values are
+upcast right after `tl.load` (the interpreter cannot do bf16 arithmetic) and rounded to nearest
+even when stored. Per-step scalars (t, lr, bias correction, s(t)) are read on the device.
+
+Kernels:
+- `_rows_kernel`: a program owns ROWS whole slices of one tensor. PHASE 0 (schedule "amos"):
+  reduce -> finalize -> apply in one pass; the second walk over g hits registers (one column
+  block) or L2. PHASE 1 (closed forms, reduce): writes v, sqrt(r) per slice and one partial of
+  ||u||^2 per tile. PHASE 2 (closed forms, apply).
+- `_chunk_kernel`: slices too long for one program are cut into chunks of one row; PHASE 1 writes
+  the chunk's partial sum of g*g, PHASE 2 applies with the slice's finalized coefficients.
+- `_split_finalize_kernel`: sums a long slice's chunk partials in a fixed order and finalizes.
+- `_norm_kernel`: closed forms: ||u|| per tensor from its tile partials, in a fixed order.
+No atomics: every sum has a fixed shape and order, so runs are bitwise reproducible.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+# Whether the kernels below were defined for the interpreter (decided at import, like triton).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# int64 columns of the `info` table, one row per tensor (see tables.py)
+P_ADDR, M_ADDR, V_ADDR, B_ADDR, STEP_ADDR, NROWS, NCOLS, COEF_BASE, Q_BASE, Q_COUNT, PART_BASE, NSPLIT = range(12)
+NINFO = 12
+# fp32 columns of the `finfo` table
+ETA, EPS0, NCOLS_F = range(3)
+NFINFO = 3
+# schedule codes
+AMOS, CONSTANT, INVERSE_TIME, INVERSE_SQUARE = range(4)
+SCHEDULE_CODE = {"amos": AMOS, "constant": CONSTANT, "inverse_time": INVERSE_TIME, "inverse_square": INVERSE_SQUARE}
+# phases
+FUSED, REDUCE, APPLY = 0, 1, 2
+
+
+@triton.jit
+def _to_out(x, DTYPE: tl.constexpr, RTNE_BY_HAND: tl.constexpr):
+    """fp32 -> DTYPE, round to nearest even (the interpreter's bf16 cast truncates)."""
+    if DTYPE == tl.bfloat16 and RTNE_BY_HAND:
+        b = x.to(tl.uint32, bitcast=True)
+        b = b + (((b >> 16) & 1) + 0x7FFF)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _ptr(info, i, col, DTYPE: tl.constexpr):
+    return tl.load(info + i * NINFO + col).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _bias_correction(beta, beta_lo, t):
+    """bc = 1 - beta**t in fp64, rounded once (as the reference does).
+
+    It cancels: at t = 1, fp32(0.999) is off by 1.3e-5 of bc. beta arrives as two fp32 halves
+    (beta + beta_lo, 48 bits) and the power of the integral step count t < 2**31 is formed by
+    squaring in fp64 (only multiplies: no transcendental whose accuracy differs by platform).
+    """
+    n = t.to(tl.int32)
+    b = (t * 0.0 + beta).to(tl.float64) + (t * 0.0 + beta_lo).to(tl.float64)  # tensors: the interpreter passes floats
+    acc = b * 0.0 + 1.0
+    for _ in tl.static_range(31):
+        acc = tl.where((n & 1) != 0, acc * b, acc)
+        b = b * b
+        n = n >> 1
+    return (1.0 - acc).to(tl.float32)
+
+
+@triton.jit
+def _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR: tl.constexpr, SCHED: tl.constexpr):
+    """t (this tensor's step count), xi (lr), bc = 1 - beta**t and s(t), all fp32 on the device."""
+    t = tl.load(_ptr(info, i, STEP_ADDR, tl.float32))
+    if LR_IS_PTR:
+        xi = tl.load(lr_ptr).to(tl.float32)
+    else:
+        xi = lr
+    bc = _bias_correction(beta, beta_lo, t)
+    if SCHED == INVERSE_TIME:
+        s = tl.math.div_rn(1.0, 1.0 + tl.math.div_rn(t - 1.0, half_life))
+    elif SCHED == INVERSE_SQUARE:
+        x = 1.0 + 0.41421356237309515 * tl.math.div_rn(t - 1.0, half_life)
+        s = tl.math.div_rn(1.0, x * x)
+    else:
+        s = t * 0.0 + 1.0
+    return xi, bc, s
+
+
+@triton.jit
+def _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE: tl.constexpr, CLIP: tl.constexpr):
+    """The gradient in fp32: unscaled (GradScaler), then clipped."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+    if CLIP:
+        g = tl.minimum(tl.maximum(g, -clip), clip)
+    return g
+
+
+@triton.jit
+def _apply(p_ptr, m_ptr, offs, mask, g, K, D, momentum, one_minus_momentum,
+           P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, RTNE: tl.constexpr):
+    """§6: delta = -K*g - D*theta; momentum EMA; theta moves by the unrounded m."""
+    theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    delta = -K * g - D * theta
+    if MOMENTUM:
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        delta = momentum * m + one_minus_momentum * delta
+        tl.store(m_ptr + offs, _to_out(delta, M_DTYPE, RTNE), mask=mask)
+    tl.store(p_ptr + offs, _to_out(theta + delta, P_DTYPE, RTNE), mask=mask)
+
+
+@triton.jit
+def _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps, c_coef, d_coef, extra_l2,
+              SCHED: tl.constexpr):
+    """§3-§4 per slice: v, r = 1/v_hat, and for "amos" b and the coefficients K, D.
+
+    Returns (v, r, b, K, D); for the closed forms b is unchanged and K, D are unused.
+    """
+    v = beta * v_old + tl.math.div_rn(one_minus_beta * S, C_f)
+    r = tl.math.div_rn(bc, tl.maximum(v, eps))
+    if SCHED == AMOS:
+        alpha = xi * eta
+        c = tl.math.div_rn(1.0, tl.sqrt_rn(1.0 + c_coef * tl.sqrt_rn(xi) * b_old))
+        gamma = tl.math.div_rn(c * (xi * xi) * r * S, C_f)
+        d = tl.math.div_rn(1.0, 1.0 + d_coef * tl.sqrt_rn(alpha) * b_old)
+        K = d * alpha * tl.sqrt_rn(r)
+        D = d * (gamma / 2.0 + extra_l2)
+        b = b_old + gamma * (1.0 + b_old)
+    else:
+        K = r
+        D = r
+        b = b_old
+    return v, r, b, K, D
+
+
+@triton.jit
+def _closed_coefs(A, sqrt_r, xi, s, two_q):
+    """§5: K = A*sqrt(r), D = xi**2/(2q)*s."""
+    return A * sqrt_r, tl.math.div_rn(xi * xi, two_q) * s
+
+
+@triton.jit
+def _rows_kernel(info, finfo, g_addrs, tiles, coef_k, qpart, tensor_a, scale_ptr, lr, lr_ptr,
+                 beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, two_q, half_life,
+                 momentum, one_minus_momentum, clip,
+                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                 SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
+                 ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr, RTNE: tl.constexpr):
+    """A program owns ROWS whole slices; tile = (tensor, first row, partial slot)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i = tl.load(tiles + pid * 3)
+    row0 = tl.load(tiles + pid * 3 + 1)
+    R = tl.load(info + i * NINFO + NROWS)
+    C = tl.load(info + i * NINFO + NCOLS)
+    p_ptr = _ptr(info, i, P_ADDR, P_DTYPE)
+    g_ptr = tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE))
+    m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)
+    v_ptr = _ptr(info, i, V_ADDR, tl.float32)
+    b_ptr = _ptr(info, i, B_ADDR, tl.float32)
+    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED)
+
+    rows = row0 + tl.arange(0, ROWS).to(tl.int64)
+    rmask = rows < R
+    cols = tl.arange(0, COLB).to(tl.int64)
+    base = rows[:, None] * C  # int64 element offsets
+
+    if PHASE != APPLY:
+        # reduce: S_r = sum of g*g over each owned slice
+        if ONE_BLOCK:
+            offs = base + cols[None, :]
+            mask = rmask[:, None] & (cols < C)[None, :]
+            g = _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE, CLIP)
+            S = tl.sum(g * g, axis=1)
+        else:
+            acc = tl.zeros((ROWS, COLB), dtype=tl.float32)
+            for c0 in range(0, C, COLB):
+                offs = base + (c0 + cols)[None, :]
+                mask = rmask[:, None] & ((c0 + cols) < C)[None, :]
+                gb = _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE, CLIP)
+                acc += gb * gb
+            S = tl.sum(acc, axis=1)
+        # finalize
+        v_old = tl.load(v_ptr + rows, mask=rmask, other=0.0)
+        b_old = tl.load(b_ptr + rows, mask=rmask, other=0.0)
+        eta = tl.load(finfo + i * NFINFO + ETA)
+        C_f = tl.load(finfo + i * NFINFO + NCOLS_F)
+        v, r, b, K, D = _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps,
+                                  c_coef, d_coef, extra_l2, SCHED)
+        tl.store(v_ptr + rows, v, mask=rmask)
+        if SCHED == AMOS:
+            tl.store(b_ptr + rows, b, mask=rmask)
+        else:
+            cb = tl.load(info + i * NINFO + COEF_BASE)
+            tl.store(coef_k + cb + rows, tl.sqrt_rn(r), mask=rmask)
+            tl.store(qpart + tl.load(tiles + pid * 3 + 2), tl.sum(tl.where(rmask, S * r, 0.0), axis=0))
+
+    if PHASE != REDUCE:
+        if PHASE == APPLY:
+            cb = tl.load(info + i * NINFO + COEF_BASE)
+            sqrt_r = tl.load(coef_k + cb + rows, mask=rmask, other=0.0)
+            K, D = _closed_coefs(tl.load(tensor_a + i), sqrt_r, xi, s, two_q)
+        if PHASE == APPLY or not ONE_BLOCK:
+            for c0 in range(0, C, COLB):
+                offs = base + (c0 + cols)[None, :]
+                mask = rmask[:, None] & ((c0 + cols) < C)[None, :]
+                gb = _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE, CLIP)  # L2 hit in PHASE 0
+                _apply(p_ptr, m_ptr, offs, mask, gb, K[:, None], D[:, None], momentum, one_minus_momentum,
+                       P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
+        else:  # one column block: g is still in registers
+            _apply(p_ptr, m_ptr, offs, mask, g, K[:, None], D[:, None], momentum, one_minus_momentum,
+                   P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
+
+
+@triton.jit
+def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale_ptr, lr, lr_ptr,
+                  beta, beta_lo, two_q, half_life, momentum, one_minus_momentum, clip,
+                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                  SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, RTNE: tl.constexpr):
+    """Part of one long slice: tile = (tensor, row, first column, chunk index)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i = tl.load(tiles + pid * 4)
+    row = tl.load(tiles + pid * 4 + 1)
+    col0 = tl.load(tiles + pid * 4 + 2)
+    C = tl.load(info + i * NINFO + NCOLS)
+    g_ptr = tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE))
+    start = row * C + col0
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    if PHASE == REDUCE:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c in range(0, CHUNK, BLOCK):
+            mask = (col0 + c + cols) < C
+            g = _load_g(g_ptr, start + c + cols, mask, scale_ptr, clip, HAS_SCALE, CLIP)
+            acc += g * g
+        slot = tl.load(info + i * NINFO + PART_BASE) + row * tl.load(info + i * NINFO + NSPLIT) \
+            + tl.load(tiles + pid * 4 + 3)
+        tl.store(partial + slot, tl.sum(acc, axis=0))
+    else:
+        slice_id = tl.load(info + i * NINFO + COEF_BASE) + row
+        if SCHED == AMOS:
+            K = tl.load(coef_k + slice_id)
+            D = tl.load(coef_d + slice_id)
+        else:
+            xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED)
+            K, D = _closed_coefs(tl.load(tensor_a + i), tl.load(coef_k + slice_id), xi, s, two_q)
+        p_ptr = _ptr(info, i, P_ADDR, P_DTYPE)
+        m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)
+        for c in range(0, CHUNK, BLOCK):
+            mask = (col0 + c + cols) < C
+            g = _load_g(g_ptr, start + c + cols, mask, scale_ptr, clip, HAS_SCALE, CLIP)
+            _apply(p_ptr, m_ptr, start + c + cols, mask, g, K, D, momentum, one_minus_momentum,
+                   P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
+
+
+@triton.jit
+def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, qpart, lr, lr_ptr,
+                           beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, half_life,
+                           SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, ROWS: tl.constexpr,
+                           KB: tl.constexpr):
+    """Long slices: S_r = sum of the row's chunk partials (fixed order), then finalize."""
+    pid = tl.program_id(0).to(tl.int64)
+    i = tl.load(tiles + pid * 3)
+    row0 = tl.load(tiles + pid * 3 + 1)
+    R = tl.load(info + i * NINFO + NROWS)
+    nsplit = tl.load(info + i * NINFO + NSPLIT)
+    pbase = tl.load(info + i * NINFO + PART_BASE)
+    v_ptr = _ptr(info, i, V_ADDR, tl.float32)
+    b_ptr = _ptr(info, i, B_ADDR, tl.float32)
+    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED)
+    rows = row0 + tl.arange(0, ROWS).to(tl.int64)
+    rmask = rows < R
+    ks = tl.arange(0, KB).to(tl.int64)
+    acc = tl.zeros((ROWS, KB), dtype=tl.float32)
+    for k0 in range(0, nsplit, KB):
+        mask = rmask[:, None] & ((k0 + ks) < nsplit)[None, :]
+        acc += tl.load(partial + pbase + rows[:, None] * nsplit + (k0 + ks)[None, :], mask=mask, other=0.0)
+    S = tl.sum(acc, axis=1)
+    v_old = tl.load(v_ptr + rows, mask=rmask, other=0.0)
+    b_old = tl.load(b_ptr + rows, mask=rmask, other=0.0)
+    eta = tl.load(finfo + i * NFINFO + ETA)
+    C_f = tl.load(finfo + i * NFINFO + NCOLS_F)
+    v, r, b, K, D = _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps,
+                              c_coef, d_coef, extra_l2, SCHED)
+    tl.store(v_ptr + rows, v, mask=rmask)
+    slices = tl.load(info + i * NINFO + COEF_BASE) + rows
+    if SCHED == AMOS:
+        tl.store(b_ptr + rows, b, mask=rmask)
+        tl.store(coef_k + slices, K, mask=rmask)
+        tl.store(coef_d + slices, D, mask=rmask)
+    else:
+        tl.store(coef_k + slices, tl.sqrt_rn(r), mask=rmask)
+        tl.store(qpart + tl.load(tiles + pid * 3 + 2), tl.sum(tl.where(rmask, S * r, 0.0), axis=0))
+
+
+@triton.jit
+def _norm_kernel(info, finfo, qpart, tensor_a, lr, lr_ptr, beta, beta_lo, half_life,
+                 SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, QB: tl.constexpr):
+    """Closed forms, one program per tensor: ||u|| = sqrt(sum of its tile partials), then A."""
+    i = tl.program_id(0).to(tl.int64)
+    qbase = tl.load(info + i * NINFO + Q_BASE)
+    qcount = tl.load(info + i * NINFO + Q_COUNT)
+    ks = tl.arange(0, QB).to(tl.int64)
+    acc = tl.zeros((QB,), dtype=tl.float32)
+    for k0 in range(0, qcount, QB):
+        acc += tl.load(qpart + qbase + k0 + ks, mask=(k0 + ks) < qcount, other=0.0)
+    unorm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED)
+    eps0 = tl.load(finfo + i * NFINFO + EPS0)
+    A = tl.where(unorm > 0, tl.math.div_rn(xi * eps0 * s, tl.where(unorm > 0, unorm, 1.0)), 0.0)
+    tl.store(tensor_a + i, A)

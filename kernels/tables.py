@@ -1,0 +1,183 @@
+"""Launch plans for the multi-tensor Triton kernels: device-side tables, tiles and block sizes.
+
+A plan covers the tensors of one (device, param dtype, grad dtype, momentum dtype) combination.
+It holds, on the device: `info` (int64, one row of addresses and geometry per tensor; column
+names in amos_triton.py), `finfo` (fp32 eta, eps0, C per tensor), the tile tables of every
+launch, and fp32 scratch for per-slice coefficients and partial sums. Plans are cached while the
+parameters are the same tensors (same data_ptr, shape and state buffers), so after the first
+step a step builds nothing; the gradients' address table is rebuilt only when a gradient moved.
+This module needs torch only (no triton), so it can be read and tested anywhere.
+
+Block sizes come from a fixed heuristic, not autotuning (autotuning would re-apply the in-place
+step while it times configurations):
+- A slice of C <= `long_row` elements is owned by one program of `_rows_kernel`. Its column block
+  is COLB = next_pow2(C) capped at `max_colb`; a program holds ROWS = `tile` // COLB slices (at
+  most next_pow2 of the largest R in its bucket), so a launch per distinct COLB. `long_row` bounds
+  the bytes of g a program re-reads in its apply walk, so that second read stays in L2.
+- Longer slices (a big 1-D tensor, `"tensor"` granularity) are split into chunks of `chunk`
+  columns (one program each, walking `block`-wide vectors): partial sums, a fixed-order sum per
+  slice, then the apply; no atomics, so results do not depend on scheduling.
+- The interpreter's cost grows with the number of programs (and loop iterations), not elements,
+  so under TRITON_INTERPRET=1 every size is larger.
+"""
+import collections
+import dataclasses
+import math
+
+import torch
+
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+NINFO, NFINFO = 12, 3  # must match amos_triton.py (checked in tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class Heuristic:
+    tile: int  # elements a `_rows_kernel` program holds at once (ROWS * COLB)
+    max_colb: int  # widest column block of `_rows_kernel`
+    long_row: int  # slices longer than this are split across programs
+    chunk: int  # columns per program of a split slice (a multiple of `block`)
+    block: int  # vector width of `_chunk_kernel`
+    num_warps: int
+
+
+# GPU: 4096 fp32 per program over 8 warps is 16 values per thread in flight per array; a slice
+# of up to 16k elements (64 KB of fp32 g) per program keeps the apply walk's re-read in L2.
+COMPILED = Heuristic(tile=4096, max_colb=1024, long_row=16384, chunk=16384, block=2048, num_warps=8)
+INTERPRETED = Heuristic(tile=16384, max_colb=4096, long_row=32768, chunk=32768, block=32768, num_warps=1)
+
+
+def next_pow2(x):
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+class Plan:
+    """Tables and scratch for one (device, dtype-combination) set of tensors."""
+
+    def __init__(self, params, states, closed, heuristic, momentum):
+        self.device = params[0].device
+        self.p_dtype, self.n = params[0].dtype, len(params)
+        self.m_dtype = states[0]["m"].dtype if momentum else None
+        self.heuristic = h = heuristic
+        geometry = []  # (R, C) per tensor
+        for p, st in zip(params, states):
+            R = st["v"].numel()
+            geometry.append((R, p.numel() // R))
+        owned = [i for i, (_, C) in enumerate(geometry) if C <= h.long_row]
+        split = [i for i, (_, C) in enumerate(geometry) if C > h.long_row]
+        is_split = set(split)
+
+        info = [[0] * NINFO for _ in params]
+        finfo = [[0.0] * NFINFO for _ in params]
+        for i, (p, st) in enumerate(zip(params, states)):
+            R, C = geometry[i]
+            eps0 = math.sqrt(p.numel()) * st["eta"] * (math.sqrt(2.0) if p.ndim >= 2 else 1.0)
+            info[i][:6] = [p.data_ptr(), st["m"].data_ptr() if momentum else 0, st["v"].data_ptr(),
+                           st["b"].data_ptr(), st["step"].data_ptr(), R]
+            info[i][6] = C
+            finfo[i] = [float(st["eta"]), eps0, float(C)]
+
+        # per-slice coefficient slots: closed forms (sqrt(r)) and split slices (K, D)
+        n_coef = 0
+        for i, (R, _) in enumerate(geometry):
+            if closed or i in is_split:
+                info[i][7] = n_coef
+                n_coef += R
+        n_q = 0
+
+        # owned slices: one launch of `_rows_kernel` per column-block width
+        by_colb = collections.defaultdict(list)
+        for i in owned:
+            by_colb[min(next_pow2(geometry[i][1]), h.max_colb)].append(i)
+        self.buckets = []
+        for colb, members in sorted(by_colb.items()):
+            rows = max(1, min(h.tile // colb, next_pow2(max(geometry[i][0] for i in members))))
+            tiles = []
+            for i in members:
+                R = geometry[i][0]
+                info[i][8] = n_q
+                for row0 in range(0, R, rows):
+                    tiles.append((i, row0, n_q))
+                    n_q += 1
+                info[i][9] = n_q - info[i][8]
+            one_block = max(geometry[i][1] for i in members) <= colb
+            self.buckets.append((rows, colb, one_block, self._to_device(tiles, torch.int64), len(tiles)))
+
+        # split slices: chunk programs, then one finalize program per group of rows
+        n_part = 0
+        chunk_tiles, final_tiles = [], []
+        self.final_rows = self.kb = 1
+        if split:
+            self.final_rows = min(64, next_pow2(max(geometry[i][0] for i in split)))
+            nsplits = []
+            for i in split:
+                R, C = geometry[i]
+                nsplit = -(-C // h.chunk)
+                nsplits.append(nsplit)
+                info[i][10], info[i][11] = n_part, nsplit
+                n_part += R * nsplit
+                for row in range(R):
+                    for k in range(nsplit):
+                        chunk_tiles.append((i, row, k * h.chunk, k))
+                info[i][8] = n_q
+                for row0 in range(0, R, self.final_rows):
+                    final_tiles.append((i, row0, n_q))
+                    n_q += 1
+                info[i][9] = n_q - info[i][8]
+            self.kb = min(1024, next_pow2(max(nsplits)))
+        self.chunk_tiles = (self._to_device(chunk_tiles, torch.int64), len(chunk_tiles))
+        self.final_tiles = (self._to_device(final_tiles, torch.int64), len(final_tiles))
+        self.qb = min(1024, next_pow2(max([info[i][9] for i in range(self.n)] + [1])))
+
+        self.info = self._to_device(info, torch.int64)
+        self.finfo = self._to_device(finfo, torch.float32)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.coef_k = torch.empty(max(n_coef, 1), **f32)
+        self.coef_d = torch.empty(max(n_coef, 1) if split else 1, **f32)
+        self.qpart = torch.empty(max(n_q, 1), **f32)
+        self.partial = torch.empty(max(n_part, 1), **f32)
+        self.tensor_a = torch.empty(self.n, **f32)
+        self._g_key, self._g_table = None, None
+
+    def _to_device(self, rows, dtype):
+        """A host list (of lists) as a flat device tensor; pinned + non-blocking on CUDA."""
+        host = torch.tensor(rows if rows else [0], dtype=dtype).flatten()
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
+
+    def g_table(self, grads):
+        """The gradients' addresses; rebuilt only when one moved (zero_grad(set_to_none=True))."""
+        key = tuple(g.data_ptr() for g in grads)
+        if key != self._g_key:
+            self._g_table, self._g_key = self._to_device(list(key), torch.int64), key
+        return self._g_table
+
+
+_PLANS = collections.OrderedDict()
+_MAX_PLANS = 32
+
+
+def plan_key(params, grads, states, closed, heuristic, momentum):
+    """Everything a plan's tables depend on; gradients enter only through their dtype."""
+    per_tensor = tuple(
+        (p.data_ptr(), tuple(p.shape), p.dtype, g.dtype, st["v"].data_ptr(), st["v"].numel(), st["b"].data_ptr(),
+         st["step"].data_ptr(), st["eta"]) + ((st["m"].data_ptr(), st["m"].dtype) if momentum else ())
+        for p, g, st in zip(params, grads, states))
+    return (per_tensor, closed, heuristic, momentum, params[0].device)
+
+
+def get_plan(params, grads, states, closed, heuristic, momentum):
+    """The cached plan for these tensors (all of one dtype combination), built on first use."""
+    key = plan_key(params, grads, states, closed, heuristic, momentum)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = Plan(params, states, closed, heuristic, momentum)
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def clear_cache():
+    _PLANS.clear()
