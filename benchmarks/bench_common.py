@@ -1,0 +1,256 @@
+"""Shared pieces of the benchmarks: model-shaped parameter sets, timing, machine facts, roofline.
+
+Parameter sets are lists of tensor shapes in PyTorch's layout (nn.Linear weight is (out, in)),
+so no nn.Module is needed: the optimizers only see tensors and their gradients.
+"""
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+# ---- model-shaped parameter sets --------------------------------------------------------------
+
+
+def gpt2_shapes(d, layers, vocab=50257, ctx=1024):
+    """GPT-2 (Radford et al. 2019): learned positions, fused qkv, 4x MLP, biases, tied lm_head."""
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,),                       # ln_1 weight, bias
+                   (3 * d, d), (3 * d,),             # attention qkv
+                   (d, d), (d,),                     # attention output
+                   (d,), (d,),                       # ln_2
+                   (4 * d, d), (4 * d,),             # mlp up
+                   (d, 4 * d), (d,)]                 # mlp down
+    return shapes + [(d,), (d,)]                     # ln_f
+
+
+def llama_shapes(d, layers, ffn, vocab, kv_dim):
+    """Llama-style: RMSNorm gains, grouped-query attention, SwiGLU MLP, no biases, tied embedding."""
+    shapes = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,),                                  # attention norm
+                   (d, d), (kv_dim, d), (kv_dim, d), (d, d),  # q, k, v, o
+                   (d,),                                  # mlp norm
+                   (ffn, d), (ffn, d), (d, ffn)]          # gate, up, down
+    return shapes + [(d,)]
+
+
+def many_small_shapes(count=4096):
+    """Thousands of 1-D tensors (norm gains, biases): per-tensor overhead dominates."""
+    lengths = (128, 256, 512, 1024, 2048, 4096, 768, 3072)
+    return [(lengths[i % len(lengths)],) for i in range(count)]
+
+
+# name -> (shapes, description). The first five are the issue's sizes; "gpt2-mini" is the
+# --quick size and "tiny" exists for the tests.
+SIZES = {
+    "gpt2-124m": (gpt2_shapes(768, 12), "GPT-2 small: d=768, 12 layers, vocab 50257"),
+    "gpt2-350m": (gpt2_shapes(1024, 24), "GPT-2 medium: d=1024, 24 layers, vocab 50257"),
+    "gpt2-1.3b": (gpt2_shapes(2048, 24, ctx=2048), "GPT-3 XL shape in GPT-2 layout: d=2048, 24 layers, ctx 2048"),
+    "llama-1b": (llama_shapes(2048, 16, 8192, 128256, 512),
+                 "Llama-3.2-1B shape: d=2048, 16 layers, ffn 8192, kv 512, vocab 128256 (263M-param embedding)"),
+    "many-small": (many_small_shapes(), "4096 1-D tensors of 128-4096 elements"),
+    "gpt2-mini": (gpt2_shapes(256, 4), "GPT-2 layout, d=256, 4 layers, vocab 50257 (the --quick size)"),
+    "tiny": (gpt2_shapes(32, 2, vocab=256, ctx=32), "GPT-2 layout, d=32, 2 layers, vocab 256 (tests only)"),
+}
+
+
+def check_sizes(names):
+    for name in names:
+        if name not in SIZES:
+            raise SystemExit(f"--sizes: unknown size {name!r}; use some of {', '.join(SIZES)}")
+
+
+def numel(shapes):
+    return sum(math.prod(s) for s in shapes)
+
+
+def make_params(shapes, dtype, device, seed=0):
+    """Parameters (matrices ~N(0, 0.02), vectors ones) with random gradients attached."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for shape in shapes:
+        if len(shape) >= 2:
+            p = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+        else:
+            p = torch.ones(shape, dtype=dtype, device=device)
+        p.grad = torch.empty_like(p).normal_(0.0, 1e-3, generator=gen)
+        params.append(p)
+    return params
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup, repeats):
+    """(seconds of each timed call, seconds of the first call). CUDA events on GPU, perf_counter on CPU.
+
+    The first call is timed apart: it creates optimizer state and, under torch.compile, compiles.
+    """
+    synchronize(device)
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return times, first
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def stream_bandwidth(n, dtype, device, repeats=5):
+    """GB/s of `a += b` over n elements: read a, read b, write a (3 x element size per element).
+
+    An in-place op, like an optimizer step; a copy into a fresh buffer would pay write-allocate on
+    CPU and understate the bandwidth.
+    """
+    a = torch.ones(n, dtype=dtype, device=device)
+    b = torch.ones(n, dtype=dtype, device=device)
+    times, _ = time_steps(lambda: a.add_(b), device, warmup=2, repeats=repeats)
+    nbytes = 3 * a.element_size() * n
+    del a, b
+    free_memory(device)
+    return nbytes / median(times) / 1e9
+
+
+# ---- bytes a step must move, from the state layout (ALGORITHM.md §8) ------------------------
+
+
+def amos_bytes(param_size, momentum_size=0, closed_form=False, grad_size=None):
+    """Minimum bytes per parameter of one Amos step.
+
+    Read g once (the one-pass fused reduce+apply; a closed form reads it twice because ||u||
+    over the whole tensor is needed before any slice is applied), read+write theta, and
+    read+write m when there is momentum. Per-slice v and b (8 B per row) are left out: rows
+    have hundreds to thousands of elements, so they add < 0.1 B per parameter.
+    """
+    g = param_size if grad_size is None else grad_size
+    return g * (2 if closed_form else 1) + 2 * param_size + 2 * momentum_size
+
+
+def adamw_bytes(param_size):
+    """Read g, read+write theta, read+write exp_avg and exp_avg_sq (kept in the parameter's dtype)."""
+    return param_size + 2 * param_size + 4 * param_size
+
+
+def adafactor_bytes(param_size):
+    """A pass over g for the row/column means of g^2, then read g, read+write theta.
+
+    The factored second moment (one value per row and per column) is negligible.
+    """
+    return 2 * param_size + 2 * param_size
+
+
+def lamb_bytes(param_size):
+    """apex FusedLAMB as built: stage 1 reads g, theta, m, v, writes m, v and the update;
+    stage 2 reads the update and theta and writes theta."""
+    return adamw_bytes(param_size) + param_size + 3 * param_size
+
+
+def state_bytes(optimizer):
+    """Bytes of every tensor an optimizer keeps in its state (the parameters excluded)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+# ---- machine and versions -------------------------------------------------------------------
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device):
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": _ram_gib(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+    }
+    return info
+
+
+def versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "git_commit": _git_commit()}
+    for name in ("triton", "numpy", "amos_fused", "apex"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "present")
+        except Exception:  # an absent or broken optional package is recorded, not fatal
+            out[name] = None
+    return out
+
+
+def now_utc():
+    return datetime.datetime.now(datetime.timezone.utc)

@@ -1,0 +1,420 @@
+"""Optimizer step time on model-shaped parameter sets: Amos backends vs torch.compile, AdamW, Adafactor, apex.
+
+For every size and row: the median step time after warm-up (CUDA events on GPU, perf_counter on
+CPU), the bytes per parameter the row must move (bench_common: from its state layout), the
+achieved GB/s, that as a percentage of an in-place streaming op (`a += b` over buffers as large
+as the parameters) measured in the same run, the ratio to torch's fused and foreach AdamW, and
+the bytes of optimizer state. Amos rows call `Amos.step()` as a user does, so they include its
+non-finite-gradient check (one more read of every gradient, not in the minimum bytes).
+
+    python benchmarks/step_time.py --device cpu --quick
+    python benchmarks/step_time.py --device cuda --json out.json
+    python benchmarks/step_time.py --device cpu --sizes gpt2-124m,gpt2-350m --out benchmarks/results/cpu
+"""
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+from amos_fused import Amos, backends  # noqa: E402
+from amos_fused.reference import reference_step  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# (label, Amos options). "amos m=0.9" keeps m in fp32 (the default); the closed form stands for
+# the family sharing one kernel shape (ALGORITHM.md §5, §8).
+FAMILIES = [
+    ("amos m=0", dict(schedule="amos", momentum=0.0)),
+    ("amos m=0.9", dict(schedule="amos", momentum=0.9)),
+    ("amos m=0.9 bf16", dict(schedule="amos", momentum=0.9, momentum_dtype=torch.bfloat16)),
+    ("inverse_time m=0", dict(schedule="inverse_time", half_life=1000.0, momentum=0.0)),
+]
+QUICK_COMPILE_FAMILIES = ("amos m=0.9",)  # compiling takes tens of seconds per family on 2 cores
+
+BASELINES = ("compile", "adamw", "adafactor", "apex")
+DEFAULT_SIZES = {"cpu": ("gpt2-124m", "gpt2-350m", "many-small"),
+                 "cuda": ("gpt2-124m", "gpt2-350m", "gpt2-1.3b", "llama-1b", "many-small")}
+QUICK_SIZES = ("gpt2-mini",)
+
+
+class Row:
+    """One line of the table: how to build its step, and the bytes it must move per parameter."""
+
+    def __init__(self, name, group, make, bytes_per_param, bytes_rule, family=None, backend=None):
+        self.name, self.group, self.make = name, group, make
+        self.bytes_per_param, self.bytes_rule = bytes_per_param, bytes_rule
+        self.family, self.backend = family, backend
+
+
+def amos_bytes_for(options, psize):
+    if options["momentum"] > 0:
+        msize = torch.tensor([], dtype=options.get("momentum_dtype") or torch.float32).element_size()
+        return bc.amos_bytes(psize, msize), f"g {psize} + theta 2x{psize} + m 2x{msize}"
+    if options["schedule"] != "amos":
+        return bc.amos_bytes(psize, closed_form=True), f"g 2x{psize} (||u|| first) + theta 2x{psize}"
+    return bc.amos_bytes(psize), f"g {psize} + theta 2x{psize}"
+
+
+# ---- torch.compile of the reference step --------------------------------------------------------
+
+
+def _compiled_reference():
+    """The reference step under torch.compile, called once per tensor (what a user without
+    custom kernels would do). dynamic=True: one graph per tensor rank, reused across shapes."""
+    import torch._dynamo.config as dynamo_config
+
+    # 4 families x 2 ranks (+ recompiles on guards) exceed the default limit of 8; past the
+    # limit dynamo silently runs eager, which would time the wrong thing.
+    dynamo_config.recompile_limit = 64
+    return torch.compile(reference_step, dynamic=True)
+
+
+@contextlib.contextmanager
+def _amos_with(step_fn):
+    """Amos.step with its backend replaced by `step_fn` (same checks, state and step counter)."""
+    calls = []
+
+    def step(params, grads, states, group, grad_scale):
+        calls.append(1)
+        step_fn(params, grads, states, group, grad_scale)
+
+    with mock.patch.object(backends, "resolve", lambda name, device: step):
+        yield
+    if not calls:
+        raise RuntimeError("Amos.step no longer calls backends.resolve; update _amos_with in step_time.py")
+
+
+# ---- rows -------------------------------------------------------------------------------------
+
+
+def amos_backend_rows(requested, device, psize, notes):
+    rows = []
+    for name in backends.BACKENDS:
+        if name == "auto" or (requested and name not in requested):
+            continue
+        if name == "triton" and device.type == "cpu":
+            notes.append("amos/triton: on CPU Triton runs only in its interpreter, which is not a performance path; not timed")
+            continue
+        try:
+            backends.resolve(name, device)
+        except Exception as e:  # the backend's own reason (not built, no GPU, ...)
+            notes.append(f"amos/{name}: skipped, {e}")
+            continue
+        for label, options in FAMILIES:
+            nbytes, rule = amos_bytes_for(options, psize)
+
+            def make(params, name=name, options=options):
+                opt = Amos(params, backend=name, **options)
+                return opt.step, opt
+            rows.append(Row(f"amos/{name} {label}", "amos", make, nbytes, rule, family=label, backend=name))
+    return rows
+
+
+def compile_rows(psize, quick):
+    rows, compiled = [], []
+
+    def per_tensor(params, grads, states, group, grad_scale):
+        if not compiled:
+            compiled.append(_compiled_reference())
+        for p, g, s in zip(params, grads, states):
+            compiled[0]([p], [g], [s], group, grad_scale)
+
+    for label, options in FAMILIES:
+        if quick and label not in QUICK_COMPILE_FAMILIES:
+            continue
+        nbytes, rule = amos_bytes_for(options, psize)
+
+        def make(params, options=options):
+            opt = Amos(params, **options)
+
+            def step():
+                with _amos_with(per_tensor):
+                    opt.step()
+            return step, opt
+        rows.append(Row(f"compile/reference {label}", "compile", make, nbytes, rule, family=label,
+                        backend="torch.compile(reference_step)"))
+    return rows
+
+
+def adamw_rows(psize):
+    rule = f"g {psize} + theta 2x{psize} + exp_avg, exp_avg_sq 2x{psize} each"
+    rows = []
+    for label, kw in (("for-loop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
+        def make(params, kw=kw):
+            opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, **kw)
+            return opt.step, opt
+        rows.append(Row(f"adamw {label}", "adamw", make, bc.adamw_bytes(psize), rule, backend=label))
+    return rows
+
+
+def adafactor_rows(psize):
+    rule = f"g 2x{psize} (row/col means of g^2 first) + theta 2x{psize}"
+    rows = []
+    for label, foreach in (("for-loop", False), ("foreach", True)):
+        def make(params, foreach=foreach):
+            opt = torch.optim.Adafactor(params, lr=1e-2, foreach=foreach)
+            return opt.step, opt
+        rows.append(Row(f"adafactor {label}", "adafactor", make, bc.adafactor_bytes(psize), rule, backend=label))
+    return rows
+
+
+def apex_rows(device, psize, notes):
+    try:
+        from apex.optimizers import FusedAdam, FusedLAMB
+    except Exception as e:  # apex is built from source by its users; absent is the common case
+        notes.append(f"apex not importable ({type(e).__name__}: {e})")
+        return []
+    if device.type != "cuda":
+        notes.append("apex: importable, but its fused optimizers need CUDA tensors; not timed")
+        return []
+
+    def make_adam(params):
+        opt = FusedAdam(params, lr=1e-3, weight_decay=0.1, adam_w_mode=True)
+        return opt.step, opt
+
+    def make_lamb(params):
+        opt = FusedLAMB(params, lr=1e-3, weight_decay=0.1)
+        return opt.step, opt
+    return [Row("apex FusedAdam", "apex", make_adam, bc.adamw_bytes(psize), "as AdamW"),
+            Row("apex FusedLAMB", "apex", make_lamb, bc.lamb_bytes(psize),
+                f"AdamW's + update written and read back 2x{psize} + theta read again {psize}")]
+
+
+def build_rows(requested, device, dtype, quick, notes):
+    psize = torch.tensor([], dtype=dtype).element_size()
+    want = (lambda group: not requested or group in requested)
+    rows = amos_backend_rows([r for r in requested if r not in BASELINES], device, psize, notes)
+    if want("compile"):
+        rows += compile_rows(psize, quick)
+    if want("adamw"):
+        rows += adamw_rows(psize)
+    if want("adafactor"):
+        rows += adafactor_rows(psize)
+    if want("apex"):
+        rows += apex_rows(device, psize, notes)
+    return rows
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+
+def run_size(size, args, device, dtype, warmup, repeats, notes, progress):
+    shapes, description = bc.SIZES[size]
+    n = bc.numel(shapes)
+    roof_before = bc.stream_bandwidth(n, dtype, device)
+    params = bc.make_params(shapes, dtype, device)
+    initial = [p.detach().clone() for p in params]
+    rows = build_rows(args.backends, device, dtype, args.quick, notes)
+    results = []
+    bar = progress(rows, desc=size, unit="row")
+    for row in bar:
+        bar.set_postfix_str(row.name)
+        with torch.no_grad():
+            for p, p0 in zip(params, initial):  # every row starts from the same weights
+                p.copy_(p0)
+        try:
+            step, opt = row.make(params)
+            times, first = bc.time_steps(step, device, warmup, repeats)
+            state = bc.state_bytes(opt)
+        except Exception as e:  # one failing row is reported, the others still run
+            notes.append(f"{size} {row.name}: failed, {type(e).__name__}: {e}")
+            continue
+        finally:
+            step = opt = None
+            bc.free_memory(device)
+        results.append(dict(size=size, row=row.name, group=row.group, backend=row.backend, family=row.family,
+                            dtype=args.dtype, n_params=n, n_tensors=len(shapes),
+                            median_ms=bc.median(times) * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
+                            repeats=len(times), first_call_s=first,
+                            bytes_per_param=row.bytes_per_param, bytes_rule=row.bytes_rule,
+                            state_bytes=state, state_bytes_per_param=state / n))
+    del params, initial
+    bc.free_memory(device)
+    roof_after = bc.stream_bandwidth(n, dtype, device)
+    # the better of two measurements: load from other processes only ever lowers it
+    roofline = max(roof_before, roof_after)
+    by_name = {r["row"]: r for r in results}
+    for r in results:
+        r["gbps"] = r["bytes_per_param"] * n / (r["median_ms"] / 1e3) / 1e9
+        r["roofline_gbps"] = roofline
+        r["pct_roofline"] = 100.0 * r["gbps"] / roofline
+        for ref in ("fused", "foreach"):
+            base = by_name.get(f"adamw {ref}")
+            r[f"x_adamw_{ref}"] = r["median_ms"] / base["median_ms"] if base else None
+    info = dict(n_params=n, n_tensors=len(shapes), description=description,
+                roofline_gbps=roofline, roofline_gbps_before=roof_before, roofline_gbps_after=roof_after,
+                roofline_op=f"a += b over {n} {args.dtype} elements ({3 * torch.tensor([], dtype=dtype).element_size()} B/element)")
+    return results, info
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(results, sizes_info):
+    lines = []
+    for size, info in sizes_info.items():
+        lines += [f"\n### {size}: {info['n_params'] / 1e6:.1f}M parameters in {info['n_tensors']} tensors ({info['description']})",
+                  f"Roofline: {info['roofline_op']} = {info['roofline_gbps']:.3g} GB/s\n",
+                  "| row | step ms (median) | B/param | GB/s | % roofline | x fused AdamW | x foreach AdamW | state MB | first call s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in results if r["size"] == size):
+            lines.append(f"| {r['row']} | {r['median_ms']:.2f} | {r['bytes_per_param']} | {r['gbps']:.3g} | "
+                         f"{r['pct_roofline']:.1f} | {_fmt(r['x_adamw_fused'], '.2f')} | "
+                         f"{_fmt(r['x_adamw_foreach'], '.2f')} | {r['state_bytes'] / 1e6:.3g} | {r['first_call_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_csv(path, results, meta):
+    keys = ["date", "device", "cpu", "gpu", "torch", "triton", "note"]
+    extra = dict(date=meta["date"], device=meta["device"], cpu=meta["machine"]["cpu"], gpu=meta["machine"]["gpu"],
+                 torch=meta["versions"]["torch"], triton=meta["versions"]["triton"], note=meta["note"])
+    fields = list(results[0].keys()) + keys if results else keys
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in results:
+            w.writerow({**r, **extra})
+
+
+def write_plot(path, results, sizes_info, meta):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s for s in sizes_info if any(r["size"] == s for r in results)]
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(13, 0.32 * max(len(results), 8) + 1.5), squeeze=False)
+    colors = {"amos": "tab:blue", "compile": "tab:purple", "adamw": "tab:orange", "adafactor": "tab:green", "apex": "tab:red"}
+    for (ax_t, ax_r), size in zip(axes, sizes):
+        rows = [r for r in results if r["size"] == size]
+        names = [r["row"] for r in rows]
+        c = [colors.get(r["group"], "gray") for r in rows]
+        ax_t.barh(names, [r["median_ms"] for r in rows], color=c)
+        ax_t.set_xscale("log")
+        ax_t.set_xlabel("step time, ms (median, log scale)")
+        ax_t.invert_yaxis()
+        ax_t.set_title(f"{size} ({sizes_info[size]['n_params'] / 1e6:.0f}M params)")
+        ax_r.barh(names, [r["pct_roofline"] for r in rows], color=c)
+        ax_r.set_xlabel(f"% of a += b bandwidth ({sizes_info[size]['roofline_gbps']:.3g} GB/s)")
+        ax_r.invert_yaxis()
+        ax_r.set_yticklabels([])
+    machine = meta["machine"]["gpu"] or meta["machine"]["cpu"]
+    fig.suptitle(f"Optimizer step, {meta['dtype']}, {machine}, torch {meta['versions']['torch']}, {meta['date'][:10]}"
+                 + (f" ({meta['note']})" if meta["note"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(bc.SIZES)}; default per device")
+    ap.add_argument("--backends", default="all",
+                    help="comma-separated Amos backends (from amos_fused.backends.BACKENDS) and baselines "
+                         f"{', '.join(BASELINES)}; 'all' (default) runs every one that can run here")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="parameter and gradient dtype")
+    ap.add_argument("--repeats", type=int, help="timed steps per row (default: 5 on CPU, 20 on GPU, 3 with --quick)")
+    ap.add_argument("--warmup", type=int, help="untimed steps before, the first included (default 2, 3 on GPU)")
+    ap.add_argument("--quick", action="store_true", help="small size, few repeats, one compiled family (< 3 min on 2 cores)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for this run")
+    ap.add_argument("--json", help="write results and machine facts as JSON here")
+    ap.add_argument("--csv", help="write one CSV line per row here")
+    ap.add_argument("--plot", help="write a PNG of step time and %% of roofline here")
+    ap.add_argument("--out", help="directory: writes step_time_<device>_<date>.{json,csv,png} there")
+    ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'measured under load')")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    args.backends = [] if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
+    known = set(backends.BACKENDS) - {"auto"} | set(BASELINES)
+    for b in args.backends:
+        if b not in known:
+            ap.error(f"--backends: {b!r} is unknown; use 'all' or some of {', '.join(sorted(known))}")
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.warmup is not None and args.warmup < 1:
+        ap.error("--warmup must be >= 1 (the first step creates the state and is never timed)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {args.device}: use cpu or cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    sizes = (args.sizes.split(",") if args.sizes else
+             QUICK_SIZES if args.quick else DEFAULT_SIZES[device.type])
+    bc.check_sizes(sizes)
+    gpu = device.type == "cuda"
+    repeats = args.repeats or (3 if args.quick else 20 if gpu else 5)
+    warmup = args.warmup or (3 if gpu else 1 if args.quick else 2)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    progress = (lambda it, **kw: _Plain(it)) if args.no_progress or tqdm is None else \
+        (lambda it, **kw: tqdm(it, file=sys.stderr, **kw))
+
+    date = bc.now_utc()
+    notes, results, sizes_info = [], [], {}
+    for size in sizes:
+        res, info = run_size(size, args, device, dtype, warmup, repeats, notes, progress)
+        results += res
+        sizes_info[size] = info
+    meta = dict(date=date.isoformat(timespec="seconds"), device=str(device), dtype=args.dtype,
+                machine=bc.machine_info(device), versions=bc.versions(), note=args.note,
+                argv=sys.argv[1:] if argv is None else list(argv), warmup=warmup, repeats=repeats,
+                amos_backends=list(backends.BACKENDS), notes=notes)
+
+    print(f"# Optimizer step time: {meta['machine']['gpu'] or meta['machine']['cpu']} "
+          f"({meta['machine']['cpu_cores']} cores), torch {meta['versions']['torch']}, {args.dtype}, {meta['date']}"
+          + (f", {args.note}" if args.note else ""))
+    print(markdown(results, sizes_info))
+    for note in notes:
+        print(f"note: {note}")
+
+    paths = dict(json=args.json, csv=args.csv, plot=args.plot)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"step_time_{device.type}_{date:%Y-%m-%d}")
+        paths = {k: v or f"{stem}.{'png' if k == 'plot' else k}" for k, v in paths.items()}
+    if paths["json"]:
+        with open(paths["json"], "w") as f:
+            json.dump(dict(meta, sizes=sizes_info, rows=results), f, indent=1)
+    if paths["csv"]:
+        write_csv(paths["csv"], results, meta)
+    if paths["plot"]:
+        write_plot(paths["plot"], results, sizes_info, meta)
+    for k, v in paths.items():
+        if v:
+            print(f"wrote {v}")
+    return results
+
+
+class _Plain:
+    """A stand-in for tqdm when progress bars are off."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def set_postfix_str(self, s):
+        pass
+
+
+if __name__ == "__main__":
+    main()
