@@ -323,14 +323,16 @@ class Amos(torch.optim.Optimizer):
             self.skipped_steps += 1
             return loss
         grad_scale = getattr(self, "grad_scale", None)
+        calls = []  # per group, (step function, indices) per device; resolved first: an error changes nothing
         for group, params, grads in work:
-            states = [self._state_for(p, group) for p in params]
-            for state in states:
-                state["step"] += 1
             by_device = {}
             for i, p in enumerate(params):
                 by_device.setdefault(p.device, []).append(i)
-            for device, idx in by_device.items():
-                fn = backends.resolve(self.backend, device)
+            calls.append([(backends.resolve(self.backend, device), idx) for device, idx in by_device.items()])
+        for (group, params, grads), group_calls in zip(work, calls):
+            states = [self._state_for(p, group) for p in params]
+            for state in states:
+                state["step"] += 1
+            for fn, idx in group_calls:
                 fn([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
         return loss
