@@ -42,14 +42,15 @@ ONE_SLICE = {"dense/bias": "row", "norm/scale": "tensor", "scalar": "row"}  # bo
 #   2e-5 and params by 4.5e-5 with beta = 0.999: this tolerance caught it.
 TOL = {torch.float64: 1e-6, torch.float32: 1e-5}
 FLOOR = 0.1
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def to_torch_param(name, value, dtype):
+def to_torch_param(name, value, dtype, device="cpu"):
     """A JAX-layout value (nested lists) as a PyTorch parameter tensor."""
     x = torch.tensor(value, dtype=torch.float64)
     if name == KERNEL:
         x = x.T.contiguous()  # (in, out) -> (out, in)
-    return x.to(dtype)
+    return x.to(device, dtype)
 
 
 def to_torch_slots(name, value):
@@ -74,14 +75,14 @@ def granularity(config, name):
     raise AssertionError(f"{name}: no granularity maps JAX slots {slot} of a {shape} tensor")
 
 
-def replay(config, dtype, options=None, lr_of_step=None):
+def replay(config, dtype, options=None, lr_of_step=None, device="cpu"):
     """Run our optimizer through a golden configuration; yield (t, what, name, ours, golden).
 
     `options` overrides options of every group and `lr_of_step(t)` the lr (negative tests).
     """
     o = dict(config["options"])
     names = list(config["init"])
-    params = {n: to_torch_param(n, config["init"][n], dtype).requires_grad_() for n in names}
+    params = {n: to_torch_param(n, config["init"][n], dtype, device).requires_grad_() for n in names}
     steps = config["steps"]
     groups = [dict(params=[params[n]], eta=config["eta"][n], granularity=granularity(config, n)) for n in names]
     kwargs = dict(lr=steps[0]["lr"], schedule="amos", beta=o["beta"], momentum=o["momentum"],
@@ -92,15 +93,15 @@ def replay(config, dtype, options=None, lr_of_step=None):
         for group in opt.param_groups:
             group["lr"] = lr_of_step(t) if lr_of_step else step["lr"]  # lr at 1-based t = schedule(t)
         for n in names:
-            params[n].grad = to_torch_param(n, step["grads"][n], dtype)
+            params[n].grad = to_torch_param(n, step["grads"][n], dtype, device)
         opt.step()
         for n in names:
             state = opt.state[params[n]]
-            yield t, "params", n, params[n].detach(), to_torch_param(n, step["params"][n], torch.float64)
-            yield t, "v", n, state["v"], to_torch_slots(n, step["v"][n])
-            yield t, "b", n, state["b"], to_torch_slots(n, step["b"][n])
+            yield t, "params", n, params[n].detach().cpu(), to_torch_param(n, step["params"][n], torch.float64)
+            yield t, "v", n, state["v"].cpu(), to_torch_slots(n, step["v"][n])
+            yield t, "b", n, state["b"].cpu(), to_torch_slots(n, step["b"][n])
             if "m" in step:
-                yield t, "m", n, state["m"], to_torch_param(n, step["m"][n], torch.float64)
+                yield t, "m", n, state["m"].cpu(), to_torch_param(n, step["m"][n], torch.float64)
 
 
 def scale(config, what, name):
@@ -116,15 +117,16 @@ def rel_err(ours, gold, scale):
     return ((ours - gold).abs() / gold.abs().clamp(min=FLOOR * scale)).max().item()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_golden_trajectory(name, dtype):
+def test_golden_trajectory(name, dtype, device):
     worst = (0.0, None)
     config = CONFIGS[name]
-    for t, what, var, ours, gold in replay(config, dtype):
+    for t, what, var, ours, gold in replay(config, dtype, device=device):
         err = rel_err(ours, gold, scale(config, what, var))
         worst = max(worst, (err, f"step {t} {what} of {var}"), key=lambda w: w[0])
-    assert worst[0] <= TOL[dtype], f"{name} {dtype}: relative error {worst[0]:.3g} at {worst[1]} > {TOL[dtype]}"
+    assert worst[0] <= TOL[dtype], f"{name} {dtype} {device}: relative error {worst[0]:.3g} at {worst[1]} > {TOL[dtype]}"
 
 
 def test_golden_covers_the_issue():
@@ -139,6 +141,9 @@ def test_golden_covers_the_issue():
     # the clip is active: some golden gradient exceeds clip_value
     clip = CONFIGS["momentum_clip"]["options"]["clip_value"]
     assert any(abs(g) > clip for s in CONFIGS["momentum_clip"]["steps"] for g in torch.tensor(s["grads"][KERNEL]).flatten().tolist())
+    # a slice whose first gradient is exactly zero: no update and b stays 0 (checked by replay)
+    first = CONFIGS["defaults_row"]["steps"][0]
+    assert all(row[0] == 0.0 for row in first["grads"][KERNEL]) and first["b"][KERNEL][0][0] == 0.0
 
 
 # Each perturbation must move the trajectory well past the float64 tolerance; if one did not,
@@ -158,6 +163,6 @@ PERTURBED = {
 def test_golden_detects_wrong_option(what):
     name, options, lr_of_step = PERTURBED[what]
     config = CONFIGS[name]
-    worst = max(rel_err(ours, gold, scale(config, what, var)) for _, what, var, ours, gold in
+    worst = max(rel_err(ours, gold, scale(config, kind, var)) for _, kind, var, ours, gold in
                 replay(config, torch.float64, options=options, lr_of_step=lr_of_step))
     assert worst > 100 * TOL[torch.float64], f"perturbing {what} changed {name} only by {worst:.3g}"
