@@ -5,8 +5,9 @@ import warnings
 
 import torch
 
-from . import backends
-from .reference import compute_dtype
+from . import backends, distributed
+from .distributed import local
+from .reference import compute_dtype, reference_step
 from .schedules import CLOSED_FORMS, DECAYING
 from .slices import GRANULARITIES, default_eta, slice_shape
 
@@ -147,6 +148,11 @@ class Amos(torch.optim.Optimizer):
                 raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is already in this or an earlier "
                                  "param group; list every parameter once (tied weights are one tensor)")
             seen.add(id(p))
+        for i, p in enumerate(tensors):
+            distributed.is_sharded(p)  # raises now for DTensor placements Amos cannot step
+            if distributed.is_dtensor(p) and self.backend not in ("auto", "reference"):
+                raise ValueError(f"{where}: params[{i}] is a DTensor (FSDP2); backend={self.backend!r} steps plain "
+                                 "tensors only: use backend='auto' or 'reference' (DTensors run the reference path)")
         if self.backend != "auto":
             for p in tensors:
                 backends.resolve(self.backend, p.device)  # raises now, with the reason
@@ -170,12 +176,12 @@ class Amos(torch.optim.Optimizer):
     def _state_for(self, p, group):
         """The state of `p`, created at its first step: v, b (one per slice), m, step."""
         state = self.state[p]
-        R, _ = slice_shape(p.shape, group["granularity"])
         if "v" not in state:
             wide = compute_dtype(p)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["v"] = torch.zeros(R, dtype=wide, device=p.device)
-            state["b"] = torch.zeros(R, dtype=wide, device=p.device)
+            # (R,) tensors; for DTensor (FSDP2) parameters sharded like the slices (distributed.py)
+            state["v"] = distributed.new_slice_state(p, group["granularity"], wide)
+            state["b"] = distributed.new_slice_state(p, group["granularity"], wide)
         if group["momentum"] > 0 and "m" not in state:
             mdt = group["momentum_dtype"] or compute_dtype(p)
             state["m"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
@@ -183,10 +189,10 @@ class Amos(torch.optim.Optimizer):
 
     def _check_state(self, p, group, where):
         state = self.state.get(p, {})
-        R, _ = slice_shape(p.shape, group["granularity"])
-        if "v" in state and state["v"].shape != (R,):
+        shape = distributed.slice_state_shape(p, group["granularity"])  # (R,), or p's shape (FSDP2, "element")
+        if "v" in state and tuple(state["v"].shape) != shape:
             raise ValueError(f"{where}: state 'v' has shape {tuple(state['v'].shape)} but granularity="
-                             f"{group['granularity']!r} needs ({R},); a group's granularity cannot change "
+                             f"{group['granularity']!r} needs {shape}; a group's granularity cannot change "
                              "once it has state: build a new optimizer")
         if "m" in state and state["m"].shape != p.shape:
             raise ValueError(f"{where}: state 'm' has shape {tuple(state['m'].shape)}, parameter has "
@@ -227,8 +233,8 @@ class Amos(torch.optim.Optimizer):
             check_options(opts, f"{where}: saved param group {gi}")
             for j, (i, p) in enumerate(zip(saved["params"], group["params"])):
                 st, name = state.get(i, {}), self._param_name(gi, group, j)
-                R, _ = slice_shape(p.shape, opts["granularity"])
-                for key, shape in (("v", (R,)), ("b", (R,)), ("m", tuple(p.shape)), ("step", ())):
+                vb = distributed.slice_state_shape(p, opts["granularity"])
+                for key, shape in (("v", vb), ("b", vb), ("m", tuple(p.shape)), ("step", ())):
                     if key in st and tuple(st[key].shape) != shape:
                         raise ValueError(f"{where}: {name}: saved state '{key}' has shape {tuple(st[key].shape)}, "
                                          f"expected {shape}; the state dict belongs to another model: {fix}")
@@ -272,7 +278,12 @@ class Amos(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
             return True
-        if self._nonfinite(work):
+        # DTensor (FSDP2) gradients: each rank checks its shard, and all ranks must agree to skip
+        nonfinite = self._nonfinite([(group, [local(p) for p in ps], [local(g) for g in gs]) for group, ps, gs in work])
+        sharded = [p for _, ps, _ in work for p in ps if distributed.is_sharded(p)]
+        if sharded:
+            nonfinite = distributed.any_rank(nonfinite, sharded)
+        if nonfinite:
             if not self._warned_nonfinite:
                 warnings.warn("Amos: a gradient holds NaN or Inf, or its sum of squares overflows; the step was "
                               "skipped (parameters and state unchanged) and counted in optimizer.skipped_steps. "
@@ -312,6 +323,13 @@ class Amos(torch.optim.Optimizer):
                 return True
         return False
 
+    def _step_function(self, device, params):
+        # The fused backends step plain tensors; DTensor (FSDP2) parameters run the reference
+        # path, whose phase 2 all-reduces the statistics that span ranks (distributed.py).
+        if any(distributed.is_dtensor(p) for p in params):
+            return reference_step
+        return backends.resolve(self.backend, device)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -328,7 +346,7 @@ class Amos(torch.optim.Optimizer):
             by_device = {}
             for i, p in enumerate(params):
                 by_device.setdefault(p.device, []).append(i)
-            calls.append([(backends.resolve(self.backend, device), idx) for device, idx in by_device.items()])
+            calls.append([(self._step_function(device, [params[i] for i in idx]), idx) for device, idx in by_device.items()])
         for (group, params, grads), group_calls in zip(work, calls):
             states = [self._state_for(p, group) for p in params]
             for state in states:

@@ -9,7 +9,10 @@ import math
 
 import torch
 
+from . import distributed
+from .distributed import local
 from .schedules import decay
+from .slices import slice_shape
 
 
 def compute_dtype(param):
@@ -18,46 +21,80 @@ def compute_dtype(param):
 
 @torch.no_grad()
 def reference_step(params, grads, states, group, grad_scale=None):
-    """One step for every (param, grad, state) of a group; `state["step"]` is already t."""
-    for p, g, state in zip(params, grads, states):
-        if p.numel():
-            _step_tensor(p, g, state, group, grad_scale)
+    """One step for every (param, grad, state) of a group; `state["step"]` is already t.
+
+    In three phases, as the kernels run it (ALGORITHM.md §8). For ordinary tensors they are the
+    spec in order. For FSDP2's DTensor parameters each rank runs phase 1 on its own rows, and
+    phase 2 completes the sums whose slices span ranks with one all-reduce (distributed.py).
+    """
+    work = [(p, g, s) for p, g, s in zip(params, grads, states) if p.numel()]
+    # 1. reduce: S_r of every local slice; for sharded closed-form tensors, the local ||u||**2
+    reduced = [_reduce(p, g, s, group, grad_scale) for p, g, s in work]
+    # 2. complete the partial sums over ranks (nothing to do for tensors that are not sharded)
+    sums, norms = distributed.complete_sums([p for p, _, _ in work], group["granularity"],
+                                            [S for S, _ in reduced], [u for _, u in reduced])
+    # 3. finalize and apply, tensor by tensor
+    for (p, g, state), S, usq in zip(work, sums, norms):
+        _finalize_and_apply(p, g, state, group, grad_scale, S, usq)
 
 
-def _step_tensor(p, grad, state, o, grad_scale):
-    cd, dev = compute_dtype(p), p.device
-    R = state["v"].numel()
-    C = p.numel() // R
-    theta = p.to(cd).reshape(R, C)
-    g = grad.to(cd).reshape(R, C)
+def _grad_slices(p, grad, o, grad_scale):
+    """This rank's gradient as [R, C] slices in the compute dtype: unscaled first, then clipped."""
+    R, C = distributed.local_slice_shape(p, o["granularity"])
+    g = local(grad).to(compute_dtype(p)).reshape(R, C)
     if grad_scale is not None:  # GradScaler's fused protocol: unscale first, then clip
-        g = g / grad_scale.to(dev, cd)
+        g = g / grad_scale.to(g.device, g.dtype)
     if o["clip_value"] is not None:
         g = g.clamp(-o["clip_value"], o["clip_value"])
+    return g
 
-    # §3: the one reduction, the second moment and 1 / v_hat
-    t = state["step"].to(dev, cd)
-    xi = torch.as_tensor(o["lr"], dtype=cd, device=dev)
+
+def _second_moment(p, S, state, o):
+    """§3: v_r and r_r = 1 / v_hat_r from the complete S_r."""
+    cd, C = S.dtype, slice_shape(p.shape, o["granularity"])[1]
+    t = state["step"].to(S.device, cd)
     beta = o["beta"]
     # 1 - beta**t cancels: fp32(0.999) is off by 1.3e-8, i.e. by 1.3e-5 of bc, which would reach
     # r, K, gamma and b (tests/test_golden.py); so form it in fp64 and round once.
     bc = (1.0 - beta ** t.double()).to(cd)
-    S = (g * g).sum(dim=1)
-    v = beta * state["v"].to(cd) + (1.0 - beta) * S / C
+    v = beta * local(state["v"]).to(cd).reshape(-1) + (1.0 - beta) * S / C
     r = bc / v.clamp_min(o["eps"])
+    return v, r
+
+
+def _reduce(p, grad, state, o, grad_scale):
+    """Phase 1: (S, local ||u||**2 or None); S = the one reduction, sum of g*g over each slice."""
+    g = _grad_slices(p, grad, o, grad_scale)
+    S = (g * g).sum(dim=1)
+    usq = None
+    if o["schedule"] != "amos" and distributed.norm_spans_ranks(p, o["granularity"]):
+        _, r = _second_moment(p, S, state, o)  # slices are whole here, so r is final
+        usq = (S * r).sum()
+    return S, usq
+
+
+def _finalize_and_apply(p, grad, state, o, grad_scale, S, usq):
+    """Phase 3: v, the coefficients K_r, D_r (and b), then the element-wise apply."""
+    g = _grad_slices(p, grad, o, grad_scale)  # again: one tensor's converted copy alive at a time
+    R, C = g.shape
+    cd, dev = g.dtype, g.device
+    theta = local(p).to(cd).reshape(R, C)
+    t = state["step"].to(dev, cd)
+    xi = torch.as_tensor(o["lr"], dtype=cd, device=dev)
+    v, r = _second_moment(p, S, state, o)
 
     if o["schedule"] == "amos":  # §4, with the old b
-        b = state["b"].to(cd)
+        b = local(state["b"]).to(cd).reshape(-1)
         alpha = xi * state["eta"]
         c = torch.rsqrt(1.0 + o["c_coef"] * xi.sqrt() * b)
         gamma = c * xi**2 * r * S / C
         d = 1.0 / (1.0 + o["d_coef"] * alpha.sqrt() * b)
         K = d * alpha * r.sqrt()
         D = d * (gamma / 2.0 + o["extra_l2"])
-        state["b"].copy_(b + gamma * (1.0 + b))
-    else:  # §5: scale separation over the whole tensor
+        _write(state["b"], b + gamma * (1.0 + b))
+    else:  # §5: scale separation over the whole (global) tensor
         s = decay(o["schedule"], t, o["half_life"])
-        unorm = (S * r).sum().sqrt()
+        unorm = (S * r).sum().sqrt() if usq is None else usq.sqrt()
         eps0 = math.sqrt(p.numel()) * state["eta"] * (math.sqrt(2.0) if p.ndim >= 2 else 1.0)
         A = torch.where(unorm > 0, xi * eps0 * s / unorm, torch.zeros_like(unorm))
         K = A * r.sqrt()
@@ -66,8 +103,14 @@ def _step_tensor(p, grad, state, o, grad_scale):
     # §6: the element-wise apply
     delta = -K[:, None] * g - D[:, None] * theta
     if o["momentum"] > 0:
-        m = o["momentum"] * state["m"].to(cd).reshape(R, C) + (1.0 - o["momentum"]) * delta
-        state["m"].copy_(m.reshape(p.shape))
+        m = o["momentum"] * local(state["m"]).to(cd).reshape(R, C) + (1.0 - o["momentum"]) * delta
+        _write(state["m"], m)
         delta = m  # theta moves by the unrounded m; the stored m is rounded to its dtype
-    state["v"].copy_(v)
-    p.copy_((theta + delta).reshape(p.shape))
+    _write(state["v"], v)
+    _write(p, theta + delta)
+
+
+def _write(dst, value):
+    """dst = value, in dst's dtype and (local) shape."""
+    out = local(dst)
+    out.copy_(value.reshape(out.shape))

@@ -20,12 +20,14 @@ def slice_shape(shape, granularity):
 def default_eta(param):
     """The spec's default eta: RMS(theta_0) for matrices (fan-in rule if that is 0), 0.5 otherwise.
 
-    `param` must be the whole tensor (for a sharded parameter, its global value).
+    A sharded (FSDP2 DTensor) parameter is measured over its global tensor.
     """
+    from .distributed import mean_square  # here: distributed.py imports this module
+
     if param.ndim <= 1:
         return 0.5
     fan_in = math.prod(param.shape[1:])
-    rms = param.detach().double().square().mean().sqrt().item() if param.numel() else 0.0
+    rms = math.sqrt(mean_square(param)) if param.numel() else 0.0
     if rms > 0 and math.isfinite(rms):
         return rms
     return math.sqrt(1.0 / fan_in) if fan_in else 1.0
