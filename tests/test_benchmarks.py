@@ -1,0 +1,109 @@
+"""The benchmark scripts keep working: tiny runs of step_time.py and memory.py, outputs checked.
+
+torch.compile rows are left out: one compile takes tens of seconds on the 2-core CI machine.
+"""
+import csv
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def common():
+    return _load("bench_common")
+
+
+def test_model_shapes_match_published_parameter_counts(common):
+    # GPT-2 small/medium with tied lm_head, and Llama-3.2-1B with tied embedding, as published
+    assert common.numel(common.SIZES["gpt2-124m"][0]) == 124_439_808
+    assert common.numel(common.SIZES["gpt2-350m"][0]) == 354_823_168
+    assert common.numel(common.SIZES["llama-1b"][0]) == 1_235_814_400
+    shapes = common.SIZES["many-small"][0]
+    assert len(shapes) >= 1000 and all(len(s) == 1 for s in shapes)
+
+
+def test_bytes_per_parameter_follow_the_state_layout(common):
+    # ALGORITHM.md §8 for fp32 parameters, and AdamW's 28 B
+    assert common.amos_bytes(4) == 12
+    assert common.amos_bytes(4, closed_form=True) == 16
+    assert common.amos_bytes(4, momentum_size=4) == 20
+    assert common.amos_bytes(4, momentum_size=2) == 16
+    assert common.amos_bytes(2) == 6
+    assert common.adamw_bytes(4) == 28
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_step_time_tiny_writes_table_json_csv_png(tmp_path, capsys):
+    step_time = _load("step_time")
+    out = {k: str(tmp_path / f"st.{k}") for k in ("json", "csv", "png")}
+    step_time.main(["--device", "cpu", "--sizes", "tiny", "--backends", "reference,adamw,adafactor,apex",
+                    "--repeats", "2", "--warmup", "1", "--no-progress", "--note", "test",
+                    "--json", out["json"], "--csv", out["csv"], "--plot", out["png"]])
+    table = capsys.readouterr().out
+    assert "| adamw fused |" in table and "| amos/reference amos m=0 |" in table
+    assert "apex" in table  # either rows or the "apex not importable" note
+
+    data = json.load(open(out["json"]))
+    assert data["note"] == "test" and data["machine"]["cpu"] and data["versions"]["torch"]
+    rows = {r["row"]: r for r in data["rows"]}
+    expected = {f"amos/reference {label}" for label, _ in step_time.FAMILIES}
+    expected |= {"adamw for-loop", "adamw foreach", "adamw fused", "adafactor for-loop", "adafactor foreach"}
+    assert expected <= set(rows), f"missing rows: {expected - set(rows)}; notes: {data['notes']}"
+    for r in rows.values():
+        for key in ("median_ms", "gbps", "pct_roofline", "roofline_gbps", "x_adamw_fused", "x_adamw_foreach",
+                    "state_bytes", "first_call_s"):
+            assert _finite(r[key]) and r[key] >= 0, (r["row"], key, r[key])
+        assert r["median_ms"] > 0
+    assert rows["adamw fused"]["x_adamw_fused"] == 1.0
+    assert rows["amos/reference amos m=0"]["bytes_per_param"] == 12
+    assert rows["amos/reference amos m=0.9"]["bytes_per_param"] == 20
+    n = data["sizes"]["tiny"]["n_params"]
+    # measured state: AdamW keeps 2 fp32 tensors per parameter (8 B) plus a 4 B step per tensor
+    assert rows["adamw fused"]["state_bytes"] == 8 * n + 4 * data["sizes"]["tiny"]["n_tensors"]
+    # Amos with momentum holds m (4 B/param) on top of v, b per row: between 4 and 5 B/param here
+    assert 4 < rows["amos/reference amos m=0.9"]["state_bytes_per_param"] < 5
+
+    with open(out["csv"]) as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == len(data["rows"]) and lines[0]["cpu"] == data["machine"]["cpu"]
+    with open(out["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_time_rejects_unknown_backend():
+    step_time = _load("step_time")
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--backends", "nope"])
+
+
+def test_memory_tiny_reports_state_for_every_row(tmp_path, capsys):
+    memory = _load("memory")
+    path = str(tmp_path / "mem.json")
+    memory.main(["--device", "cpu", "--sizes", "tiny", "--no-progress", "--json", path])
+    assert "| amos row m=0 |" in capsys.readouterr().out
+    data = json.load(open(path))
+    rows = {r["row"]: r for r in data["rows"]}
+    assert len(rows) == 12, data["notes"]
+    for r in rows.values():
+        for key in ("state_bytes", "first_step_transient_bytes", "steady_step_transient_bytes", "peak_total_bytes"):
+            assert _finite(r[key]), (r["row"], key)
+    n = data["sizes"]["tiny"]["n_params"]
+    # element granularity: v and b per element (8 B) plus m; row granularity: m only, plus small v, b
+    assert rows["amos element m=0.9 fp32"]["state_bytes"] > 12 * n
+    assert rows["amos row m=0.9 bf16"]["state_bytes"] < rows["amos row m=0.9 fp32"]["state_bytes"]
+    assert rows["amos tensor m=0"]["state_bytes"] < 0.05 * rows["adamw fused"]["state_bytes"]
