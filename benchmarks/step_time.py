@@ -97,7 +97,7 @@ def _amos_with(step_fn):
 def amos_backend_rows(requested, device, psize, notes):
     rows = []
     for name in backends.BACKENDS:
-        if name == "auto" or (requested and name not in requested):
+        if name == "auto" or (requested is not None and name not in requested):
             continue
         if name == "triton" and device.type == "cpu":
             notes.append("amos/triton: on CPU Triton runs only in its interpreter, which is not a performance path; not timed")
@@ -190,7 +190,8 @@ def apex_rows(device, psize, notes):
 def build_rows(requested, device, dtype, quick, notes):
     psize = torch.tensor([], dtype=dtype).element_size()
     want = (lambda group: not requested or group in requested)
-    rows = amos_backend_rows([r for r in requested if r not in BASELINES], device, psize, notes)
+    amos = [r for r in requested if r not in BASELINES] if requested else None  # None: every backend
+    rows = amos_backend_rows(amos, device, psize, notes)
     if want("compile"):
         rows += compile_rows(psize, quick)
     if want("adamw"):
@@ -379,7 +380,7 @@ def main(argv=None):
                 amos_backends=list(backends.BACKENDS), notes=notes)
 
     print(f"# Optimizer step time: {meta['machine']['gpu'] or meta['machine']['cpu']} "
-          f"({meta['machine']['cpu_cores']} cores), torch {meta['versions']['torch']}, {args.dtype}, {meta['date']}"
+          f"({meta['machine']['cpu_cores']} cores, {meta['machine']['torch_threads']} torch threads), torch {meta['versions']['torch']}, {args.dtype}, {meta['date']}"
           + (f", {args.note}" if args.note else ""))
     print(markdown(results, sizes_info))
     for note in notes:
