@@ -517,7 +517,7 @@ def test_gradscaler_cpu_unscales_inside_and_skips_on_inf():
     models[1].load_state_dict(models[0].state_dict())
     # clip_value makes the step depend on the gradient's scale (Amos alone is scale-invariant),
     # so a missing unscale, or clipping before unscaling, shows
-    opts = [Amos(m.parameters(), lr=0.1, clip_value=0.05) for m in models]
+    opts = [Amos(m.parameters(), lr=0.1, clip_value=0.5) for m in models]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     # a good scaled step equals a plain step: power-of-two scaling and unscaling are exact
     for i in range(2):
@@ -528,6 +528,8 @@ def test_gradscaler_cpu_unscales_inside_and_skips_on_inf():
                 sc.step(o)
                 sc.update()
             else:
+                g = models[1].weight.grad.abs()
+                assert (g < 0.5).any() and (g > 0.5).any(), "clip_value 0.5 must clip some entries, not all"
                 o.step()
     assert torch.equal(models[0].weight, models[1].weight) and torch.equal(models[0].bias, models[1].bias)
     # an inf in a scaled gradient: nothing changes, the step is counted, the scale halves
