@@ -5,8 +5,8 @@ combination it fetches a cached launch plan (kernels/tables.py) and launches:
 - schedule="amos": one `_rows_kernel` pass per column-block bucket (reduce, finalize and apply
   fused); slices longer than the heuristic's `long_row` add chunk-reduce, finalize and
   chunk-apply launches.
-- closed forms: reduce launches (v, sqrt(r), partials of ||u||^2), one `_norm_kernel` launch
-  (||u|| per tensor, fixed order) and apply launches.
+- closed forms: reduce launches (v, and sqrt(r) and S*r per slice), one `_norm_kernel` launch
+  (||u|| per tensor, summed in a fixed order) and apply launches.
 Every per-step scalar is read on the device (t from state["step"], lr when it is a tensor,
 GradScaler's scale), and nothing is copied to the host, so a step is CUDA-graph capturable once
 the plan exists (warm up one step before capturing).
@@ -106,9 +106,10 @@ def _launch(plan, g_table, sc, schedule, grad_scale, dtypes):
     step_args = (sc["lr"], lr_ptr, sc["beta"], sc["beta_lo"])
 
     def rows(phase):
-        for n_rows, colb, one_block, tiles, ntiles in plan.buckets:
+        for n_rows, colb, one_block, tiles, slot_i, slot_r, ntiles in plan.buckets:
             K._rows_kernel[(ntiles,)](
-                plan.info, plan.finfo, g_table, tiles, plan.coef_k, plan.qpart, plan.tensor_a, scale_ptr,
+                plan.info, plan.finfo, g_table, tiles, slot_i, slot_r, plan.coef_k, plan.coef_d, plan.tensor_a,
+                scale_ptr,
                 *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
                 sc["extra_l2"], sc["two_q"], sc["half_life"], sc["momentum"], sc["one_minus_momentum"], sc["clip"],
                 PHASE=phase, ROWS=n_rows, COLB=colb, ONE_BLOCK=one_block, num_warps=h.num_warps, **flags)
@@ -125,7 +126,7 @@ def _launch(plan, g_table, sc, schedule, grad_scale, dtypes):
         tiles, ntiles = plan.final_tiles
         if ntiles:
             K._split_finalize_kernel[(ntiles,)](
-                plan.info, plan.finfo, tiles, plan.coef_k, plan.coef_d, plan.partial, plan.qpart,
+                plan.info, plan.finfo, tiles, plan.coef_k, plan.coef_d, plan.partial,
                 *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
                 sc["extra_l2"], sc["half_life"], SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"],
                 ROWS=plan.final_rows, KB=plan.kb, num_warps=4)
@@ -139,7 +140,8 @@ def _launch(plan, g_table, sc, schedule, grad_scale, dtypes):
         rows(K.REDUCE)
         chunks(K.REDUCE)
         split_finalize()
-        K._norm_kernel[(plan.n,)](plan.info, plan.finfo, plan.qpart, plan.tensor_a, *step_args, sc["half_life"],
-                                  SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"], QB=plan.qb, num_warps=4)
+        K._norm_kernel[(-(-plan.n // plan.norm_tb),)](
+            plan.info, plan.finfo, plan.coef_d, plan.tensor_a, plan.n, *step_args, sc["half_life"],
+            SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"], TB=plan.norm_tb, QB=plan.norm_qb, num_warps=4)
         rows(K.APPLY)
         chunks(K.APPLY)

@@ -7,14 +7,14 @@ upcast right after `tl.load` (the interpreter cannot do bf16 arithmetic) and rou
 even when stored. Per-step scalars (t, lr, bias correction, s(t)) are read on the device.
 
 Kernels:
-- `_rows_kernel`: a program owns ROWS whole slices of one tensor. PHASE 0 (schedule "amos"):
-  reduce -> finalize -> apply in one pass; the second walk over g hits registers (one column
-  block) or L2. PHASE 1 (closed forms, reduce): writes v, sqrt(r) per slice and one partial of
-  ||u||^2 per tile. PHASE 2 (closed forms, apply).
+- `_rows_kernel`: a program owns ROWS whole slices (consecutive rows of one tensor, or packed
+  rows of many small tensors). PHASE 0 (schedule "amos"): reduce -> finalize -> apply in one
+  pass; the second walk over g hits registers (one column block) or L2. PHASE 1 (closed forms,
+  reduce): writes v, and sqrt(r) and S*r per slice. PHASE 2 (closed forms, apply).
 - `_chunk_kernel`: slices too long for one program are cut into chunks of one row; PHASE 1 writes
   the chunk's partial sum of g*g, PHASE 2 applies with the slice's finalized coefficients.
 - `_split_finalize_kernel`: sums a long slice's chunk partials in a fixed order and finalizes.
-- `_norm_kernel`: closed forms: ||u|| per tensor from its tile partials, in a fixed order.
+- `_norm_kernel`: closed forms: ||u|| per tensor from its slices' S*r, in a fixed order.
 No atomics: every sum has a fixed shape and order, so runs are bitwise reproducible.
 """
 import os
@@ -25,9 +25,14 @@ import triton.language as tl
 # Whether the kernels below were defined for the interpreter (decided at import, like triton).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Device helpers are inlined by the compiler. The interpreter instead re-patches triton.language
+# on every call of a jit function (~10 ms each, a dozen per program), so there they are plain
+# Python functions, run with the kernel's already patched `tl`.
+_helper = (lambda fn: fn) if INTERPRET else triton.jit
+
 # int64 columns of the `info` table, one row per tensor (see tables.py)
-P_ADDR, M_ADDR, V_ADDR, B_ADDR, STEP_ADDR, NROWS, NCOLS, COEF_BASE, Q_BASE, Q_COUNT, PART_BASE, NSPLIT = range(12)
-NINFO = 12
+P_ADDR, M_ADDR, V_ADDR, B_ADDR, STEP_ADDR, NROWS, NCOLS, COEF_BASE, PART_BASE, NSPLIT = range(10)
+NINFO = 10
 # fp32 columns of the `finfo` table
 ETA, EPS0, NCOLS_F = range(3)
 NFINFO = 3
@@ -38,7 +43,7 @@ SCHEDULE_CODE = {"amos": AMOS, "constant": CONSTANT, "inverse_time": INVERSE_TIM
 FUSED, REDUCE, APPLY = 0, 1, 2
 
 
-@triton.jit
+@_helper
 def _to_out(x, DTYPE: tl.constexpr, RTNE_BY_HAND: tl.constexpr):
     """fp32 -> DTYPE, round to nearest even (the interpreter's bf16 cast truncates)."""
     if DTYPE == tl.bfloat16 and RTNE_BY_HAND:
@@ -49,13 +54,13 @@ def _to_out(x, DTYPE: tl.constexpr, RTNE_BY_HAND: tl.constexpr):
         return x.to(DTYPE)
 
 
-@triton.jit
+@_helper
 def _ptr(info, i, col, DTYPE: tl.constexpr):
     return tl.load(info + i * NINFO + col).to(tl.pointer_type(DTYPE))
 
 
-@triton.jit
-def _bias_correction(beta, beta_lo, t):
+@_helper
+def _bias_correction(beta, beta_lo, t, VEC: tl.constexpr):
     """bc = 1 - beta**t in fp64, rounded once (as the reference does).
 
     It cancels: at t = 1, fp32(0.999) is off by 1.3e-5 of bc. beta arrives as two fp32 halves
@@ -65,22 +70,37 @@ def _bias_correction(beta, beta_lo, t):
     n = t.to(tl.int32)
     b = (t * 0.0 + beta).to(tl.float64) + (t * 0.0 + beta_lo).to(tl.float64)  # tensors: the interpreter passes floats
     acc = b * 0.0 + 1.0
-    for _ in tl.static_range(31):
+    if VEC:  # one t per slot of the program (slots may belong to different tensors)
+        go = tl.max(n, axis=0) > 0
+    else:
+        go = n > 0
+    while go:  # log2(t) rounds (a fixed 31 would cost the interpreter dearly per program)
         acc = tl.where((n & 1) != 0, acc * b, acc)
         b = b * b
         n = n >> 1
+        if VEC:
+            go = tl.max(n, axis=0) > 0
+        else:
+            go = n > 0
     return (1.0 - acc).to(tl.float32)
 
 
-@triton.jit
-def _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR: tl.constexpr, SCHED: tl.constexpr):
-    """t (this tensor's step count), xi (lr), bc = 1 - beta**t and s(t), all fp32 on the device."""
+@_helper
+def _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR: tl.constexpr, SCHED: tl.constexpr,
+                  NEED_BC: tl.constexpr, VEC: tl.constexpr):
+    """t (this tensor's step count), xi (lr), bc = 1 - beta**t and s(t), all fp32 on the device.
+
+    `i` is a tensor index, or with VEC a vector of them (one per slot).
+    """
     t = tl.load(_ptr(info, i, STEP_ADDR, tl.float32))
     if LR_IS_PTR:
         xi = tl.load(lr_ptr).to(tl.float32)
     else:
         xi = lr
-    bc = _bias_correction(beta, beta_lo, t)
+    if NEED_BC:
+        bc = _bias_correction(beta, beta_lo, t, VEC)
+    else:
+        bc = t
     if SCHED == INVERSE_TIME:
         s = tl.math.div_rn(1.0, 1.0 + tl.math.div_rn(t - 1.0, half_life))
     elif SCHED == INVERSE_SQUARE:
@@ -91,7 +111,7 @@ def _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR: tl.c
     return xi, bc, s
 
 
-@triton.jit
+@_helper
 def _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE: tl.constexpr, CLIP: tl.constexpr):
     """The gradient in fp32: unscaled (GradScaler), then clipped."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -102,7 +122,7 @@ def _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE: tl.constexpr, CLIP: t
     return g
 
 
-@triton.jit
+@_helper
 def _apply(p_ptr, m_ptr, offs, mask, g, K, D, momentum, one_minus_momentum,
            P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, RTNE: tl.constexpr):
     """§6: delta = -K*g - D*theta; momentum EMA; theta moves by the unrounded m."""
@@ -115,7 +135,7 @@ def _apply(p_ptr, m_ptr, offs, mask, g, K, D, momentum, one_minus_momentum,
     tl.store(p_ptr + offs, _to_out(theta + delta, P_DTYPE, RTNE), mask=mask)
 
 
-@triton.jit
+@_helper
 def _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps, c_coef, d_coef, extra_l2,
               SCHED: tl.constexpr):
     """§3-§4 per slice: v, r = 1/v_hat, and for "amos" b and the coefficients K, D.
@@ -139,77 +159,87 @@ def _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps, c_co
     return v, r, b, K, D
 
 
-@triton.jit
+@_helper
 def _closed_coefs(A, sqrt_r, xi, s, two_q):
     """§5: K = A*sqrt(r), D = xi**2/(2q)*s."""
     return A * sqrt_r, tl.math.div_rn(xi * xi, two_q) * s
 
 
 @triton.jit
-def _rows_kernel(info, finfo, g_addrs, tiles, coef_k, qpart, tensor_a, scale_ptr, lr, lr_ptr,
+def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, tensor_a, scale_ptr, lr, lr_ptr,
                  beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, two_q, half_life,
                  momentum, one_minus_momentum, clip,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                  SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
                  HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
                  ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr, RTNE: tl.constexpr):
-    """A program owns ROWS whole slices; tile = (tensor, first row, partial slot)."""
+    """A program owns ROWS whole slices (slots).
+
+    tile = (tensor, first row, slot offset, widest slice). With slot offset -1 the slots are
+    ROWS consecutive rows of one tensor; otherwise slot k is (slot_i, slot_r)[offset + k], which
+    packs the slices of many small tensors into one program (-1 rows are padding).
+    """
     pid = tl.program_id(0).to(tl.int64)
-    i = tl.load(tiles + pid * 3)
-    row0 = tl.load(tiles + pid * 3 + 1)
+    i0 = tl.load(tiles + pid * 4)
+    row0 = tl.load(tiles + pid * 4 + 1)
+    off = tl.load(tiles + pid * 4 + 2)
+    cmax = tl.load(tiles + pid * 4 + 3)
+    k = tl.arange(0, ROWS).to(tl.int64)
+    packed = (k * 0 + off) >= 0
+    i = tl.load(slot_i + off + k, mask=packed, other=0) + tl.where(packed, 0, i0)
+    r = tl.load(slot_r + off + k, mask=packed, other=0) + tl.where(packed, 0, row0 + k)
     R = tl.load(info + i * NINFO + NROWS)
     C = tl.load(info + i * NINFO + NCOLS)
-    p_ptr = _ptr(info, i, P_ADDR, P_DTYPE)
-    g_ptr = tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE))
-    m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)
+    rmask = (r >= 0) & (r < R)
+    p_ptr = _ptr(info, i, P_ADDR, P_DTYPE)[:, None]
+    g_ptr = tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE))[:, None]
+    m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)[:, None]
     v_ptr = _ptr(info, i, V_ADDR, tl.float32)
     b_ptr = _ptr(info, i, B_ADDR, tl.float32)
-    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED)
+    slices = tl.load(info + i * NINFO + COEF_BASE) + r
+    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, PHASE != APPLY, True)
 
-    rows = row0 + tl.arange(0, ROWS).to(tl.int64)
-    rmask = rows < R
     cols = tl.arange(0, COLB).to(tl.int64)
-    base = rows[:, None] * C  # int64 element offsets
+    base = (r * C)[:, None]  # int64 element offsets
+    C2 = C[:, None]
 
     if PHASE != APPLY:
         # reduce: S_r = sum of g*g over each owned slice
         if ONE_BLOCK:
             offs = base + cols[None, :]
-            mask = rmask[:, None] & (cols < C)[None, :]
+            mask = rmask[:, None] & (cols[None, :] < C2)
             g = _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE, CLIP)
             S = tl.sum(g * g, axis=1)
         else:
             acc = tl.zeros((ROWS, COLB), dtype=tl.float32)
-            for c0 in range(0, C, COLB):
+            for c0 in range(0, cmax, COLB):
                 offs = base + (c0 + cols)[None, :]
-                mask = rmask[:, None] & ((c0 + cols) < C)[None, :]
+                mask = rmask[:, None] & ((c0 + cols)[None, :] < C2)
                 gb = _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE, CLIP)
                 acc += gb * gb
             S = tl.sum(acc, axis=1)
         # finalize
-        v_old = tl.load(v_ptr + rows, mask=rmask, other=0.0)
-        b_old = tl.load(b_ptr + rows, mask=rmask, other=0.0)
+        v_old = tl.load(v_ptr + r, mask=rmask, other=0.0)
+        b_old = tl.load(b_ptr + r, mask=rmask, other=0.0)
         eta = tl.load(finfo + i * NFINFO + ETA)
         C_f = tl.load(finfo + i * NFINFO + NCOLS_F)
-        v, r, b, K, D = _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps,
-                                  c_coef, d_coef, extra_l2, SCHED)
-        tl.store(v_ptr + rows, v, mask=rmask)
+        v, rr, b, K, D = _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps,
+                                   c_coef, d_coef, extra_l2, SCHED)
+        tl.store(v_ptr + r, v, mask=rmask)
         if SCHED == AMOS:
-            tl.store(b_ptr + rows, b, mask=rmask)
-        else:
-            cb = tl.load(info + i * NINFO + COEF_BASE)
-            tl.store(coef_k + cb + rows, tl.sqrt_rn(r), mask=rmask)
-            tl.store(qpart + tl.load(tiles + pid * 3 + 2), tl.sum(tl.where(rmask, S * r, 0.0), axis=0))
+            tl.store(b_ptr + r, b, mask=rmask)
+        else:  # per slice: sqrt(r) for the apply, S*r for ||u||
+            tl.store(coef_k + slices, tl.sqrt_rn(rr), mask=rmask)
+            tl.store(coef_d + slices, S * rr, mask=rmask)
 
     if PHASE != REDUCE:
         if PHASE == APPLY:
-            cb = tl.load(info + i * NINFO + COEF_BASE)
-            sqrt_r = tl.load(coef_k + cb + rows, mask=rmask, other=0.0)
+            sqrt_r = tl.load(coef_k + slices, mask=rmask, other=0.0)
             K, D = _closed_coefs(tl.load(tensor_a + i), sqrt_r, xi, s, two_q)
         if PHASE == APPLY or not ONE_BLOCK:
-            for c0 in range(0, C, COLB):
+            for c0 in range(0, cmax, COLB):
                 offs = base + (c0 + cols)[None, :]
-                mask = rmask[:, None] & ((c0 + cols) < C)[None, :]
+                mask = rmask[:, None] & ((c0 + cols)[None, :] < C2)
                 gb = _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE, CLIP)  # L2 hit in PHASE 0
                 _apply(p_ptr, m_ptr, offs, mask, gb, K[:, None], D[:, None], momentum, one_minus_momentum,
                        P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
@@ -249,7 +279,7 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
             K = tl.load(coef_k + slice_id)
             D = tl.load(coef_d + slice_id)
         else:
-            xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED)
+            xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, False, False)
             K, D = _closed_coefs(tl.load(tensor_a + i), tl.load(coef_k + slice_id), xi, s, two_q)
         p_ptr = _ptr(info, i, P_ADDR, P_DTYPE)
         m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)
@@ -261,20 +291,20 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
 
 
 @triton.jit
-def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, qpart, lr, lr_ptr,
+def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, lr, lr_ptr,
                            beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, half_life,
                            SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, ROWS: tl.constexpr,
                            KB: tl.constexpr):
     """Long slices: S_r = sum of the row's chunk partials (fixed order), then finalize."""
     pid = tl.program_id(0).to(tl.int64)
-    i = tl.load(tiles + pid * 3)
-    row0 = tl.load(tiles + pid * 3 + 1)
+    i = tl.load(tiles + pid * 2)
+    row0 = tl.load(tiles + pid * 2 + 1)
     R = tl.load(info + i * NINFO + NROWS)
     nsplit = tl.load(info + i * NINFO + NSPLIT)
     pbase = tl.load(info + i * NINFO + PART_BASE)
     v_ptr = _ptr(info, i, V_ADDR, tl.float32)
     b_ptr = _ptr(info, i, B_ADDR, tl.float32)
-    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED)
+    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, True, False)
     rows = row0 + tl.arange(0, ROWS).to(tl.int64)
     rmask = rows < R
     ks = tl.arange(0, KB).to(tl.int64)
@@ -297,22 +327,25 @@ def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, qpart, l
         tl.store(coef_d + slices, D, mask=rmask)
     else:
         tl.store(coef_k + slices, tl.sqrt_rn(r), mask=rmask)
-        tl.store(qpart + tl.load(tiles + pid * 3 + 2), tl.sum(tl.where(rmask, S * r, 0.0), axis=0))
+        tl.store(coef_d + slices, S * r, mask=rmask)
 
 
 @triton.jit
-def _norm_kernel(info, finfo, qpart, tensor_a, lr, lr_ptr, beta, beta_lo, half_life,
-                 SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, QB: tl.constexpr):
-    """Closed forms, one program per tensor: ||u|| = sqrt(sum of its tile partials), then A."""
-    i = tl.program_id(0).to(tl.int64)
-    qbase = tl.load(info + i * NINFO + Q_BASE)
-    qcount = tl.load(info + i * NINFO + Q_COUNT)
-    ks = tl.arange(0, QB).to(tl.int64)
-    acc = tl.zeros((QB,), dtype=tl.float32)
-    for k0 in range(0, qcount, QB):
-        acc += tl.load(qpart + qbase + k0 + ks, mask=(k0 + ks) < qcount, other=0.0)
-    unorm = tl.sqrt_rn(tl.sum(acc, axis=0))
-    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED)
+def _norm_kernel(info, finfo, coef_d, tensor_a, n_tensors, lr, lr_ptr, beta, beta_lo, half_life,
+                 SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, TB: tl.constexpr, QB: tl.constexpr):
+    """Closed forms, TB tensors per program: ||u|| = sqrt(sum over a tensor's slices of S*r),
+    in a fixed order, then A = xi*eps0*s/||u||."""
+    i = tl.program_id(0).to(tl.int64) * TB + tl.arange(0, TB).to(tl.int64)
+    live = i < n_tensors
+    i = tl.where(live, i, 0)
+    cb = tl.load(info + i * NINFO + COEF_BASE)[:, None]
+    R = tl.where(live, tl.load(info + i * NINFO + NROWS), 0)[:, None]
+    ks = tl.arange(0, QB).to(tl.int64)[None, :]
+    acc = tl.zeros((TB, QB), dtype=tl.float32)
+    for k0 in range(0, tl.max(R), QB):
+        acc += tl.load(coef_d + cb + k0 + ks, mask=(k0 + ks) < R, other=0.0)
+    unorm = tl.sqrt_rn(tl.sum(acc, axis=1))
+    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, False, True)
     eps0 = tl.load(finfo + i * NFINFO + EPS0)
     A = tl.where(unorm > 0, tl.math.div_rn(xi * eps0 * s, tl.where(unorm > 0, unorm, 1.0)), 0.0)
-    tl.store(tensor_a + i, A)
+    tl.store(tensor_a + i, A, mask=live)

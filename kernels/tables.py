@@ -12,7 +12,9 @@ Block sizes come from a fixed heuristic, not autotuning (autotuning would re-app
 step while it times configurations):
 - A slice of C <= `long_row` elements is owned by one program of `_rows_kernel`. Its column block
   is COLB = next_pow2(C) capped at `max_colb`; a program holds ROWS = `tile` // COLB slices (at
-  most next_pow2 of the largest R in its bucket), so a launch per distinct COLB. `long_row` bounds
+  most next_pow2 of the bucket's total slices), so a launch per distinct COLB. Tensors with
+  fewer than ROWS slices (biases, norm gains, scalars) share programs: thousands of small
+  tensors take a few programs, not one each. `long_row` bounds
   the bytes of g a program re-reads in its apply walk, so that second read stays in L2.
 - Longer slices (a big 1-D tensor, `"tensor"` granularity) are split into chunks of `chunk`
   columns (one program each, walking `block`-wide vectors): partial sums, a fixed-order sum per
@@ -27,7 +29,7 @@ import math
 import torch
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-NINFO, NFINFO = 12, 3  # must match amos_triton.py (checked in tests)
+NINFO, NFINFO = 10, 3  # must match amos_triton.py (checked in tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +39,16 @@ class Heuristic:
     long_row: int  # slices longer than this are split across programs
     chunk: int  # columns per program of a split slice (a multiple of `block`)
     block: int  # vector width of `_chunk_kernel`
+    norm_tensors: int  # tensors per program of `_norm_kernel`
     num_warps: int
 
 
 # GPU: 4096 fp32 per program over 8 warps is 16 values per thread in flight per array; a slice
 # of up to 16k elements (64 KB of fp32 g) per program keeps the apply walk's re-read in L2.
-COMPILED = Heuristic(tile=4096, max_colb=1024, long_row=16384, chunk=16384, block=2048, num_warps=8)
-INTERPRETED = Heuristic(tile=16384, max_colb=4096, long_row=32768, chunk=32768, block=32768, num_warps=1)
+COMPILED = Heuristic(tile=4096, max_colb=1024, long_row=16384, chunk=16384, block=2048, norm_tensors=8,
+                     num_warps=8)
+INTERPRETED = Heuristic(tile=16384, max_colb=4096, long_row=32768, chunk=32768, block=32768, norm_tensors=256,
+                        num_warps=1)
 
 
 def next_pow2(x):
@@ -76,31 +81,43 @@ class Plan:
             info[i][6] = C
             finfo[i] = [float(st["eta"]), eps0, float(C)]
 
-        # per-slice coefficient slots: closed forms (sqrt(r)) and split slices (K, D)
+        # per-slice scratch: closed forms (sqrt(r), S*r) and split slices (K, D)
         n_coef = 0
         for i, (R, _) in enumerate(geometry):
             if closed or i in is_split:
                 info[i][7] = n_coef
                 n_coef += R
-        n_q = 0
 
-        # owned slices: one launch of `_rows_kernel` per column-block width
+        # owned slices: one launch of `_rows_kernel` per column-block width. Full groups of
+        # ROWS rows of one tensor are plain tiles; the other rows (small tensors, remainders)
+        # are packed ROWS to a program through the slot tables.
         by_colb = collections.defaultdict(list)
         for i in owned:
             by_colb[min(next_pow2(geometry[i][1]), h.max_colb)].append(i)
         self.buckets = []
         for colb, members in sorted(by_colb.items()):
-            rows = max(1, min(h.tile // colb, next_pow2(max(geometry[i][0] for i in members))))
-            tiles = []
+            rows = max(1, min(h.tile // colb, next_pow2(sum(geometry[i][0] for i in members))))
+            tiles, loose_i, loose_r = [], [], []
             for i in members:
-                R = geometry[i][0]
-                info[i][8] = n_q
-                for row0 in range(0, R, rows):
-                    tiles.append((i, row0, n_q))
-                    n_q += 1
-                info[i][9] = n_q - info[i][8]
+                R, C = geometry[i]
+                full = R // rows
+                tiles += [(i, k * rows, -1, C) for k in range(full)]
+                if full * rows < R:
+                    loose_r.append(torch.arange(full * rows, R, dtype=torch.int64))
+                    loose_i.append(torch.full((R - full * rows,), i, dtype=torch.int64))
+            slot_i = slot_r = torch.zeros(1, dtype=torch.int64)
+            if loose_r:
+                slot_i, slot_r = torch.cat(loose_i), torch.cat(loose_r)
+                pad = -len(slot_r) % rows
+                slot_i = torch.cat([slot_i, torch.zeros(pad, dtype=torch.int64)])
+                slot_r = torch.cat([slot_r, torch.full((pad,), -1, dtype=torch.int64)])
+                ncols = torch.tensor([geometry[i][1] for i in range(self.n)], dtype=torch.int64)
+                cmax = ncols[slot_i].view(-1, rows).amax(dim=1).tolist()
+                tiles += [(0, 0, k * rows, c) for k, c in enumerate(cmax)]
             one_block = max(geometry[i][1] for i in members) <= colb
-            self.buckets.append((rows, colb, one_block, self._to_device(tiles, torch.int64), len(tiles)))
+            self.buckets.append((rows, colb, one_block, self._to_device(tiles, torch.int64),
+                                 self._to_device(slot_i, torch.int64), self._to_device(slot_r, torch.int64),
+                                 len(tiles)))
 
         # split slices: chunk programs, then one finalize program per group of rows
         n_part = 0
@@ -113,34 +130,33 @@ class Plan:
                 R, C = geometry[i]
                 nsplit = -(-C // h.chunk)
                 nsplits.append(nsplit)
-                info[i][10], info[i][11] = n_part, nsplit
+                info[i][8], info[i][9] = n_part, nsplit
                 n_part += R * nsplit
                 for row in range(R):
                     for k in range(nsplit):
                         chunk_tiles.append((i, row, k * h.chunk, k))
-                info[i][8] = n_q
-                for row0 in range(0, R, self.final_rows):
-                    final_tiles.append((i, row0, n_q))
-                    n_q += 1
-                info[i][9] = n_q - info[i][8]
+                final_tiles += [(i, row0) for row0 in range(0, R, self.final_rows)]
             self.kb = min(1024, next_pow2(max(nsplits)))
         self.chunk_tiles = (self._to_device(chunk_tiles, torch.int64), len(chunk_tiles))
         self.final_tiles = (self._to_device(final_tiles, torch.int64), len(final_tiles))
-        self.qb = min(1024, next_pow2(max([info[i][9] for i in range(self.n)] + [1])))
+        self.norm_tb = min(h.norm_tensors, next_pow2(self.n))
+        self.norm_qb = max(1, min(h.tile // self.norm_tb, next_pow2(max(R for R, _ in geometry))))
 
         self.info = self._to_device(info, torch.int64)
         self.finfo = self._to_device(finfo, torch.float32)
         f32 = dict(dtype=torch.float32, device=self.device)
         self.coef_k = torch.empty(max(n_coef, 1), **f32)
-        self.coef_d = torch.empty(max(n_coef, 1) if split else 1, **f32)
-        self.qpart = torch.empty(max(n_q, 1), **f32)
+        self.coef_d = torch.empty(max(n_coef, 1), **f32)
         self.partial = torch.empty(max(n_part, 1), **f32)
         self.tensor_a = torch.empty(self.n, **f32)
         self._g_key, self._g_table = None, None
 
     def _to_device(self, rows, dtype):
         """A host list (of lists) as a flat device tensor; pinned + non-blocking on CUDA."""
-        host = torch.tensor(rows if rows else [0], dtype=dtype).flatten()
+        if torch.is_tensor(rows):
+            host = rows.to(dtype).flatten()
+        else:
+            host = torch.tensor(rows if rows else [0], dtype=dtype).flatten()
         if self.device.type == "cuda":
             return host.pin_memory().to(self.device, non_blocking=True)
         return host.to(self.device)
