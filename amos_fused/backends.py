@@ -6,7 +6,7 @@ Each entry of `_BACKENDS` says whether it can run on a device and, if not, why.
 """
 from .reference import reference_step
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 
 
 def _reference(device):
@@ -31,11 +31,22 @@ def _triton(device):
     return triton_backend.triton_step, None
 
 
+def _compiled(kind):
+    # the extension amos_fused._C (csrc/): "cpu" runs CPU tensors, "cuda" CUDA tensors
+    def available(device):
+        from . import cpp_backend
+        why = cpp_backend.unavailable(kind)
+        if why is None and device.type != kind:
+            why = f"backend={kind!r} runs on {kind} tensors, not {device.type} tensors"
+        return (None, why) if why else (cpp_backend.fused_step, None)
+    return available
+
+
 # name -> function(device) -> (step function or None, reason it cannot run)
-_BACKENDS = {"reference": _reference, "triton": _triton}
+_BACKENDS = {"reference": _reference, "triton": _triton, "cpu": _compiled("cpu"), "cuda": _compiled("cuda")}
 
 # what "auto" tries, in order, per device type; "reference" always runs
-_AUTO_ORDER = {"cuda": ("triton",), "cpu": ()}
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 def check_backend(name):

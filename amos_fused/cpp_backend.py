@@ -1,0 +1,80 @@
+"""backend="cpu" and backend="cuda": the compiled extension amos_fused._C (csrc/).
+
+Both call one torch.library op, `torch.ops.amos_fused.amos_step_`, which mutates params, v, b
+and m in place and dispatches on the tensors' device to the CPU kernels (csrc/amos_cpu.cpp) or
+the CUDA kernels (csrc/amos_cuda.cu). Its fake implementation (it returns nothing, so it is
+empty) lets torch.compile trace a training step that calls the optimizer.
+
+Tensors the kernels do not take go to the reference path, with the same result: fp64
+parameters (the kernels compute in fp32) and non-contiguous parameters or momentum.
+"""
+import torch
+
+from .reference import reference_step
+
+try:
+    from . import _C
+    IMPORT_ERROR = None
+except ImportError as err:  # not built: pip install --no-build-isolation -e .
+    _C, IMPORT_ERROR = None, err
+
+SCHEDULE_CODE = {"amos": 0, "constant": 1, "inverse_time": 2, "inverse_square": 3}
+
+if _C is not None:
+    @torch.library.register_fake("amos_fused::amos_step_")
+    def _amos_step_fake(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, schedule, beta,
+                        eps, momentum, clip_value, d_coef, c_coef, extra_l2, q, half_life):
+        return None
+
+
+def unavailable(kind):
+    """Why backend=kind ("cpu" or "cuda") cannot run on this machine, or None when it can."""
+    if _C is None:
+        return (f"the extension amos_fused._C is not built or failed to import ({IMPORT_ERROR}); "
+                "build it with `pip install --no-build-isolation -e .`")
+    if kind == "cuda":
+        if not _C.with_cuda:
+            return ("amos_fused._C was built without its CUDA kernels (no CUDA toolkit or a CPU torch at "
+                    "build time); rebuild with AMOS_FUSED_CUDA=1 pip install --no-build-isolation -e .")
+        if not torch.cuda.is_available():
+            return "no CUDA device is available (torch.cuda.is_available() is False)"
+    return None
+
+
+def _kernel_takes(p, state, momentum):
+    return p.dtype != torch.float64 and p.is_contiguous() and (momentum == 0 or state["m"].is_contiguous())
+
+
+@torch.no_grad()
+def fused_step(params, grads, states, group, grad_scale=None):
+    """One step of a group's tensors on one device (CPU or CUDA) with the compiled kernels."""
+    mom = group["momentum"]
+    fast = [i for i, p in enumerate(params) if _kernel_takes(p, states[i], mom)]
+    if len(fast) < len(params):
+        slow = [i for i in range(len(params)) if i not in set(fast)]
+        reference_step([params[i] for i in slow], [grads[i] for i in slow], [states[i] for i in slow], group,
+                       grad_scale)
+    if not fast:
+        return
+    device = params[fast[0]].device
+    gs = []
+    for i in fast:
+        g = grads[i]
+        if g.dtype == torch.float64:  # the reference computes in fp32 for these params too
+            g = g.float()
+        gs.append(g.contiguous())
+    lr, lr_tensor = group["lr"], None
+    if torch.is_tensor(lr):
+        if device.type == "cuda" and lr.device.type == "cuda":
+            lr_tensor = lr.detach().to(torch.float32)  # read on the device: no host sync
+        else:
+            lr = float(lr)  # a CPU tensor: reading it costs no device sync
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device, torch.float32)
+    torch.ops.amos_fused.amos_step_(
+        [params[i] for i in fast], gs, [states[i]["v"] for i in fast], [states[i]["b"] for i in fast],
+        [states[i]["m"] for i in fast] if mom > 0 else [], [states[i]["step"] for i in fast],
+        [float(states[i]["eta"]) for i in fast], float(lr) if lr_tensor is None else 0.0, lr_tensor,
+        grad_scale, SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(mom),
+        float(group["clip_value"] or 0.0), float(group["d_coef"]), float(group["c_coef"]),
+        float(group["extra_l2"]), float(group["q"]), float(group["half_life"] or 0.0))

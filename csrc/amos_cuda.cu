@@ -1,0 +1,538 @@
+// backend="cuda": the fused Amos step for all tensors of a group in a few launches.
+//
+// Launcher (multi-tensor apply of this project's design). The host cuts every tensor into work
+// items and writes one metadata buffer: per tensor its pointers, shape, dtypes and scalars; per
+// item its rows (and columns); per long row where its partial sums go. The buffer lives on the
+// device and is cached, keyed by every pointer and shape, so a training loop whose tensors keep
+// their addresses reuses it: no host work beyond a lookup and no copy. A tensor's rows go to one
+// of four paths by the slice length C:
+//   W1    C <= 8:      a thread owns a row    (element granularity: one thread per element)
+//   W32   C <= 1024:   a warp owns a row
+//   W256  C <= 8192:   a block owns a row
+//   long  C >  8192:   blocks of kPiece elements; stage 1 sums each block, a finalize kernel
+//                      adds a row's blocks in order, stage 2 applies
+// For "amos", W1/W32/W256 are one pass: the group sums g*g over its row, finalizes the slice,
+// then walks the row again (the second read of g hits L1/L2, the row having just been read).
+// The closed forms need unorm over the whole tensor first: a reduce launch (S_r, v_r and
+// sum of S_r * r_r per item), a per-tensor finalize (A, D), then an apply launch.
+// Every sum has a fixed order (per lane in element order, then fixed shuffle/shared trees, then
+// items in order), so results are deterministic. Per-step scalars (t, lr, grad_scale) are read
+// on the device: no host sync, and the launches can be captured in a CUDA graph.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstring>
+#include <list>
+#include <type_traits>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "ops.h"
+
+namespace amos {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kPiece = 8192;  // elements per block of a long row
+enum Path : int32_t { kW1 = 0, kW32 = 1, kW256 = 2, kLong = 3 };
+enum Phase : int32_t { kOnePass = 0, kReduce = 1, kApply = 2 };
+
+struct TMeta {
+  void* p;
+  const void* g;
+  void* m;
+  float* v;
+  float* b;
+  const float* step;
+  int64_t R, C;
+  int64_t item_begin, item_end;  // this tensor's items (for the closed forms' per-tensor sum)
+  int64_t long_row_base;         // index of its first long row (kLong)
+  float eta, eps0;
+  int32_t tp, tg, tm;
+  int32_t vec;  // p, g, m rows start 4-element aligned (16 B / 8 B) and C % 4 == 0
+};
+
+struct Item {
+  int32_t tensor, path;
+  int64_t row0, row1;  // whole rows, or one row of a long tensor ...
+  int64_t col0, col1;  // ... and its columns
+};
+
+struct LongRow {
+  int32_t tensor, pad;
+  int64_t row;
+  int64_t item;  // its first piece (global item index)
+};
+
+// Per-step scalars, read on the device.
+struct Scalars {
+  const float* lr_ptr;  // null: use lr
+  float lr;
+  const float* scale_ptr;  // null: no GradScaler
+};
+
+__device__ __forceinline__ float read_lr(const Scalars& s) { return s.lr_ptr ? *s.lr_ptr : s.lr; }
+__device__ __forceinline__ float read_scale(const Scalars& s) { return s.scale_ptr ? *s.scale_ptr : 1.0f; }
+
+// ---- loads and stores of 4 consecutive elements (chunk c = elements 4c .. 4c+3 of a span) ----
+template <typename Index>
+__device__ __forceinline__ float ld1(const void* base, int32_t dt, Index i) {
+  if (dt == kF32) return static_cast<const float*>(base)[i];
+  if (dt == kBF16) return to_f(static_cast<const c10::BFloat16*>(base)[i]);
+  return to_f(static_cast<const c10::Half*>(base)[i]);
+}
+
+template <typename Index>
+__device__ __forceinline__ void st1(void* base, int32_t dt, Index i, float x) {
+  if (dt == kF32) static_cast<float*>(base)[i] = x;
+  else if (dt == kBF16) static_cast<c10::BFloat16*>(base)[i] = from_f<c10::BFloat16>(x);
+  else static_cast<c10::Half*>(base)[i] = from_f<c10::Half>(x);
+}
+
+__device__ __forceinline__ float bits_to_f(int32_t dt, uint16_t u) {
+  if (dt == kBF16) return to_f(c10::BFloat16(u, c10::BFloat16::from_bits()));
+  return to_f(c10::Half(u, c10::Half::from_bits()));
+}
+
+__device__ __forceinline__ uint16_t f_to_bits(int32_t dt, float x) {
+  if (dt == kBF16) return from_f<c10::BFloat16>(x).x;
+  return from_f<c10::Half>(x).x;
+}
+
+// x[j] = element i + j of base for j < n (0 past the end); one vector load when vec
+template <typename Index>
+__device__ __forceinline__ void ld4(const void* base, int32_t dt, Index i, int n, bool vec, float x[4]) {
+  if (vec) {
+    if (dt == kF32) {
+      float4 q = *reinterpret_cast<const float4*>(static_cast<const float*>(base) + i);
+      x[0] = q.x, x[1] = q.y, x[2] = q.z, x[3] = q.w;
+    } else {
+      uint2 q = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(base) + i);
+      x[0] = bits_to_f(dt, q.x & 0xffff), x[1] = bits_to_f(dt, q.x >> 16);
+      x[2] = bits_to_f(dt, q.y & 0xffff), x[3] = bits_to_f(dt, q.y >> 16);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) x[j] = j < n ? ld1(base, dt, i + j) : 0.0f;
+}
+
+template <typename Index>
+__device__ __forceinline__ void st4(void* base, int32_t dt, Index i, int n, bool vec, const float x[4]) {
+  if (vec) {
+    if (dt == kF32) {
+      *reinterpret_cast<float4*>(static_cast<float*>(base) + i) = make_float4(x[0], x[1], x[2], x[3]);
+    } else {
+      uint2 q;
+      q.x = f_to_bits(dt, x[0]) | (static_cast<uint32_t>(f_to_bits(dt, x[1])) << 16);
+      q.y = f_to_bits(dt, x[2]) | (static_cast<uint32_t>(f_to_bits(dt, x[3])) << 16);
+      *reinterpret_cast<uint2*>(static_cast<uint16_t*>(base) + i) = q;
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (j < n) st1(base, dt, i + j, x[j]);
+}
+
+// ---- deterministic sums ----
+__device__ __forceinline__ float warp_sum(float x) {
+  // butterfly: every lane ends with the same value (a + b == b + a)
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// sum over the block, the same value in every thread; all threads must call it
+__device__ __forceinline__ float block_sum(float x, float* smem) {
+  x = warp_sum(x);
+  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = x;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += smem[w];
+  __syncthreads();  // smem is free again
+  return total;
+}
+
+template <int W>
+__device__ __forceinline__ float group_sum(float x, float* smem) {
+  if constexpr (W == 1) return x;
+  else if constexpr (W == 32) return warp_sum(x);
+  else return block_sum(x, smem);
+}
+
+// sum of g*g over elements [c0, c1) of the span at off, chunks of 4 dealt to `lanes` threads
+template <typename Index>
+__device__ __forceinline__ float partial_sumsq(const TMeta& T, Index off, int64_t n, int lane, int lanes, bool vec,
+                                               float scale, const Hyper& h) {
+  float acc = 0.0f;
+  for (int64_t c = 4 * static_cast<int64_t>(lane); c < n; c += 4 * static_cast<int64_t>(lanes)) {
+    float x[4];
+    const int k = n - c < 4 ? static_cast<int>(n - c) : 4;
+    ld4(T.g, T.tg, off + static_cast<Index>(c), k, vec, x);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float g = j < k ? prep_grad(x[j], scale, h) : 0.0f;
+      acc += g * g;
+    }
+  }
+  return acc;
+}
+
+// the apply of §6 over [off, off + n), chunks of 4 dealt to `lanes` threads
+template <typename Index>
+__device__ __forceinline__ void apply_span(const TMeta& T, Index off, int64_t n, int lane, int lanes, bool vec,
+                                           float K, float D, float scale, const Hyper& h) {
+  const bool has_m = T.tm != kNone;
+  for (int64_t c = 4 * static_cast<int64_t>(lane); c < n; c += 4 * static_cast<int64_t>(lanes)) {
+    const int k = n - c < 4 ? static_cast<int>(n - c) : 4;
+    const Index i = off + static_cast<Index>(c);
+    float g[4], p[4], m[4];
+    ld4(T.g, T.tg, i, k, vec, g);
+    ld4(T.p, T.tp, i, k, vec, p);
+    if (has_m) ld4(T.m, T.tm, i, k, vec, m);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float delta = update(p[j], prep_grad(g[j], scale, h), K, D);
+      if (has_m) {
+        m[j] = momentum_update(h, m[j], delta);
+        delta = m[j];  // theta moves by the unrounded m
+      }
+      p[j] = p[j] + delta;
+    }
+    st4(T.p, T.tp, i, k, vec, p);
+    if (has_m) st4(T.m, T.tm, i, k, vec, m);
+  }
+}
+
+// Whole rows: W threads per row. kOnePass ("amos"): reduce, finalize, apply. kReduce (closed
+// forms): S_r, v_r and this item's sum of S_r * r_r. kApply (closed forms): apply.
+template <typename Index, int W, int PHASE>
+__global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict__ metas, const Item* __restrict__ items,
+                                                        int64_t item0, Hyper h, Scalars sc, float* __restrict__ itemq,
+                                                        const float* __restrict__ tAD) {
+  __shared__ float smem[kWarps];
+  const int64_t it = item0 + blockIdx.x;
+  const Item item = items[it];
+  const TMeta& T = metas[item.tensor];
+  const int group = threadIdx.x / W, lane = threadIdx.x % W, groups = kThreads / W;
+  const float scale = read_scale(sc), xi = read_lr(sc), t = *T.step;
+  const float bc = bias_correction(h, t), C = static_cast<float>(T.C);
+  const bool vec = T.vec;
+  const AmosTensor at = amos_tensor(h, xi, T.eta);
+  float q = 0.0f;  // kReduce: sum of S_r * r_r over the rows this thread leads
+  // W256: the whole block walks the rows together, so every thread runs the same iterations
+  for (int64_t r = item.row0 + group; r < item.row1; r += groups) {
+    const Index off = static_cast<Index>(r) * static_cast<Index>(T.C);
+    if (PHASE == kApply) {
+      const float K = closed_slice_K(tAD[2 * item.tensor], inv_vhat(h, T.v[r], bc));
+      apply_span<Index>(T, off, T.C, lane, W, vec, K, tAD[2 * item.tensor + 1], scale, h);
+      continue;
+    }
+    float v = T.v[r], b = T.b[r];  // read before the group sum: the leader writes them after it
+    const float S = group_sum<W>(partial_sumsq<Index>(T, off, T.C, lane, W, vec, scale, h), smem);
+    const float rr = second_moment(h, S, C, bc, v);
+    if (PHASE == kOnePass) {
+      float K, D;
+      amos_slice(h, at, S, C, rr, b, K, D);
+      if (lane == 0) T.v[r] = v, T.b[r] = b;
+      apply_span<Index>(T, off, T.C, lane, W, vec, K, D, scale, h);
+    } else {
+      if (lane == 0) T.v[r] = v, q += S * rr;
+    }
+  }
+  if (PHASE == kReduce) {
+    q = block_sum(q, smem);
+    if (threadIdx.x == 0) itemq[it] = q;
+  }
+}
+
+// Long rows, stage 1: the sum of g*g over one piece.
+template <typename Index>
+__global__ void __launch_bounds__(kThreads) piece_sum_kernel(const TMeta* __restrict__ metas,
+                                                             const Item* __restrict__ items, int64_t item0, Hyper h,
+                                                             Scalars sc, float* __restrict__ pieceS,
+                                                             float* __restrict__ itemq) {
+  __shared__ float smem[kWarps];
+  const int64_t it = item0 + blockIdx.x;
+  const Item item = items[it];
+  const TMeta& T = metas[item.tensor];
+  const Index off = static_cast<Index>(item.row0) * static_cast<Index>(T.C) + static_cast<Index>(item.col0);
+  const float S = block_sum(
+      partial_sumsq<Index>(T, off, item.col1 - item.col0, threadIdx.x, kThreads, T.vec, read_scale(sc), h), smem);
+  if (threadIdx.x == 0) {
+    pieceS[it - item0] = S;
+    itemq[it] = 0.0f;  // the row's first piece gets S_r * r_r from row_finalize_kernel
+  }
+}
+
+// Long rows: one thread per row adds its pieces in order and finalizes the slice.
+__global__ void row_finalize_kernel(const TMeta* __restrict__ metas, const LongRow* __restrict__ rows, int64_t nrows,
+                                    int64_t item0, Hyper h, Scalars sc, const float* __restrict__ pieceS,
+                                    float* __restrict__ itemq, float* __restrict__ rowKD) {
+  const int64_t L = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (L >= nrows) return;
+  const LongRow lr = rows[L];
+  const TMeta& T = metas[lr.tensor];
+  const float bc = bias_correction(h, *T.step), C = static_cast<float>(T.C);
+  const int64_t per_row = (T.C + kPiece - 1) / kPiece;
+  float S = 0.0f;
+  for (int64_t j = 0; j < per_row; ++j) S += pieceS[lr.item - item0 + j];
+  float v = T.v[lr.row];
+  const float rr = second_moment(h, S, C, bc, v);
+  T.v[lr.row] = v;
+  if (h.schedule == kAmos) {
+    float b = T.b[lr.row], K, D;
+    amos_slice(h, amos_tensor(h, read_lr(sc), T.eta), S, C, rr, b, K, D);
+    T.b[lr.row] = b;
+    rowKD[2 * L] = K;
+    rowKD[2 * L + 1] = D;
+  } else {
+    itemq[lr.item] = S * rr;
+  }
+}
+
+// Closed forms: one block per tensor sums its items' S_r * r_r in order and sets A, D.
+__global__ void __launch_bounds__(kThreads) tensor_finalize_kernel(const TMeta* __restrict__ metas, Hyper h,
+                                                                   Scalars sc, const float* __restrict__ itemq,
+                                                                   float* __restrict__ tAD) {
+  __shared__ float smem[kWarps];
+  const TMeta& T = metas[blockIdx.x];
+  float acc = 0.0f;
+  for (int64_t i = T.item_begin + threadIdx.x; i < T.item_end; i += kThreads) acc += itemq[i];
+  const float unorm2 = block_sum(acc, smem);
+  if (threadIdx.x == 0) closed_tensor(h, read_lr(sc), *T.step, T.eps0, unorm2, tAD[2 * blockIdx.x], tAD[2 * blockIdx.x + 1]);
+}
+
+// Long rows, stage 2: apply one piece.
+template <typename Index>
+__global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __restrict__ metas,
+                                                               const Item* __restrict__ items, int64_t item0, Hyper h,
+                                                               Scalars sc, const float* __restrict__ rowKD,
+                                                               const float* __restrict__ tAD) {
+  const Item item = items[item0 + blockIdx.x];
+  const TMeta& T = metas[item.tensor];
+  float K, D;
+  if (h.schedule == kAmos) {
+    const int64_t L = T.long_row_base + item.row0;
+    K = rowKD[2 * L], D = rowKD[2 * L + 1];
+  } else {
+    K = closed_slice_K(tAD[2 * item.tensor], inv_vhat(h, T.v[item.row0], bias_correction(h, *T.step)));
+    D = tAD[2 * item.tensor + 1];
+  }
+  const Index off = static_cast<Index>(item.row0) * static_cast<Index>(T.C) + static_cast<Index>(item.col0);
+  apply_span<Index>(T, off, item.col1 - item.col0, threadIdx.x, kThreads, T.vec, K, D, read_scale(sc), h);
+}
+
+// ---- host: plans (metadata on the device), cached by every pointer and shape -----------------
+struct Plan {
+  at::Tensor host, dev;  // metadata bytes: TMeta[nt], Item[ni], LongRow[nl]
+  at::Tensor scratch;    // fp32: itemq[ni], pieceS[long items], rowKD[2 nl], tAD[2 nt]
+  int64_t nt = 0, nl = 0;
+  int64_t range[5] = {0, 0, 0, 0, 0};  // items of path k are [range[k], range[k + 1])
+  bool idx64 = false;
+  const TMeta* metas() const { return reinterpret_cast<const TMeta*>(dev.data_ptr<uint8_t>()); }
+  const Item* items() const { return reinterpret_cast<const Item*>(metas() + nt); }
+  const LongRow* rows() const { return reinterpret_cast<const LongRow*>(items() + range[4]); }
+  float* itemq() const { return scratch.data_ptr<float>(); }
+  float* pieceS() const { return itemq() + range[4]; }
+  float* rowKD() const { return pieceS() + (range[4] - range[3]); }
+  float* tAD() const { return rowKD() + 2 * nl; }
+};
+
+Path path_of(int64_t C) { return C <= 8 ? kW1 : C <= 1024 ? kW32 : C <= kPiece ? kW256 : kLong; }
+
+bool aligned4(const void* ptr, int32_t dt) {
+  return reinterpret_cast<uintptr_t>(ptr) % (dt == kF32 ? 16 : 8) == 0;
+}
+
+std::shared_ptr<Plan> build_plan(const StepArgs& a) {
+  auto plan = std::make_shared<Plan>();
+  const int64_t nt = static_cast<int64_t>(a.params.size());
+  std::vector<TMeta> metas(nt);
+  std::vector<Item> by_path[4];
+  std::vector<LongRow> rows;
+  int64_t max_numel = 0;
+  for (int64_t i = 0; i < nt; ++i) {
+    TMeta& T = metas[i];
+    const at::Tensor& p = a.params[i];
+    T.p = p.data_ptr();
+    T.g = a.grads[i].data_ptr();
+    T.m = a.ms.empty() ? nullptr : a.ms[i].data_ptr();
+    T.v = a.vs[i].data_ptr<float>();
+    T.b = a.bs[i].data_ptr<float>();
+    T.step = a.steps[i].data_ptr<float>();
+    T.R = a.vs[i].numel();
+    T.C = p.numel() / T.R;
+    T.eta = static_cast<float>(a.etas[i]);
+    T.eps0 = eps0_of(p, a.etas[i]);
+    T.tp = dtype_of(p);
+    T.tg = dtype_of(a.grads[i]);
+    T.tm = a.ms.empty() ? kNone : dtype_of(a.ms[i]);
+    T.vec = T.C % 4 == 0 && aligned4(T.p, T.tp) && aligned4(T.g, T.tg) && (T.m == nullptr || aligned4(T.m, T.tm));
+    max_numel = std::max<int64_t>(max_numel, p.numel());
+    const Path path = path_of(T.C);
+    T.item_begin = static_cast<int64_t>(by_path[path].size());  // made global below
+    if (path == kLong) {
+      T.long_row_base = static_cast<int64_t>(rows.size());
+      for (int64_t r = 0; r < T.R; ++r) {
+        rows.push_back({static_cast<int32_t>(i), 0, r, static_cast<int64_t>(by_path[kLong].size())});
+        for (int64_t c = 0; c < T.C; c += kPiece)
+          by_path[kLong].push_back({static_cast<int32_t>(i), kLong, r, r + 1, c, std::min(T.C, c + kPiece)});
+      }
+    } else {
+      // rows per item: W1 a few rows per thread, W32 whole rows for each of the 8 warps and
+      // about 8K elements per block, W256 about 8K elements per block
+      const int64_t per = path == kW1 ? kThreads * 4
+                          : path == kW32 ? kWarps * std::max<int64_t>(1, 1024 / T.C)
+                                         : std::max<int64_t>(1, kPiece / T.C);
+      for (int64_t r = 0; r < T.R; r += per)
+        by_path[path].push_back({static_cast<int32_t>(i), path, r, std::min(T.R, r + per), 0, T.C});
+    }
+    T.item_end = static_cast<int64_t>(by_path[path].size());
+  }
+  int64_t base[4];
+  for (int k = 0; k < 4; ++k) {
+    base[k] = plan->range[k];
+    plan->range[k + 1] = plan->range[k] + static_cast<int64_t>(by_path[k].size());
+  }
+  for (auto& T : metas) {
+    const int64_t b = base[path_of(T.C)];
+    T.item_begin += b, T.item_end += b;
+  }
+  for (auto& L : rows) L.item += base[kLong];
+  plan->nt = nt;
+  plan->nl = static_cast<int64_t>(rows.size());
+  plan->idx64 = max_numel >= (int64_t{1} << 31);
+
+  const int64_t ni = plan->range[4];
+  const size_t bytes = nt * sizeof(TMeta) + ni * sizeof(Item) + rows.size() * sizeof(LongRow);
+  plan->host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* dst = plan->host.data_ptr<uint8_t>();
+  std::memcpy(dst, metas.data(), nt * sizeof(TMeta));
+  dst += nt * sizeof(TMeta);
+  for (int k = 0; k < 4; ++k) {
+    std::memcpy(dst, by_path[k].data(), by_path[k].size() * sizeof(Item));
+    dst += by_path[k].size() * sizeof(Item);
+  }
+  std::memcpy(dst, rows.data(), rows.size() * sizeof(LongRow));
+  // stream-ordered copy from pinned memory: no host sync, and the allocator keeps the pinned
+  // block until the copy has run
+  plan->dev = plan->host.to(at::TensorOptions().device(a.params[0].device()).dtype(at::kByte), /*non_blocking=*/true);
+  const int64_t nscratch = ni + (ni - plan->range[3]) + 2 * plan->nl + 2 * nt;
+  plan->scratch = at::empty({std::max<int64_t>(nscratch, 1)}, a.params[0].options().dtype(at::kFloat));
+  return plan;
+}
+
+std::vector<int64_t> plan_key(const StepArgs& a) {
+  std::vector<int64_t> key;
+  key.push_back(a.params[0].device().index());
+  auto ptr = [](const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); };
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    const float eta = static_cast<float>(a.etas[i]);
+    int32_t eta_bits;
+    std::memcpy(&eta_bits, &eta, sizeof eta_bits);
+    key.insert(key.end(), {ptr(a.params[i]), ptr(a.grads[i]), ptr(a.vs[i]), ptr(a.bs[i]), ptr(a.steps[i]),
+                           a.ms.empty() ? 0 : ptr(a.ms[i]), a.params[i].numel(), a.vs[i].numel(),
+                           a.params[i].dim(), static_cast<int64_t>(a.params[i].scalar_type()),
+                           static_cast<int64_t>(a.grads[i].scalar_type()),
+                           a.ms.empty() ? -1 : static_cast<int64_t>(a.ms[i].scalar_type()), eta_bits});
+  }
+  return key;
+}
+
+// A few recent plans: a training loop alternates few layouts (grads may move between steps).
+std::shared_ptr<Plan> get_plan(const StepArgs& a) {
+  static std::mutex mu;
+  static std::list<std::pair<std::vector<int64_t>, std::shared_ptr<Plan>>> cache;
+  constexpr size_t kKeep = 8;
+  std::vector<int64_t> key = plan_key(a);
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->first == key) {
+      cache.splice(cache.begin(), cache, it);  // most recent first
+      return cache.front().second;
+    }
+  }
+  auto plan = build_plan(a);
+  cache.emplace_front(std::move(key), plan);
+  if (cache.size() > kKeep) cache.pop_back();
+  return plan;
+}
+
+dim3 blocks(int64_t n) {
+  TORCH_CHECK(n < (int64_t{1} << 31), "amos_fused: too many blocks for one launch (", n, ")");
+  return dim3(static_cast<unsigned>(n));
+}
+
+template <typename Index>
+void launch(const Plan& P, const Hyper& h, const Scalars& sc, cudaStream_t stream) {
+  const bool amos = h.schedule == kAmos;
+  auto rows = [&](auto phase) {
+    constexpr int PH = decltype(phase)::value;
+    const int64_t* R = P.range;
+    if (R[1] > R[0])
+      rows_kernel<Index, 1, PH><<<blocks(R[1] - R[0]), kThreads, 0, stream>>>(P.metas(), P.items(), R[0], h, sc, P.itemq(), P.tAD());
+    if (R[2] > R[1])
+      rows_kernel<Index, 32, PH><<<blocks(R[2] - R[1]), kThreads, 0, stream>>>(P.metas(), P.items(), R[1], h, sc, P.itemq(), P.tAD());
+    if (R[3] > R[2])
+      rows_kernel<Index, 256, PH><<<blocks(R[3] - R[2]), kThreads, 0, stream>>>(P.metas(), P.items(), R[2], h, sc, P.itemq(), P.tAD());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const int64_t long0 = P.range[3], nlong = P.range[4] - P.range[3];
+  if (amos) rows(std::integral_constant<int, kOnePass>());
+  else rows(std::integral_constant<int, kReduce>());
+  if (nlong) {
+    piece_sum_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), P.items(), long0, h, sc, P.pieceS(), P.itemq());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_finalize_kernel<<<blocks((P.nl + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        P.metas(), P.rows(), P.nl, long0, h, sc, P.pieceS(), P.itemq(), P.rowKD());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (!amos) {
+    tensor_finalize_kernel<<<blocks(P.nt), kThreads, 0, stream>>>(P.metas(), h, sc, P.itemq(), P.tAD());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rows(std::integral_constant<int, kApply>());
+  }
+  if (nlong) {
+    piece_apply_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), P.items(), long0, h, sc, P.rowKD(), P.tAD());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+void step_cuda(const StepArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.params[0].device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  std::shared_ptr<Plan> plan = get_plan(a);
+  Scalars sc;
+  sc.lr = static_cast<float>(a.lr);
+  sc.lr_ptr = nullptr;
+  if (a.lr_tensor) {
+    TORCH_CHECK(a.lr_tensor->is_cuda(), "amos_fused: on CUDA a tensor lr must be on the device (or pass a float)");
+    sc.lr_ptr = a.lr_tensor->data_ptr<float>();
+  }
+  sc.scale_ptr = a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr;
+  if (plan->idx64) launch<int64_t>(*plan, a.h, sc, stream);
+  else launch<int32_t>(*plan, a.h, sc, stream);
+  // A plan dropped from the cache frees its buffers; mark them used by this stream so the
+  // allocator waits for these kernels (not during graph capture: a captured graph replays
+  // with the plan's addresses, which stay valid while the plan is among the cached ones).
+  cudaStreamCaptureStatus capturing;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+  if (capturing == cudaStreamCaptureStatusNone) {
+    plan->dev.record_stream(c10::cuda::getCurrentCUDAStream());
+    plan->scratch.record_stream(c10::cuda::getCurrentCUDAStream());
+  }
+}
+
+}  // namespace amos

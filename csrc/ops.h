@@ -1,0 +1,45 @@
+// What ops.cpp hands to the CPU and CUDA implementations of amos_fused::amos_step_.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "amos_math.h"
+
+namespace amos {
+
+// One param group's tensors on one device, checked by ops.cpp: params, grads and ms are
+// contiguous fp32/bf16/fp16 (ms empty when momentum == 0); vs, bs are contiguous fp32 of R
+// entries; steps are fp32 0-d tensors holding t; numel-0 tensors are already dropped.
+struct StepArgs {
+  std::vector<at::Tensor> params, grads, vs, bs, ms, steps;
+  std::vector<double> etas;
+  double lr;                              // used when lr_tensor is empty
+  std::optional<at::Tensor> lr_tensor;    // fp32 0-d
+  std::optional<at::Tensor> grad_scale;   // fp32 0-d (GradScaler's scale) or empty
+  Hyper h;
+};
+
+inline Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK(false, "amos_fused: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// ||theta_0 - theta*|| of ALGORITHM.md §5, in double as the reference forms it, then fp32
+inline float eps0_of(const at::Tensor& p, double eta) {
+  double e = std::sqrt(static_cast<double>(p.numel())) * eta * (p.dim() >= 2 ? std::sqrt(2.0) : 1.0);
+  return static_cast<float>(e);
+}
+
+void step_cpu(const StepArgs& a);
+#ifdef AMOS_WITH_CUDA
+void step_cuda(const StepArgs& a);
+#endif
+
+}  // namespace amos
