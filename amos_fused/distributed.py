@@ -156,3 +156,18 @@ def mean_square(p):
     total = local(p).detach().double().square().sum()
     dist.all_reduce(total, group=_group(p))
     return total.item() / p.numel()
+
+
+def init_state(optimizer):
+    """Create v, b, m and step now (normally made at a parameter's first step) for every
+    parameter that requires grad; they start at zero, exactly as a first step makes them.
+
+    For torch.distributed.checkpoint: `dcp.load` fills the tensors of a template state dict, so
+    call this on the fresh optimizer before `get_state_dict(model, optimizer)`. (torch's
+    `get_state_dict` creates missing state itself, by a zero-lr step, only when the state is
+    empty, and Amos' never is: it holds the eta measured at construction.)
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                optimizer._state_for(p, group)

@@ -207,7 +207,11 @@ class Amos(torch.optim.Optimizer):
         params, bf16 m with fp32 params) and only moves them to the parameter's device.
         """
         self._check_loadable(state_dict)
+        # torch.distributed.checkpoint saves no state for frozen parameters: they keep their eta
+        etas = {p: self.state[p]["eta"] for g in self.param_groups for p in g["params"] if "eta" in self.state[p]}
         super().load_state_dict(state_dict)
+        for p, eta in etas.items():
+            self.state[p].setdefault("eta", eta)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
@@ -238,7 +242,7 @@ class Amos(torch.optim.Optimizer):
                     if key in st and tuple(st[key].shape) != shape:
                         raise ValueError(f"{where}: {name}: saved state '{key}' has shape {tuple(st[key].shape)}, "
                                          f"expected {shape}; the state dict belongs to another model: {fix}")
-                if "eta" not in st:
+                if "eta" not in st and p.requires_grad:  # frozen ones: see load_state_dict
                     raise ValueError(f"{where}: {name} has no saved 'eta' (Amos saves it for every parameter); "
                                      "pass a state dict made by Amos.state_dict()")
 

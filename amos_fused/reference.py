@@ -76,9 +76,10 @@ def _reduce(p, grad, state, o, grad_scale):
 def _finalize_and_apply(p, grad, state, o, grad_scale, S, usq):
     """Phase 3: v, the coefficients K_r, D_r (and b), then the element-wise apply."""
     g = _grad_slices(p, grad, o, grad_scale)  # again: one tensor's converted copy alive at a time
-    R, C = g.shape
+    R = g.shape[0]
+    C = slice_shape(p.shape, o["granularity"])[1]  # the global slice length (g holds a part of a spanning one)
     cd, dev = g.dtype, g.device
-    theta = local(p).to(cd).reshape(R, C)
+    theta = local(p).to(cd).reshape(g.shape)
     t = state["step"].to(dev, cd)
     xi = torch.as_tensor(o["lr"], dtype=cd, device=dev)
     v, r = _second_moment(p, S, state, o)
@@ -103,7 +104,7 @@ def _finalize_and_apply(p, grad, state, o, grad_scale, S, usq):
     # §6: the element-wise apply
     delta = -K[:, None] * g - D[:, None] * theta
     if o["momentum"] > 0:
-        m = o["momentum"] * local(state["m"]).to(cd).reshape(R, C) + (1.0 - o["momentum"]) * delta
+        m = o["momentum"] * local(state["m"]).to(cd).reshape(g.shape) + (1.0 - o["momentum"]) * delta
         _write(state["m"], m)
         delta = m  # theta moves by the unrounded m; the stored m is rounded to its dtype
     _write(state["v"], v)
