@@ -1,0 +1,207 @@
+"""backend="triton" against the reference path, and its own properties.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1 before anything imports them); with one, the same tests run compiled on CUDA.
+Tolerances are the shared grid's (tests/backend_grid.py argues them); the tests here that compare
+triton with itself are bitwise.
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import backend_grid as grid  # noqa: E402
+from amos_fused import Amos, backends, triton_backend  # noqa: E402
+from amos_fused.kernels import amos_triton, tables  # noqa: E402
+
+DEVICE = grid.DEVICE
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("case", grid.CASES)
+def test_matches_reference(case):
+    grid.assert_matches_reference("triton", case)
+
+
+# Tiny blocks push small tensors through every code path: column-block loops (C > max_colb),
+# packed programs mixing tensors, split slices with several chunks (and more chunks than one
+# finalize block holds), and several tensors per norm program.
+TINY = tables.Heuristic(tile=64, max_colb=16, long_row=40, chunk=16, block=8, norm_tensors=2, num_warps=4)
+TINY_SHAPES = [(3, 50), (130,), (2, 41), (5,), (4, 3, 3, 3), (), (2, 17), (1, 1), (0, 3), (9, 2)]
+
+
+@pytest.mark.parametrize("options", [
+    dict(schedule="amos", momentum=0.9, granularity="row"),
+    dict(schedule="amos", momentum=0.0, granularity="tensor", clip_value=0.05),
+    dict(schedule="inverse_square", half_life=2, momentum=0.9, granularity="row"),
+    dict(schedule="inverse_time", half_life=3, momentum=0.0, granularity="tensor"),
+    dict(schedule="constant", momentum=0.0, granularity="element"),
+], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_every_kernel_path_with_tiny_blocks(monkeypatch, options):
+    monkeypatch.setattr(triton_backend, "HEURISTIC", TINY)
+    case = dict(shapes=TINY_SHAPES, options=options, dtypes=(grid.F32, grid.BF16), scaler=None, steps=5, tag="tiny")
+    grid.assert_matches_reference("triton", case)
+
+
+def test_tiny_heuristic_really_splits_and_packs():
+    # guards the test above: with TINY the plan has packed tiles, loops and split slices
+    params = [torch.zeros(s) for s in TINY_SHAPES if math.prod(s)]
+    states = [dict(v=torch.zeros(s[0] if len(s) >= 2 else 1), b=torch.zeros(1), step=torch.zeros(()), eta=0.5)
+              for s in (p.shape for p in params)]
+    plan = tables.Plan(params, states, closed=True, heuristic=TINY, momentum=False)
+    assert plan.chunk_tiles[1] > 0 and plan.kb > 1  # split slices, several chunks per slice
+    assert any(not one_block for _, _, one_block, *_ in plan.buckets)
+    assert any(slot_r.numel() > 1 for *_, slot_i, slot_r, _ in plan.buckets)
+    assert plan.norm_tb < plan.n
+
+
+def test_bitwise_deterministic():
+    case = next(c.values[0] for c in grid.CASES if c.id == "row-inverse_time-m0.9")
+    first, second = grid.run("triton", case), grid.run("triton", case)
+    for (p1, s1), (p2, s2) in zip(first, second):
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+        for a, b in zip(s1, s2):
+            assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def test_plan_is_built_once_and_reused(monkeypatch):
+    built = []
+
+    class CountingPlan(tables.Plan):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tables, "Plan", CountingPlan)
+    tables.clear_cache()
+    params = [torch.randn(4, 5, device=DEVICE), torch.randn(7, device=DEVICE)]
+    opt = Amos(params, backend="triton")
+    g_tables = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)  # new gradient tensors each step, as zero_grad(set_to_none=True)
+        opt.step()
+        plan = next(iter(tables._PLANS.values()))
+        g_tables.append(plan._g_key)
+    assert len(built) == 1, "the plan must be cached while the parameters are the same tensors"
+    assert g_tables[-1] == tuple(p.grad.data_ptr() for p in params), "gradient addresses must follow the grads"
+    opt.add_param_group({"params": [torch.randn(3, device=DEVICE, requires_grad=True)]})
+    opt.param_groups[1]["params"][0].grad = torch.ones(3, device=DEVICE)
+    opt.step()
+    assert len(built) == 2  # a new group: a new plan; the first group's plan is still cached
+    assert len(tables._PLANS) == 2
+
+
+def test_fp64_and_non_contiguous_params_use_the_reference_path():
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(4, 3, generator=gen).t(),
+            torch.randn(5, generator=gen)]
+    final = {}
+    for backend in ("triton", "reference"):
+        params = [p.clone() for p in base]
+        assert not params[1].is_contiguous()
+        opt = Amos(params, backend=backend, momentum=0.9)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            opt.step()
+        final[backend] = params
+    assert torch.equal(final["triton"][0], final["reference"][0])  # fp64: the reference itself
+    assert torch.equal(final["triton"][1], final["reference"][1])  # non-contiguous: likewise
+    torch.testing.assert_close(final["triton"][2], final["reference"][2], rtol=1e-5, atol=1e-7)  # kernels
+
+
+def test_trains_the_main_jobs_model_like_the_reference():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from lm_model import ByteLM
+    finally:
+        sys.path.remove(str(BENCH))
+    data = torch.tensor(list(Path(__file__).read_bytes()[:4096]), dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(data) - 17, (4, 4), generator=gen)
+    losses = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = ByteLM(layers=1, width=32, heads=2, context=16).to(DEVICE)
+        opt = Amos(model.parameters(), backend=backend)  # the defaults: amos, momentum 0.9, row
+        losses[backend] = []
+        for s in starts:
+            x = torch.stack([data[i:i + 16] for i in s.tolist()]).to(DEVICE)
+            y = torch.stack([data[i + 1:i + 17] for i in s.tolist()]).to(DEVICE)
+            loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[backend].append(loss.item())
+    # the first loss is before any update (identical); the next 3 follow the first 3 steps
+    for ref, tri in zip(losses["reference"], losses["triton"]):
+        assert abs(tri - ref) <= 1e-5 * abs(ref), losses
+
+
+def test_explicit_triton_raises_where_it_cannot_run(monkeypatch):
+    p = torch.zeros(3)
+    monkeypatch.setattr(amos_triton, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        Amos([p], backend="triton")
+    monkeypatch.setattr(amos_triton, "INTERPRET", True)
+    fn, why = backends._BACKENDS["triton"](torch.device("cuda"))
+    assert fn is None and "interpreter cannot run on CUDA tensors" in why
+    fn, why = backends._BACKENDS["triton"](torch.device("meta"))
+    assert fn is None and "not meta" in why
+    monkeypatch.setitem(sys.modules, "amos_fused.triton_backend", None)  # as if triton were missing
+    monkeypatch.delattr("amos_fused.triton_backend", raising=False)
+    with pytest.raises(RuntimeError, match="triton is not importable"):
+        Amos([p], backend="triton")
+    assert backends.resolve("auto", torch.device("cpu")) is not None  # auto still falls back
+
+
+def test_tables_match_the_kernels_layout():
+    assert (tables.NINFO, tables.NFINFO) == (amos_triton.NINFO, amos_triton.NFINFO)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_step_is_cuda_graph_capturable():
+    torch.manual_seed(0)
+    shapes = [(64, 33), (100,), (3, 5, 7)]
+    group = dict(lr=torch.tensor(0.05, device="cuda"), schedule="inverse_time", half_life=10.0, q=1.0, beta=0.999,
+                 momentum=0.9, momentum_dtype=None, clip_value=0.5, d_coef=0.25, c_coef=0.25, extra_l2=0.0,
+                 eps=2.0**-125, eta=None, granularity="row")
+
+    def setup():
+        params = [torch.randn(s, device="cuda") for s in shapes]
+        grads = [torch.zeros_like(p) for p in params]
+        states = [dict(v=torch.zeros(s[0] if len(s) >= 2 else 1, device="cuda"),
+                       b=torch.zeros(s[0] if len(s) >= 2 else 1, device="cuda"),
+                       m=torch.zeros_like(p), step=torch.zeros((), device="cuda"), eta=0.5) for s, p in zip(shapes, params)]
+        return params, grads, states
+
+    def step(params, grads, states):
+        for st in states:
+            st["step"] += 1
+        triton_backend.triton_step(params, grads, states, group, None)
+
+    eager, graphed = setup(), setup()
+    for (pe, pg) in zip(eager[0], graphed[0]):
+        pg.copy_(pe)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    step(*graphed)  # warm-up: compiles and builds the plan outside the capture
+    step(*eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(*graphed)
+    for _ in range(4):
+        g = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+        for dst_e, dst_g, src in zip(eager[1], graphed[1], g):
+            dst_e.copy_(src)
+            dst_g.copy_(src)
+        step(*eager)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager[0] + [s["m"] for s in eager[2]], graphed[0] + [s["m"] for s in graphed[2]]):
+        assert torch.equal(a, b)
