@@ -19,6 +19,7 @@ training step, optimizer-state bytes) and writes convergence_<tag>.{json,md,png}
     python benchmarks/convergence.py --quick         # smoke test, seconds
 """
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -32,6 +33,7 @@ import convergence_report
 import lm_data
 from lm_model import ByteLM
 from amos_fused import Amos
+from amos_fused.optimizer import DEFAULT_LR
 
 WARMUP_FRACTION = 0.05
 HALF_LIFE_FRACTION = 0.25  # closed forms: the step size halves after a quarter of the run
@@ -39,8 +41,8 @@ AMOS_FAMILY = ("amos", "inverse_time", "inverse_square", "constant")
 OPTIMIZERS = AMOS_FAMILY + ("adamw",)
 
 PRESETS = {
-    # ~1000 steps of a 2-layer model: a few minutes for all runs on 2 CPU cores
-    "default": dict(layers=2, width=128, heads=4, context=64, batch=32, steps=1000,
+    # the calibration note's model (shared/notes/training_calibration.md), 400 steps
+    "default": dict(layers=2, width=128, heads=4, context=64, batch=32, steps=400,
                     corpus_bytes=4_000_000, eval_every=50, eval_batches=8),
     # smoke test: seconds
     "quick": dict(layers=1, width=32, heads=2, context=32, batch=8, steps=24,
@@ -63,10 +65,13 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± spread)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                     help=f"comma-separated subset of {OPTIMIZERS}; NAME@LR fixes the lr")
-    ap.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2", help="AdamW's lr sweep")
+    ap.add_argument("--adamw-lrs", default="3e-3,1e-2,3e-2", help="AdamW's lr sweep")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", help="output name convergence_<tag>.*; default <preset>_<device>")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'under load')")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="train nothing: report the runs of earlier result files named by --optimizers")
     args = ap.parse_args(argv)
     if args.quick:
         args.preset = "quick"
@@ -200,11 +205,71 @@ def train_one(name, lr, seed, cfg, data, device, position):
                 state_bytes=state_bytes(opt), params=sum(p.numel() for p in model.parameters()))
 
 
+def merge(paths, wanted):
+    """Runs from earlier JSON files (same setup), those named in `wanted` [(name, lr or None)].
+
+    A run of an Amos family at that family's DEFAULT_LR is reported as the default run: it is the
+    same computation as `Amos(model.named_parameters(), ...)` without lr (same seed, same batches).
+    """
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    setup = reports[0]["setup"]
+    for p, rep in zip(paths, reports):
+        if rep["setup"]["config"] != setup["config"] or rep["setup"]["corpus"]["sha256"] != setup["corpus"]["sha256"]:
+            raise SystemExit(f"--merge: {p} has another model, run length or corpus than {paths[0]}")
+    wanted = [(name, lr if lr is not None else DEFAULT_LR[name]) for name, lr in wanted]
+
+    def rank(r):  # position in --optimizers, None if not wanted
+        return next((i for i, (n, lr) in enumerate(wanted) if n == r["name"] and math.isclose(lr, r["lr"])), None)
+
+    runs, seen = [], set()
+    for rep in reports:
+        for r in rep["runs"]:
+            if r["name"] in DEFAULT_LR and math.isclose(r["lr"], DEFAULT_LR[r["name"]]):
+                r.update(label=r["name"], lr_given=False)
+            if (r["label"], r["seed"]) not in seen and rank(r) is not None:
+                seen.add((r["label"], r["seed"]))
+                r["final_val"] = math.inf if r["diverged"] else r["final_val"]
+                runs.append(r)
+    if not runs:
+        raise SystemExit(f"--merge: no run in {paths} matches --optimizers")
+    runs.sort(key=lambda r: (rank(r), r["seed"]))
+    setup["seeds"] = sorted({r["seed"] for r in runs})
+    merged_from = [dict(file=str(p), date=rep["meta"]["date"], wall_s=rep["meta"]["wall_s"],
+                        load_average_start=rep["meta"]["load_average_start"],
+                        load_average_end=rep["meta"]["load_average_end"], note=rep["meta"]["note"])
+                   for p, rep in zip(paths, reports)]
+    return runs, setup, reports[0]["meta"], merged_from
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg, device = args.cfg, torch.device(args.device)
     load_start = convergence_report.load_average()
     started = time.time()
+    if args.merge:
+        runs, setup, meta, merged_from = merge(args.merge, args.runs)
+        meta.update(merged_from=merged_from, note=args.note or merged_from[0]["note"],
+                    wall_s=sum(m["wall_s"] for m in merged_from),
+                    load_average_start=[m["load_average_start"] for m in merged_from],
+                    load_average_end=[m["load_average_end"] for m in merged_from])
+        cfg = setup["config"]
+    else:
+        runs, setup = train_all(args, cfg, device)
+        meta = convergence_report.machine(device)
+        meta.update(wall_s=round(time.time() - started, 1), load_average_start=load_start,
+                    load_average_end=convergence_report.load_average(), note=args.note)
+    summary = convergence_report.summarize(runs, cfg["steps"])
+    table = convergence_report.table(summary, cfg["steps"])
+    print(table)
+    meta.update(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), argv=sys.argv[1:] if argv is None else argv)
+    paths = convergence_report.write(Path(args.out), args.tag, meta, setup, runs, summary, table)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def train_all(args, cfg, device):
     train, val, corpus = lm_data.load_corpus(cfg["corpus_bytes"])
     data = (train.to(device), lm_data.val_batches(val.to(device), cfg["batch"], cfg["context"], cfg["eval_batches"]))
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -213,22 +278,13 @@ def main(argv=None):
     with tqdm(jobs, desc="runs", position=0, dynamic_ncols=True) as outer:
         for name, lr, seed in outer:
             runs.append(train_one(name, lr, seed, cfg, data, device, position=1))
-    summary = convergence_report.summarize(runs, cfg["steps"])
-    table = convergence_report.table(summary, cfg["steps"])
-    print(table)
-    meta = convergence_report.machine(device)
-    meta.update(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), wall_s=round(time.time() - started, 1),
-                load_average_start=load_start, load_average_end=convergence_report.load_average(),
-                note=args.note, argv=sys.argv[1:] if argv is None else argv)
     setup = dict(preset=args.preset, config=cfg, seeds=seeds, device=args.device, corpus=corpus,
                  warmup_fraction=WARMUP_FRACTION, half_life_fraction=HALF_LIFE_FRACTION,
                  adamw=dict(betas=(0.9, 0.95), weight_decay=0.1, decay="cosine to 0 after warmup",
                             weight_decay_on="matrices (ndim >= 2)"),
                  init="GPT-2: Linear/Embedding weights N(0, 0.02), biases 0, LayerNorm gains 1",
                  loss="cross-entropy, nats per byte")
-    paths = convergence_report.write(Path(args.out), args.tag, meta, setup, runs, summary, table)
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return runs, setup
 
 
 if __name__ == "__main__":

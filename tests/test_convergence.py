@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from amos_fused.optimizer import DEFAULT_LR
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
@@ -15,28 +17,49 @@ import convergence_report  # noqa: E402
 import lm_data  # noqa: E402
 
 
-def test_quick_run_writes_table_json_and_plot(tmp_path):
-    # two seeds of two optimizers: exercises the sweep expansion, the AdamW comparison and mean ± spread
-    cmd = [sys.executable, str(BENCH / "convergence.py"), "--quick", "--seeds", "2", "--out", str(tmp_path),
-           "--optimizers", "amos,inverse_time,adamw", "--adamw-lrs", "3e-3,1e-2", "--tag", "t"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run, two seeds (mean ± spread), Amos at defaults, a closed form and AdamW."""
+    out = tmp_path_factory.mktemp("convergence")
+    cmd = [sys.executable, str(BENCH / "convergence.py"), "--quick", "--seeds", "2", "--out", str(out),
+           "--optimizers", "amos,inverse_time,adamw", "--adamw-lrs", "1e-2", "--tag", "t"]
+    # generous timeout: ~20 s on a quiet 2-core machine, several times that on a shared one
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| optimizer | lr | val @25%" in done.stdout
-    assert "adamw (best of sweep)" in done.stdout
-    assert " ± " in done.stdout  # two seeds: mean ± spread
-    report = json.loads((tmp_path / "convergence_t.json").read_text())
-    assert (tmp_path / "convergence_t.md").read_text().count("\n| ") >= 4
-    assert (tmp_path / "convergence_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return out, done.stdout
+
+
+def test_quick_run_writes_table_json_and_plot(quick_run):
+    out, stdout = quick_run
+    assert "| optimizer | lr | val @25%" in stdout
+    assert f"| amos | {DEFAULT_LR['amos']:g} (default) |" in stdout
+    assert "adamw (best of sweep)" in stdout
+    assert " ± " in stdout  # two seeds: mean ± spread
+    report = json.loads((out / "convergence_t.json").read_text())
+    assert (out / "convergence_t.md").read_text().count("\n| ") == 2 + 3  # header, rule, 3 rows
+    assert (out / "convergence_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = report["runs"]
-    assert sorted({r["label"] for r in runs}) == ["adamw@0.003", "adamw@0.01", "amos", "inverse_time"]
+    assert sorted({r["label"] for r in runs}) == ["adamw@0.01", "amos", "inverse_time"]
     assert {r["seed"] for r in runs} == {0, 1}
     for r in runs:
         assert all(math.isfinite(v) for v in r["val_loss"]), r["label"]
         assert r["val_loss"][-1] < r["val_loss"][0], f"{r['label']} did not learn at all"
         assert r["state_bytes"] > 0 and r["ms_opt_step"] > 0
     amos = next(r for r in runs if r["label"] == "amos")
-    assert amos["lr"] == pytest.approx(convergence.Amos.__init__.__globals__["DEFAULT_LR"]["amos"])
+    assert amos["lr"] == pytest.approx(DEFAULT_LR["amos"])  # no lr given: the default
     assert report["meta"]["torch"] and report["setup"]["corpus"]["sha256"]
+
+
+def test_merge_selects_runs_without_training(quick_run, tmp_path, capsys):
+    out, _ = quick_run
+    lr = DEFAULT_LR["inverse_time"]
+    convergence.main(["--merge", str(out / "convergence_t.json"), "--out", str(tmp_path), "--tag", "m",
+                      "--optimizers", f"inverse_time@{lr},adamw@0.01"])
+    stdout = capsys.readouterr().out
+    rows = [ln for ln in stdout.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| inverse_time", "| adamw (best of sweep)"]
+    assert "(default)" in rows[0]  # a run at DEFAULT_LR is the default run
+    assert len(json.loads((tmp_path / "convergence_m.json").read_text())["runs"]) == 4  # 2 x 2 seeds
 
 
 def test_steps_to_reach_interpolates_and_reports_never():
@@ -56,6 +79,8 @@ def test_corpus_split_is_fixed_and_disjoint():
     assert a["train_bytes"] == 90_000 and a["val_bytes"] == 10_000
 
 
-def test_bad_optimizer_name_is_refused():
+def test_optimizer_list_expands_the_adamw_sweep_and_refuses_unknown_names():
+    args = convergence.parse_args(["--optimizers", "amos,amos@0.3,adamw", "--adamw-lrs", "1e-3,1e-2"])
+    assert args.runs == [("amos", None), ("amos", 0.3), ("adamw", 1e-3), ("adamw", 1e-2)]
     with pytest.raises(SystemExit):
         convergence.parse_args(["--optimizers", "sgd"])
