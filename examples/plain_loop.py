@@ -1,0 +1,32 @@
+"""Amos in a plain PyTorch training loop; run it: `python examples/plain_loop.py`.
+
+tests/test_integrations.py runs `train` in CI.
+"""
+import torch
+
+from amos_fused import Amos
+
+
+def train(steps=200, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    # Amos adapts its own step size and weight decay per slice; lr is the global scale xi.
+    # A 0-d tensor lr lets a scheduler change it without recompiling a torch.compile'd step.
+    opt = Amos(model.parameters(), lr=torch.tensor(0.1))
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 20))  # optional
+    teacher = torch.randn(16, 1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(32, 16)
+        loss = torch.nn.functional.mse_loss(model(x), torch.tanh(x @ teacher))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        warmup.step()
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+if __name__ == "__main__":
+    _, _, losses = train()
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
