@@ -50,7 +50,8 @@ def _settings(n):
 @st.composite
 def shapes(draw):
     rank = draw(st.integers(0, 4))
-    return tuple(draw(st.integers(0, 7 if rank <= 2 else 4)) for _ in range(rank))
+    sizes = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 0] if rank <= 2 else [1, 2, 3, 4, 1, 2, 3, 0]  # odd sizes, some empty
+    return tuple(draw(st.sampled_from(sizes)) for _ in range(rank))
 
 
 DTYPES = st.sampled_from([F32, F32, BF16, F16])
@@ -144,18 +145,41 @@ def _tol(*dtypes):
 
 def assert_agrees(got, want, case, backend):
     for step in range(1, len(want)):
-        (gp, gs, _), (wp, ws, _) = got[step], want[step]
-        for i, (a, e, sa, se) in enumerate(zip(gp, wp, gs, ws)):
+        (gp, gs, _), (wp, ws, _), (prev, _, _) = got[step], want[step], want[step - 1]
+        for i, (a, e, p0, sa, se) in enumerate(zip(gp, wp, prev, gs, ws)):
             where = f"{backend} step {step} tensor {i} {tuple(a.shape)} {a.dtype}"
-            assert_close(a, e, _tol(a.dtype), f"{where}: param")
+            _close(a, e, p0, _tol(a.dtype), f"{where}: param")
             assert sorted(sa) == sorted(se), f"{where}: state keys {sorted(sa)} != {sorted(se)}"
             for key in se:
                 if key == "eta":
                     assert sa[key] == se[key], f"{where}: eta"
                 elif key == "m":
-                    assert_close(sa[key], se[key], _tol(se[key].dtype, a.dtype), f"{where}: state m")
+                    _close(sa[key], se[key], p0, _tol(se[key].dtype, a.dtype), f"{where}: state m")
                 else:
                     assert_close(sa[key], se[key], _tol(F32), f"{where}: state {key}")
+
+
+def _close(actual, expected, theta_old, tol, what):
+    """backend_grid's assert_close, plus a cancellation allowance for fp32/fp64 results.
+
+    theta_new = theta - D*theta - K*g is summed in fp32 from terms as large as |theta_old|; when
+    they cancel (D = lr**2/(2q)*s reaches 1 with lr = 1, q = 0.5) the result can be ~0 while each
+    path's rounding left up to ~2 ulps of |theta_old| in it: 4 ulps between the two paths,
+    2**-21 * |theta_old|. The grid's fixed atol (1e-7) cannot hold there, as the fuzzer found.
+    m = EMA of that same delta inherits the allowance. 16-bit results keep the grid's rule as is.
+    """
+    if actual.dtype in (BF16, F16) or actual.numel() == 0:
+        return assert_close(actual, expected, tol, what)
+    a, e = actual.double(), expected.double()
+    allowance = 2.0**-21 * theta_old.double().abs()
+    rtol, atol = tol
+    err = (a - e).abs()
+    bad = ~(err <= rtol * e.abs() + atol + allowance)  # NaN counts as bad
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} elements off (rtol={rtol}, atol={atol} + "
+                             f"2**-21*|theta_old|); first at flat index {i}: {a.flatten()[i].item()!r} vs reference "
+                             f"{e.flatten()[i].item()!r} (theta_old {theta_old.flatten()[i].item()!r})")
 
 
 def assert_invariants(traj, case, backend):
@@ -222,16 +246,45 @@ def test_fuzz_backend_matches_reference(backend):
     check()
 
 
+# tiny blocks send the fuzzer's small tensors through triton's split and packed paths too
+TINY_BLOCKS = dict(tile=64, max_colb=16, long_row=40, chunk=16, block=8, norm_tensors=2, num_warps=4)
+
+
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="triton cannot run here (no GPU, no interpreter)")
-def test_fuzz_triton_matches_reference():
+def test_fuzz_triton_matches_reference(monkeypatch):
+    from amos_fused import triton_backend
+    from amos_fused.kernels import tables
+
+    default = triton_backend.HEURISTIC
+
     @_settings(TRITON_EXAMPLES)
-    @given(case=cases())
-    def check(case):
+    @given(case=cases(), tiny=st.booleans())
+    def check(case, tiny):
+        monkeypatch.setattr(triton_backend, "HEURISTIC", tables.Heuristic(**TINY_BLOCKS) if tiny else default)
         got, want = run("triton", case), run("reference", case)
         assert_invariants(got, case, "triton")
         assert_agrees(got, want, case, "triton")
 
     check()
+
+
+# found by the fuzzer: lr = 1, q = 0.5 makes D = 1 at t = 1, so theta - D*theta - K*g cancels
+# to ~0; the cpu backend gave -1.19e-7 where the reference gave 0.0 at step 3 (both right to
+# within fp32 rounding of O(1) terms): the reason for the allowance in _close
+CANCELLATION = dict(
+    tensors=[dict(shape=(), pdtype=F32, gdtype=F32, zero_rows=0.0, scale=1.0),
+             dict(shape=(2,), pdtype=F32, gdtype=F32, zero_rows=0.0, scale=1.0),
+             dict(shape=(), pdtype=F32, gdtype=F32, zero_rows=0.0, scale=1.0)],
+    options=dict(schedule="inverse_time", granularity="row", beta=0.0, momentum=0.0, clip_value=None,
+                 eps=2.0**-125, eta=1.5, lr=1.0, q=0.5, half_life=2.0),
+    steps=3, seed=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "reference"])
+def test_cancellation_case_found_by_the_fuzzer(backend):
+    got, want = run(backend, CANCELLATION), run("reference", CANCELLATION)
+    assert_invariants(got, CANCELLATION, backend)
+    assert_agrees(got, want, CANCELLATION, backend)
 
 
 def test_the_invariant_checks_can_fail():
