@@ -93,7 +93,8 @@ class Amos(torch.optim.Optimizer):
         granularity: ``"row"`` (default), ``"tensor"`` or ``"element"``: the slices of ``v``.
         backend: ``"auto"`` or an explicit backend from ``amos_fused.backends.BACKENDS``.
 
-    A step whose gradients hold NaN or Inf changes nothing: it is counted in
+    A step whose gradients hold NaN or Inf, or whose unscaled, clipped gradient has a slice sum
+    of squares that overflows (|g| ~ 1e19 and up in fp32), changes nothing: it is counted in
     ``skipped_steps`` and warned about once. With ``torch.amp.GradScaler`` the scaler's
     ``found_inf`` decides the skip and the gradients are unscaled inside the step.
     """
