@@ -185,6 +185,39 @@ def fsdp_worker(rank, configs):
         assert counts == [expected] * STEPS, f"{cfg}: optimizer all-reduces per step {counts}, expected {expected}"
 
 
+def fsdp_edge_worker(rank):
+    """A non-finite gradient on ONE rank's shard skips the step on every rank; bad set-ups raise."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    torch.manual_seed(0)
+    model = Tiny()
+    fully_shard(model.block)
+    fully_shard(model)
+    opt = Amos(model.parameters(), granularity="tensor")
+    train(model, opt, rank, 1)
+    x, y = batch(1)
+    torch.nn.functional.mse_loss(model(x[rank::WORLD]), y[rank::WORLD]).backward()
+    if rank == 0:
+        model.block.linear1.weight.grad.to_local()[0, 0] = float("nan")
+    before = [full(p).clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    assert opt.skipped_steps == 1, f"rank {rank} did not skip"
+    assert all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before)), f"rank {rank} stepped"
+    assert opt.state[model.head.weight]["step"].item() == 1
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    cols = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    with pytest.raises(NotImplementedError, match="Shard\\(0\\)"):
+        Amos([cols])
+    with pytest.raises(ValueError, match="DTensor"):
+        Amos(model.parameters(), backend="cpu")
+
+
 def dcp_worker(rank, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -225,6 +258,10 @@ def test_ddp_matches_single_process():
 
 def test_fsdp2_matches_unsharded_every_family_and_granularity():
     spawn(fsdp_worker, CONFIGS)
+
+
+def test_fsdp2_ranks_agree_on_skips_and_bad_setups_raise():
+    spawn(fsdp_edge_worker)
 
 
 def test_fsdp2_dcp_checkpoint_resumes_same_trajectory(tmp_path):
