@@ -131,17 +131,18 @@ def _launch(plan, g_table, sc, schedule, grad_scale, dtypes):
                 sc["extra_l2"], sc["half_life"], SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"],
                 ROWS=plan.final_rows, KB=plan.kb, num_warps=4)
 
-    if sched == K.AMOS:
-        rows(K.FUSED)
-        chunks(K.REDUCE)
+    fused, reduce, apply = K.FUSED.value, K.REDUCE.value, K.APPLY.value
+    if schedule == "amos":
+        rows(fused)
+        chunks(reduce)
         split_finalize()
-        chunks(K.APPLY)
+        chunks(apply)
     else:
-        rows(K.REDUCE)
-        chunks(K.REDUCE)
+        rows(reduce)
+        chunks(reduce)
         split_finalize()
         K._norm_kernel[(-(-plan.n // plan.norm_tb),)](
             plan.info, plan.finfo, plan.coef_d, plan.tensor_a, plan.n, *step_args, sc["half_life"],
             SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"], TB=plan.norm_tb, QB=plan.norm_qb, num_warps=4)
-        rows(K.APPLY)
-        chunks(K.APPLY)
+        rows(apply)
+        chunks(apply)

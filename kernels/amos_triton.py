@@ -30,17 +30,22 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Python functions, run with the kernel's already patched `tl`.
 _helper = (lambda fn: fn) if INTERPRET else triton.jit
 
+
+def _constants(n):  # globals a kernel reads must be tl.constexpr (their .value on the host)
+    return [tl.constexpr(v) for v in range(n)]
+
+
 # int64 columns of the `info` table, one row per tensor (see tables.py)
-P_ADDR, M_ADDR, V_ADDR, B_ADDR, STEP_ADDR, NROWS, NCOLS, COEF_BASE, PART_BASE, NSPLIT = range(10)
-NINFO = 10
+P_ADDR, M_ADDR, V_ADDR, B_ADDR, STEP_ADDR, NROWS, NCOLS, COEF_BASE, PART_BASE, NSPLIT = _constants(10)
+NINFO = tl.constexpr(10)
 # fp32 columns of the `finfo` table
-ETA, EPS0, NCOLS_F = range(3)
-NFINFO = 3
+ETA, EPS0, NCOLS_F = _constants(3)
+NFINFO = tl.constexpr(3)
 # schedule codes
-AMOS, CONSTANT, INVERSE_TIME, INVERSE_SQUARE = range(4)
-SCHEDULE_CODE = {"amos": AMOS, "constant": CONSTANT, "inverse_time": INVERSE_TIME, "inverse_square": INVERSE_SQUARE}
+AMOS, CONSTANT, INVERSE_TIME, INVERSE_SQUARE = _constants(4)
+SCHEDULE_CODE = {"amos": 0, "constant": 1, "inverse_time": 2, "inverse_square": 3}
 # phases
-FUSED, REDUCE, APPLY = 0, 1, 2
+FUSED, REDUCE, APPLY = _constants(3)
 
 
 @_helper
