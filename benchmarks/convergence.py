@@ -17,6 +17,8 @@ training step, optimizer-state bytes) and writes convergence_<tag>.{json,md,png}
     python benchmarks/convergence.py                 # default preset, CPU, a few minutes
     python benchmarks/convergence.py --seeds 3       # mean ± spread over seeds
     python benchmarks/convergence.py --quick         # smoke test, seconds
+    python benchmarks/convergence.py --optimizers amos@0.03,amos@0.3 --tag a   # runs may be split
+    python benchmarks/convergence.py --merge results/convergence_a.json ... --tag all  # and joined
 """
 import argparse
 import json
