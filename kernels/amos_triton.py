@@ -177,12 +177,13 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                  SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
                  HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
-                 ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr, RTNE: tl.constexpr):
+                 ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr, PACKED: tl.constexpr,
+                 RTNE: tl.constexpr):
     """A program owns ROWS whole slices (slots).
 
-    tile = (tensor, first row, slot offset, widest slice). With slot offset -1 the slots are
-    ROWS consecutive rows of one tensor; otherwise slot k is (slot_i, slot_r)[offset + k], which
-    packs the slices of many small tensors into one program (-1 rows are padding).
+    tile = (tensor, first row, slot offset, widest slice). Unless PACKED, the slots are ROWS
+    consecutive rows of one tensor; PACKED, slot k is (slot_i, slot_r)[offset + k], which packs
+    the slices of many small tensors into one program (rows of -1 are padding).
     """
     pid = tl.program_id(0).to(tl.int64)
     i0 = tl.load(tiles + pid * 4)
@@ -190,9 +191,12 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
     off = tl.load(tiles + pid * 4 + 2)
     cmax = tl.load(tiles + pid * 4 + 3)
     k = tl.arange(0, ROWS).to(tl.int64)
-    packed = (k * 0 + off) >= 0
-    i = tl.load(slot_i + off + k, mask=packed, other=0) + tl.where(packed, 0, i0)
-    r = tl.load(slot_r + off + k, mask=packed, other=0) + tl.where(packed, 0, row0 + k)
+    if PACKED:
+        i = tl.load(slot_i + off + k)
+        r = tl.load(slot_r + off + k)
+    else:  # a splat: every slot's metadata load has the same address, so the compiler can merge them
+        i = tl.zeros((ROWS,), dtype=tl.int64) + i0
+        r = row0 + k
     R = tl.load(info + i * NINFO + NROWS)
     C = tl.load(info + i * NINFO + NCOLS)
     rmask = (r >= 0) & (r < R)

@@ -12,9 +12,10 @@ Block sizes come from a fixed heuristic, not autotuning (autotuning would re-app
 step while it times configurations):
 - A slice of C <= `long_row` elements is owned by one program of `_rows_kernel`. Its column block
   is COLB = next_pow2(C) capped at `max_colb`; a program holds ROWS = `tile` // COLB slices (at
-  most next_pow2 of the bucket's total slices), so a launch per distinct COLB. Tensors with
-  fewer than ROWS slices (biases, norm gains, scalars) share programs: thousands of small
-  tensors take a few programs, not one each. `long_row` bounds
+  most next_pow2 of the bucket's total slices), so a launch per distinct COLB (two when some
+  slices are packed). Whole groups of ROWS rows of one tensor make plain programs; the other
+  slices (biases, norm gains, scalars, remainders) are packed ROWS to a program, so thousands
+  of small tensors take a few programs, not one each. `long_row` bounds
   the bytes of g a program re-reads in its apply walk, so that second read stays in L2.
 - Longer slices (a big 1-D tensor, `"tensor"` granularity) are split into chunks of `chunk`
   columns (one program each, walking `block`-wide vectors): partial sums, a fixed-order sum per
@@ -105,19 +106,22 @@ class Plan:
                 if full * rows < R:
                     loose_r.append(torch.arange(full * rows, R, dtype=torch.int64))
                     loose_i.append(torch.full((R - full * rows,), i, dtype=torch.int64))
-            slot_i = slot_r = torch.zeros(1, dtype=torch.int64)
-            if loose_r:
+            one_block = max(geometry[i][1] for i in members) <= colb
+            none = self._to_device([0], torch.int64)
+            if tiles:
+                self.buckets.append((rows, colb, one_block, False, self._to_device(tiles, torch.int64), none, none,
+                                     len(tiles)))
+            if loose_r:  # a second launch: its slots' metadata differ, so they are gathered per slot
                 slot_i, slot_r = torch.cat(loose_i), torch.cat(loose_r)
                 pad = -len(slot_r) % rows
                 slot_i = torch.cat([slot_i, torch.zeros(pad, dtype=torch.int64)])
                 slot_r = torch.cat([slot_r, torch.full((pad,), -1, dtype=torch.int64)])
                 ncols = torch.tensor([geometry[i][1] for i in range(self.n)], dtype=torch.int64)
                 cmax = ncols[slot_i].view(-1, rows).amax(dim=1).tolist()
-                tiles += [(0, 0, k * rows, c) for k, c in enumerate(cmax)]
-            one_block = max(geometry[i][1] for i in members) <= colb
-            self.buckets.append((rows, colb, one_block, self._to_device(tiles, torch.int64),
-                                 self._to_device(slot_i, torch.int64), self._to_device(slot_r, torch.int64),
-                                 len(tiles)))
+                packed = [(0, 0, k * rows, c) for k, c in enumerate(cmax)]
+                self.buckets.append((rows, colb, one_block, True, self._to_device(packed, torch.int64),
+                                     self._to_device(slot_i, torch.int64), self._to_device(slot_r, torch.int64),
+                                     len(packed)))
 
         # split slices: chunk programs, then one finalize program per group of rows
         n_part = 0

@@ -54,7 +54,7 @@ def test_tiny_heuristic_really_splits_and_packs():
     plan = tables.Plan(params, states, closed=True, heuristic=TINY, momentum=False)
     assert plan.chunk_tiles[1] > 0 and plan.kb > 1  # split slices, several chunks per slice
     assert any(not one_block for _, _, one_block, *_ in plan.buckets)
-    assert any(slot_r.numel() > 1 for *_, slot_i, slot_r, _ in plan.buckets)
+    assert any(packed for _, _, _, packed, *_ in plan.buckets) and any(not b[3] for b in plan.buckets)
     assert plan.norm_tb < plan.n
 
 
@@ -217,10 +217,10 @@ pointers = {"info": "*i64", "g_addrs": "*i64", "tiles": "*i64", "slot_i": "*i64"
 variants = [
     (mod._rows_kernel, dict(P_DTYPE=tl.bfloat16, G_DTYPE=tl.float16, M_DTYPE=tl.bfloat16, SCHED=0, PHASE=0,
                             MOMENTUM=True, HAS_SCALE=True, CLIP=True, LR_IS_PTR=True, ROWS=4, COLB=1024,
-                            ONE_BLOCK=False, RTNE=False)),
+                            ONE_BLOCK=False, PACKED=False, RTNE=False)),
     (mod._rows_kernel, dict(P_DTYPE=tl.float32, G_DTYPE=tl.float32, M_DTYPE=tl.float32, SCHED=2, PHASE=2,
                             MOMENTUM=False, HAS_SCALE=False, CLIP=False, LR_IS_PTR=False, ROWS=4096, COLB=1,
-                            ONE_BLOCK=True, RTNE=False)),
+                            ONE_BLOCK=True, PACKED=True, RTNE=False)),
     (mod._chunk_kernel, dict(P_DTYPE=tl.float32, G_DTYPE=tl.bfloat16, M_DTYPE=tl.float16, SCHED=3, PHASE=2,
                              MOMENTUM=True, HAS_SCALE=True, CLIP=True, LR_IS_PTR=False, CHUNK=16384, BLOCK=2048,
                              RTNE=False)),
