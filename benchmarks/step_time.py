@@ -68,10 +68,15 @@ def amos_bytes_for(options, psize):
 def _compiled_reference():
     """The reference step under torch.compile, called once per tensor (what a user without
     custom kernels would do). dynamic=True: one graph per tensor rank, reused across shapes."""
+    import torch._dynamo
     import torch._dynamo.config as dynamo_config
 
-    # 4 families x 2 ranks (+ recompiles on guards) exceed the default limit of 8; past the
-    # limit dynamo silently runs eager, which would time the wrong thing.
+    # A fresh cache per row: graphs of another family were seen reused for this one (a graph
+    # compiled with momentum > 0 raised KeyError 'm' on a momentum=0 group), so every row
+    # compiles its own, and its first call shows the cost.
+    torch._dynamo.reset()
+    # 2 ranks x recompiles on guards can pass the default limit of 8; past it dynamo silently
+    # runs eager, which would time the wrong thing.
     dynamo_config.recompile_limit = 64
     return torch.compile(reference_step, dynamic=True)
 
@@ -118,14 +123,7 @@ def amos_backend_rows(requested, device, psize, notes):
 
 
 def compile_rows(psize, quick):
-    rows, compiled = [], []
-
-    def per_tensor(params, grads, states, group, grad_scale):
-        if not compiled:
-            compiled.append(_compiled_reference())
-        for p, g, s in zip(params, grads, states):
-            compiled[0]([p], [g], [s], group, grad_scale)
-
+    rows = []
     for label, options in FAMILIES:
         if quick and label not in QUICK_COMPILE_FAMILIES:
             continue
@@ -133,6 +131,11 @@ def compile_rows(psize, quick):
 
         def make(params, options=options):
             opt = Amos(params, **options)
+            compiled = _compiled_reference()
+
+            def per_tensor(params, grads, states, group, grad_scale):
+                for p, g, s in zip(params, grads, states):
+                    compiled([p], [g], [s], group, grad_scale)
 
             def step():
                 with _amos_with(per_tensor):
