@@ -48,6 +48,9 @@ def _want_cuda(torch):
     return True, f"CUDA toolkit at {home}, torch {torch.__version__}"
 
 
+_SUMMARY = []  # the one line saying what is built and why, printed when the build runs
+
+
 def _ext_modules():
     import torch
     from torch.utils import cpp_extension
@@ -61,14 +64,14 @@ def _ext_modules():
     if cuda:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        print(f"amos_fused: building amos_fused._C with CPU + CUDA kernels (arch "
-              f"{os.environ['TORCH_CUDA_ARCH_LIST']}): {why}", file=sys.stderr)
+        _SUMMARY.append(f"amos_fused: building amos_fused._C with CPU + CUDA kernels (arch "
+                        f"{os.environ['TORCH_CUDA_ARCH_LIST']}): {why}")
         return [cpp_extension.CUDAExtension(
             "amos_fused._C", sources + ["csrc/amos_cuda.cu"],
             define_macros=[("AMOS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
             extra_link_args=["-fopenmp"])]
-    print(f"amos_fused: building amos_fused._C with CPU kernels only: {why}", file=sys.stderr)
+    _SUMMARY.append(f"amos_fused: building amos_fused._C with CPU kernels only: {why}")
     return [cpp_extension.CppExtension("amos_fused._C", sources, extra_compile_args=cxx,
                                        extra_link_args=["-fopenmp"])]
 
@@ -76,7 +79,12 @@ def _ext_modules():
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    class Build(BuildExtension):
+        def run(self):
+            print(*_SUMMARY, file=sys.stderr)
+            super().run()
+
+    return Build
 
 
 setup(

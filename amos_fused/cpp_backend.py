@@ -63,18 +63,17 @@ def fused_step(params, grads, states, group, grad_scale=None):
         if g.dtype == torch.float64:  # the reference computes in fp32 for these params too
             g = g.float()
         gs.append(g.contiguous())
+    # A tensor lr stays a tensor: the kernels read it (on the device for CUDA: no host sync),
+    # and under torch.compile a new value is new data, not a recompilation.
     lr, lr_tensor = group["lr"], None
     if torch.is_tensor(lr):
-        if device.type == "cuda" and lr.device.type == "cuda":
-            lr_tensor = lr.detach().to(torch.float32)  # read on the device: no host sync
-        else:
-            lr = float(lr)  # a CPU tensor: reading it costs no device sync
+        lr, lr_tensor = 0.0, lr.detach().to(torch.float32)
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, torch.float32)
     torch.ops.amos_fused.amos_step_(
         [params[i] for i in fast], gs, [states[i]["v"] for i in fast], [states[i]["b"] for i in fast],
         [states[i]["m"] for i in fast] if mom > 0 else [], [states[i]["step"] for i in fast],
-        [float(states[i]["eta"]) for i in fast], float(lr) if lr_tensor is None else 0.0, lr_tensor,
+        [float(states[i]["eta"]) for i in fast], float(lr), lr_tensor,
         grad_scale, SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(mom),
         float(group["clip_value"] or 0.0), float(group["d_coef"]), float(group["c_coef"]),
         float(group["extra_l2"]), float(group["q"]), float(group["half_life"] or 0.0))

@@ -517,9 +517,12 @@ void step_cuda(const StepArgs& a) {
   Scalars sc;
   sc.lr = static_cast<float>(a.lr);
   sc.lr_ptr = nullptr;
-  if (a.lr_tensor) {
-    TORCH_CHECK(a.lr_tensor->is_cuda(), "amos_fused: on CUDA a tensor lr must be on the device (or pass a float)");
-    sc.lr_ptr = a.lr_tensor->data_ptr<float>();
+  if (a.lr_tensor && a.lr_tensor->is_cuda()) {
+    TORCH_CHECK(a.lr_tensor->device() == a.params[0].device(), "amos_fused: lr is on ", a.lr_tensor->device(),
+                ", the parameters on ", a.params[0].device(), "; keep a tensor lr on the CPU or their device");
+    sc.lr_ptr = a.lr_tensor->data_ptr<float>();  // read by the kernels: no host sync
+  } else if (a.lr_tensor) {
+    sc.lr = a.lr_tensor->item<float>();  // a CPU tensor: reading it does not wait for the GPU
   }
   sc.scale_ptr = a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr;
   if (plan->idx64) launch<int64_t>(*plan, a.h, sc, stream);

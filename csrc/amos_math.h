@@ -56,7 +56,7 @@ AMOS_HD T from_f(float x) { return static_cast<T>(x); }
 // exactly), then clipped.
 AMOS_HD float prep_grad(float g, float scale, const Hyper& h) {
   if (scale != 1.0f) g = g / scale;
-  if (h.has_clip) g = fminf(fmaxf(g, -h.clip), h.clip);
+  if (h.has_clip) g = g < -h.clip ? -h.clip : (g > h.clip ? h.clip : g);  // torch.clamp: NaN stays NaN
   return g;
 }
 
@@ -67,7 +67,8 @@ AMOS_HD float bias_correction(const Hyper& h, float t) {
 }
 
 // r_r = 1 / v_hat = bc / max(v_r, eps) of the updated v_r
-AMOS_HD float inv_vhat(const Hyper& h, float v, float bc) { return bc / fmaxf(v, h.eps); }
+// (a compare and select like torch.clamp_min, rather than fmaxf: it vectorises and keeps NaN)
+AMOS_HD float inv_vhat(const Hyper& h, float v, float bc) { return bc / (v < h.eps ? h.eps : v); }
 
 // v_r from the slice's S_r = sum g*g over C elements; returns r_r
 AMOS_HD float second_moment(const Hyper& h, float S, float C, float bc, float& v) {
