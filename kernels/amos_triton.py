@@ -65,6 +65,15 @@ def _ptr(info, i, col, DTYPE: tl.constexpr):
 
 
 @_helper
+def _col(x, VEC: tl.constexpr):
+    """x as a column of a [ROWS, COLB] tile when it is per slot; scalars broadcast as they are."""
+    if VEC:
+        return x[:, None]
+    else:
+        return x
+
+
+@_helper
 def _bias_correction(beta, beta_lo, t, VEC: tl.constexpr):
     """bc = 1 - beta**t in fp64, rounded once (as the reference does).
 
@@ -191,26 +200,27 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
     off = tl.load(tiles + pid * 4 + 2)
     cmax = tl.load(tiles + pid * 4 + 3)
     k = tl.arange(0, ROWS).to(tl.int64)
-    if PACKED:
+    if PACKED:  # per-slot metadata, gathered
         i = tl.load(slot_i + off + k)
         r = tl.load(slot_r + off + k)
-    else:  # a splat: every slot's metadata load has the same address, so the compiler can merge them
-        i = tl.zeros((ROWS,), dtype=tl.int64) + i0
+    else:  # one tensor: its metadata are scalars
+        i = i0
         r = row0 + k
     R = tl.load(info + i * NINFO + NROWS)
     C = tl.load(info + i * NINFO + NCOLS)
     rmask = (r >= 0) & (r < R)
-    p_ptr = _ptr(info, i, P_ADDR, P_DTYPE)[:, None]
-    g_ptr = tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE))[:, None]
-    m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)[:, None]
+    p_ptr = _col(_ptr(info, i, P_ADDR, P_DTYPE), PACKED)
+    g_ptr = _col(tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE)), PACKED)
+    m_ptr = _col(_ptr(info, i, M_ADDR, M_DTYPE), PACKED)
     v_ptr = _ptr(info, i, V_ADDR, tl.float32)
     b_ptr = _ptr(info, i, B_ADDR, tl.float32)
     slices = tl.load(info + i * NINFO + COEF_BASE) + r
-    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, PHASE != APPLY, True)
+    xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, PHASE != APPLY,
+                              PACKED)
 
     cols = tl.arange(0, COLB).to(tl.int64)
     base = (r * C)[:, None]  # int64 element offsets
-    C2 = C[:, None]
+    C2 = _col(C, PACKED)
 
     if PHASE != APPLY:
         # reduce: S_r = sum of g*g over each owned slice
@@ -245,6 +255,7 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
         if PHASE == APPLY:
             sqrt_r = tl.load(coef_k + slices, mask=rmask, other=0.0)
             K, D = _closed_coefs(tl.load(tensor_a + i), sqrt_r, xi, s, two_q)
+            D = D + tl.zeros_like(sqrt_r)  # a scalar for one tensor; per slot when packed
         if PHASE == APPLY or not ONE_BLOCK:
             for c0 in range(0, cmax, COLB):
                 offs = base + (c0 + cols)[None, :]
