@@ -99,11 +99,17 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, device, warmup, repeats):
-    """(seconds of each timed call, seconds of the first call). CUDA events on GPU, perf_counter on CPU.
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def time_steps(step, device, warmup, repeats, clock="wall"):
+    """(seconds of each timed call, seconds of the first call). CUDA events on GPU, else `clock`.
 
     The first call is timed apart: it creates optimizer state and, under torch.compile, compiles.
+    clock="process" (CPU only) counts the CPU time of this process: with one torch thread it is
+    the step's own time, without the time the scheduler gave other processes on a loaded machine.
     """
+    now = CLOCKS[clock]
     synchronize(device)
     t0 = time.perf_counter()
     step()
@@ -123,9 +129,9 @@ def time_steps(step, device, warmup, repeats):
             times.append(start.elapsed_time(end) / 1e3)
     else:
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = now()
             step()
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
     return times, first
 
 
@@ -133,7 +139,7 @@ def median(xs):
     return statistics.median(xs)
 
 
-def stream_bandwidth(n, dtype, device, repeats=5):
+def stream_bandwidth(n, dtype, device, repeats=5, clock="wall"):
     """GB/s of `a += b` over n elements: read a, read b, write a (3 x element size per element).
 
     An in-place op, like an optimizer step; a copy into a fresh buffer would pay write-allocate on
@@ -141,7 +147,7 @@ def stream_bandwidth(n, dtype, device, repeats=5):
     """
     a = torch.ones(n, dtype=dtype, device=device)
     b = torch.ones(n, dtype=dtype, device=device)
-    times, _ = time_steps(lambda: a.add_(b), device, warmup=2, repeats=repeats)
+    times, _ = time_steps(lambda: a.add_(b), device, warmup=2, repeats=repeats, clock=clock)
     nbytes = 3 * a.element_size() * n
     del a, b
     free_memory(device)

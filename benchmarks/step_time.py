@@ -212,7 +212,7 @@ def build_rows(requested, device, dtype, quick, notes):
 def run_size(size, args, device, dtype, warmup, repeats, notes, progress):
     shapes, description = bc.SIZES[size]
     n = bc.numel(shapes)
-    roof_before = bc.stream_bandwidth(n, dtype, device)
+    roof_before = bc.stream_bandwidth(n, dtype, device, clock=args.clock)
     params = bc.make_params(shapes, dtype, device)
     initial = [p.detach().clone() for p in params]
     rows = build_rows(args.backends, device, dtype, args.quick, notes)
@@ -225,7 +225,7 @@ def run_size(size, args, device, dtype, warmup, repeats, notes, progress):
                 p.copy_(p0)
         try:
             step, opt = row.make(params)
-            times, first = bc.time_steps(step, device, warmup, repeats)
+            times, first = bc.time_steps(step, device, warmup, repeats, clock=args.clock)
             state = bc.state_bytes(opt)
         except Exception as e:  # one failing row is reported, the others still run
             notes.append(f"{size} {row.name}: failed, {type(e).__name__}: {e}")
@@ -241,7 +241,7 @@ def run_size(size, args, device, dtype, warmup, repeats, notes, progress):
                             state_bytes=state, state_bytes_per_param=state / n))
     del params, initial
     bc.free_memory(device)
-    roof_after = bc.stream_bandwidth(n, dtype, device)
+    roof_after = bc.stream_bandwidth(n, dtype, device, clock=args.clock)
     # the better of two measurements: load from other processes only ever lowers it
     roofline = max(roof_before, roof_after)
     by_name = {r["row"]: r for r in results}
@@ -267,7 +267,7 @@ def markdown(results, sizes_info):
     for size, info in sizes_info.items():
         lines += [f"\n### {size}: {info['n_params'] / 1e6:.1f}M parameters in {info['n_tensors']} tensors ({info['description']})",
                   f"Roofline: {info['roofline_op']} = {info['roofline_gbps']:.3g} GB/s\n",
-                  "| row | step ms (median) | B/param | GB/s | % roofline | x fused AdamW | x foreach AdamW | state MB | first call s |",
+                  "| row | step ms (median) | B/param | GB/s | % roofline | x fused AdamW | x foreach AdamW | state MB | first call s (wall) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in results if r["size"] == size):
             lines.append(f"| {r['row']} | {r['median_ms']:.2f} | {r['bytes_per_param']} | {r['gbps']:.3g} | "
@@ -329,6 +329,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, help="untimed steps before, the first included (default 2, 3 on GPU)")
     ap.add_argument("--quick", action="store_true", help="small size, few repeats, one compiled family (< 3 min on 2 cores)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads for this run")
+    ap.add_argument("--clock", default="wall", choices=sorted(bc.CLOCKS),
+                    help="CPU timer: wall (perf_counter, default) or process (CPU time of this process; "
+                         "needs --threads 1; steadier on a machine loaded by other processes)")
     ap.add_argument("--json", help="write results and machine facts as JSON here")
     ap.add_argument("--csv", help="write one CSV line per row here")
     ap.add_argument("--plot", help="write a PNG of step time and %% of roofline here")
@@ -357,6 +360,8 @@ def main(argv=None):
         raise SystemExit(f"--device {args.device}: use cpu or cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "process" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise SystemExit("--clock process counts the CPU time of all threads: use it with --device cpu --threads 1")
     dtype = DTYPES[args.dtype]
     sizes = (args.sizes.split(",") if args.sizes else
              QUICK_SIZES if args.quick else DEFAULT_SIZES[device.type])
@@ -380,11 +385,12 @@ def main(argv=None):
     meta = dict(date=date.isoformat(timespec="seconds"), device=str(device), dtype=args.dtype,
                 machine=bc.machine_info(device), versions=bc.versions(), note=args.note,
                 argv=sys.argv[1:] if argv is None else list(argv), warmup=warmup, repeats=repeats,
-                amos_backends=list(backends.BACKENDS), notes=notes)
+                amos_backends=list(backends.BACKENDS), notes=notes,
+                clock="cuda events" if gpu else args.clock)
 
     print(f"# Optimizer step time: {meta['machine']['gpu'] or meta['machine']['cpu']} "
           f"({meta['machine']['cpu_cores']} cores, {meta['machine']['torch_threads']} torch threads), torch {meta['versions']['torch']}, {args.dtype}, {meta['date']}"
-          + (f", {args.note}" if args.note else ""))
+          + f", timer: {meta['clock']}" + (f", {args.note}" if args.note else ""))
     print(markdown(results, sizes_info))
     for note in notes:
         print(f"note: {note}")
