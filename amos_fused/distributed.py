@@ -28,19 +28,19 @@ Supported: DTensors with placement Shard(0) or Replicate on a 1-D mesh (FSDP2, a
 that are not sharded). Not supported, with a clear error: other placements (tensor parallel
 Shard(1), HSDP's 2-D meshes); DeepSpeed ZeRO and FSDP1 flat parameters (see README).
 """
+import sys
+
 import torch
 import torch.distributed as dist
 
 from .slices import slice_shape
 
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch built without distributed
-    DTensor = Shard = None
-
 
 def is_dtensor(t):
-    return DTensor is not None and isinstance(t, DTensor)
+    # A DTensor exists only once torch.distributed.tensor is imported, and importing it costs
+    # seconds, so look it up instead of importing it with amos_fused.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t):
@@ -97,6 +97,8 @@ def new_slice_state(p, granularity, dtype):
         return torch.zeros(R, dtype=dtype, device=device)
     if granularity == "element":
         return torch.zeros_like(p, dtype=dtype)
+    from torch.distributed.tensor import DTensor, Shard
+
     rows = local(p).shape[0]
     return DTensor.from_local(torch.zeros(rows, dtype=dtype, device=device), p.device_mesh, [Shard(0)],
                               run_check=False, shape=(R,), stride=(1,))
