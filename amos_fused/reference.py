@@ -1,4 +1,7 @@
-"""The reference step: ALGORITHM.md §3-§6 in plain PyTorch, one tensor at a time.
+"""The reference step: ALGORITHM.md §3-§6 in plain PyTorch, tensor by tensor in three phases.
+
+The phases (reduce S_r; complete sums over ranks; finalize and apply) are the spec in order for
+ordinary tensors, and let FSDP2's DTensor parameters get global statistics (distributed.py).
 
 This is the oracle every fused backend is tested against, so it reads like the spec and
 favours obviousness over speed. Math runs in fp32 whatever the storage dtype (fp64 for fp64
