@@ -110,3 +110,58 @@ def test_op_traces_under_torch_compile_fullgraph():
     assert torch.equal(got, want)
     for a, b in zip(eager[:5], compiled[:5]):  # the mutations of params, v, b, m survive functionalization
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---- CUDA (skipped without a GPU; backend="cuda" must then raise, tested above) ----------------
+requires_cuda = pytest.mark.skipif(cpp_backend.unavailable("cuda") is not None,
+                                   reason=f"backend='cuda': {cpp_backend.unavailable('cuda')}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", grid.CASES)
+def test_cuda_matches_reference(case):
+    grid.assert_matches_reference("cuda", case, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("options", [dict(schedule="amos", momentum=0.9),
+                                     dict(schedule="inverse_time", half_life=3, momentum=0.0)])
+def test_cuda_bitwise_deterministic(options):
+    case = dict(shapes=DET_SHAPES, options=dict(options, eta=0.1), dtypes=(torch.bfloat16, torch.float32),
+                scaler="finite", steps=3)
+    first, second = grid.run("cuda", case, device="cuda"), grid.run("cuda", case, device="cuda")
+    for (p0, s0), (p1, s1) in zip(first, second):
+        assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+        for a, b in zip(s0, s1):
+            assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+@requires_cuda
+def test_cuda_step_replays_from_a_cuda_graph():
+    # t, lr and the grad scale are read on the device, so a captured step replays correctly.
+    def setup():
+        gen = torch.Generator().manual_seed(5)
+        ps = [torch.randn(s, generator=gen).cuda() for s in [(64, 300), (3, 9000), (5000,)]]
+        opt = Amos(ps, lr=torch.tensor(0.1, device="cuda"), backend="cuda", momentum=0.9)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).cuda()
+        opt.step()  # creates the state (and the cached launch plan)
+        return ps, opt
+
+    def step(ps, opt):
+        group = opt.param_groups[0]
+        cpp_backend.fused_step(ps, [p.grad for p in ps], [opt.state[p] for p in ps], group, None)
+
+    eager_ps, eager_opt = setup()
+    step(eager_ps, eager_opt)
+    ps, opt = setup()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        step(ps, opt)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(ps, eager_ps):
+        assert torch.equal(a, b)
+        assert all(torch.equal(opt.state[a][k], eager_opt.state[b][k]) for k in ("v", "b", "m"))
