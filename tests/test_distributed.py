@@ -10,7 +10,8 @@
   partial statistics (none when nothing spans ranks: "amos" with "element"), and the 1-element
   non-finite flag that keeps ranks agreeing on skips.
 - DCP: a checkpoint of model + optimizer saved sharded with torch.distributed.checkpoint
-  resumes to the bitwise same trajectory.
+  resumes to the bitwise same trajectory, and resumes an unsharded model to the same
+  trajectory within fp32 tolerance.
 Workers assert; a failed assertion in a worker fails the test with its traceback.
 """
 import copy
@@ -253,6 +254,20 @@ def dcp_worker(rank, path):
     train(model, opt, rank, 3, start=2)
     for (name, p), e in zip(model.named_parameters(), expected):
         assert torch.equal(full(p), e), f"rank {rank}, {name}: resumed trajectory differs"
+
+    # the sharded checkpoint also resumes an unsharded model (DCP reshards: under "row", v and b
+    # are (R,) DTensors split like the rows, plain (R,) tensors without FSDP; under "element"
+    # they have the parameter's shape in FSDP2 runs, so such a checkpoint loads into FSDP2 only)
+    torch.manual_seed(1)
+    plain = Tiny()
+    opt = Amos(plain.parameters(), lr=torch.tensor(0.5), schedule="amos", granularity="row", backend="reference")
+    init_state(opt)
+    msd, osd = get_state_dict(plain, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=path)
+    set_state_dict(plain, opt, model_state_dict=msd, optim_state_dict=osd)
+    train(plain, opt, None, 3, start=2)
+    for (name, p), e in zip(plain.named_parameters(), expected):
+        torch.testing.assert_close(p, e, **TOL, msg=lambda m: f"unsharded resume, rank {rank}, {name}: {m}")
 
 
 # ---- tests --------------------------------------------------------------------------------------
