@@ -80,10 +80,10 @@ part() {
 
 part env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(\"triton\", triton.__version__)'"
 part install 90 "$PY" -m pip install --no-build-isolation -e .
-part tests_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py --junitxml="$DIR/results/pytest_triton.xml"
-part tests_rest 60 "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_triton.py --junitxml="$DIR/results/pytest_rest.xml"
+part tests_triton 150 "$PY" -m pytest -q -p no:cacheprovider --durations=10 tests/test_triton.py --junitxml="$DIR/results/pytest_triton.xml"
+part tests_rest 90 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests --ignore=tests/test_triton.py --junitxml="$DIR/results/pytest_rest.xml"
 if [ -f "$REPO/benchmarks/step_time.py" ]; then
-    part step_time 150 "$PY" benchmarks/step_time.py --device cuda --json "$DIR/results/step_time.json" \
+    part step_time 120 "$PY" benchmarks/step_time.py --device cuda --json "$DIR/results/step_time.json" \
         --csv "$DIR/results/step_time.csv" --plot "$DIR/results/step_time.png" --no-progress
 else
     echo "step_time: skipped (benchmarks/step_time.py not found)" >> "$SUMMARY"
