@@ -200,7 +200,7 @@ void step_cpu(const StepArgs& a) {
     T.m = a.ms.empty() ? nullptr : static_cast<char*>(a.ms[i].data_ptr());
     T.R = a.vs[i].numel();
     T.C = p.numel() / T.R;
-    T.t = a.steps[i].item<float>();
+    T.t = *a.steps[i].data_ptr<float>();  // a CPU fp32 scalar (checked by ops.cpp); item() costs a dispatch
     T.bc = bias_correction(h, T.t);
     T.eps0 = eps0_of(p, a.etas[i]);
     T.at = amos_tensor(h, xi, static_cast<float>(a.etas[i]));
