@@ -101,13 +101,13 @@ def test_fp64_and_non_contiguous_params_use_the_reference_path():
             torch.randn(5, generator=gen)]
     final = {}
     for backend in ("triton", "reference"):
-        params = [p.clone() for p in base]
+        params = [p.clone().to(DEVICE) for p in base]  # clone and .to keep the transposed strides
         assert not params[1].is_contiguous()
         opt = Amos(params, backend=backend, momentum=0.9)
         for step in range(3):
             gen = torch.Generator().manual_seed(step)
             for p in params:
-                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(DEVICE)
             opt.step()
         final[backend] = params
     assert torch.equal(final["triton"][0], final["reference"][0])  # fp64: the reference itself
