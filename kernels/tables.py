@@ -15,11 +15,14 @@ step while it times configurations):
   most next_pow2 of the bucket's total slices), so a launch per distinct COLB (two when some
   slices are packed). Whole groups of ROWS rows of one tensor make plain programs; the other
   slices (biases, norm gains, scalars, remainders) are packed ROWS to a program, so thousands
-  of small tensors take a few programs, not one each. `long_row` bounds
-  the bytes of g a program re-reads in its apply walk, so that second read stays in L2.
+  of small tensors take a few programs, not one each. `long_row` bounds the bytes of g a
+  program re-reads in its apply walk, so that second read stays in L2.
 - Longer slices (a big 1-D tensor, `"tensor"` granularity) are split into chunks of `chunk`
   columns (one program each, walking `block`-wide vectors): partial sums, a fixed-order sum per
   slice, then the apply; no atomics, so results do not depend on scheduling.
+- Closed forms: `_norm_kernel` sums each tensor's per-slice S*r in a fixed order,
+  `norm_tensors` tensors per program (one program walks all slices of its tensors: fine for
+  "row"/"tensor", slow for a huge tensor under "element" granularity).
 - The interpreter's cost grows with the number of programs (and loop iterations), not elements,
   so under TRITON_INTERPRET=1 every size is larger.
 """
