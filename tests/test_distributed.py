@@ -192,7 +192,8 @@ def fsdp_worker(rank, configs):
 
 
 def fsdp_edge_worker(rank):
-    """A non-finite gradient on ONE rank's shard skips the step on every rank; bad set-ups raise."""
+    """A non-finite gradient on ONE rank's shard skips the step on every rank, with or without
+    GradScaler; bad set-ups raise."""
     import warnings
 
     from torch.distributed.fsdp import fully_shard
@@ -215,6 +216,18 @@ def fsdp_edge_worker(rank):
     assert opt.skipped_steps == 1, f"rank {rank} did not skip"
     assert all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before)), f"rank {rank} stepped"
     assert opt.state[model.head.weight]["step"].item() == 1
+
+    # GradScaler: torch's unscale check of DTensor gradients finds the inf of one rank's shard on
+    # every rank, and the step reads that found_inf: all ranks skip and halve the scale together
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt.zero_grad()
+    scaler.scale(torch.nn.functional.mse_loss(model(x[rank::WORLD]), y[rank::WORLD])).backward()
+    if rank == 0:
+        model.block.linear1.weight.grad.to_local()[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert opt.skipped_steps == 2 and scaler.get_scale() == 512.0, f"rank {rank}: scaler step not skipped"
+    assert all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before)), f"rank {rank} stepped"
 
     mesh = init_device_mesh("cpu", (WORLD,))
     cols = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
