@@ -23,6 +23,7 @@ namespace {
 
 constexpr int64_t kLongRow = 65536;  // rows up to this length are one piece's business (256 KiB fp32)
 constexpr int64_t kPiece = 16384;    // target elements per piece of whole rows
+constexpr int64_t kSerial = 32768;   // steps with fewer elements run on one thread
 
 // sum of x*x in a fixed order: 16 running lanes (vectorised), then a fixed tree.
 float sumsq(const float* __restrict__ x, int64_t n) {
@@ -224,9 +225,13 @@ void step_cpu(const StepArgs& a) {
   }
   const int64_t np = static_cast<int64_t>(pieces.size());
   std::vector<float> partial(np);  // per piece: S (long rows) or sum of S_r * r_r (closed forms)
+  // a small step runs on the calling thread: waking the pool would cost more than the work
+  int64_t total = 0;
+  for (const auto& p : a.params) total += p.numel();
+  const int64_t grain = total < kSerial ? std::max<int64_t>(np, 1) : 1;
 
   // Pass 1: reduce; for "amos" on whole rows also finalize and apply.
-  at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(kLongRow);
     for (int64_t k = begin; k < end; ++k) {
       const Piece& pc = pieces[k];
@@ -293,7 +298,7 @@ void step_cpu(const StepArgs& a) {
   if (!second_pass) return;
 
   // Pass 2: apply where pass 1 could not.
-  at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(kLongRow);
     for (int64_t k = begin; k < end; ++k) {
       const Piece& pc = pieces[k];
