@@ -22,16 +22,24 @@ except ImportError:  # no triton installed: its test is skipped
 FIX = re.compile(r"\b(use|leave|needs?|pass|set|move|list|materialise|split|build|load|give|must)\b", re.I)
 
 
-def cpu_backends():
-    """The explicit backends that can run on CPU tensors here (triton only under the interpreter)."""
+def cpu_backends(device="cpu"):
+    """The explicit backends that can run on `device` here (on CPU: triton only under the interpreter)."""
     out = []
     for name in backends.BACKENDS:
         try:
-            if name != "auto" and backends.resolve(name, torch.device("cpu")):
+            if name != "auto" and backends.resolve(name, torch.device(device)):
                 out.append(name)
         except RuntimeError:
             pass
     return out
+
+
+def backend_devices():
+    """(backend, device) pairs that can run here: every CPU backend, and on a GPU machine every CUDA one."""
+    pairs = [(name, "cpu") for name in cpu_backends()]
+    if torch.cuda.is_available():
+        pairs += [(name, "cuda") for name in cpu_backends("cuda")]
+    return pairs
 
 
 # ---- snapshots -------------------------------------------------------------------------------
