@@ -151,8 +151,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--json", help="write results and machine facts as JSON here")
     ap.add_argument("--note", default="", help="free text stored with the results")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for this run")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu")

@@ -9,6 +9,7 @@ import math
 import os
 
 import pytest
+import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -18,6 +19,15 @@ def _load(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def one_thread():
+    # the scripts' --threads 1 sets torch's global thread count; give the other tests theirs back.
+    # One thread: on a shared 2-core machine, OpenMP threads spin-wait for each other.
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +58,11 @@ def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_step_time_tiny_writes_table_json_csv_png(tmp_path, capsys):
+def test_step_time_tiny_writes_table_json_csv_png(tmp_path, capsys, one_thread):
     step_time = _load("step_time")
     out = {k: str(tmp_path / f"st.{k}") for k in ("json", "csv", "png")}
     step_time.main(["--device", "cpu", "--sizes", "tiny", "--backends", "reference,adamw,adafactor,apex",
-                    "--repeats", "1", "--warmup", "1", "--no-progress", "--note", "test",
+                    "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-progress", "--note", "test",
                     "--json", out["json"], "--csv", out["csv"], "--plot", out["png"]])
     table = capsys.readouterr().out
     assert "| adamw fused |" in table and "| amos/reference amos m=0 |" in table
@@ -91,10 +101,10 @@ def test_step_time_rejects_unknown_backend():
         step_time.parse_args(["--backends", "nope"])
 
 
-def test_memory_tiny_reports_state_for_every_row(tmp_path, capsys):
+def test_memory_tiny_reports_state_for_every_row(tmp_path, capsys, one_thread):
     memory = _load("memory")
     path = str(tmp_path / "mem.json")
-    memory.main(["--device", "cpu", "--sizes", "tiny", "--no-progress", "--json", path])
+    memory.main(["--device", "cpu", "--sizes", "tiny", "--threads", "1", "--no-progress", "--json", path])
     assert "| amos row m=0 |" in capsys.readouterr().out
     data = json.load(open(path))
     rows = {r["row"]: r for r in data["rows"]}
