@@ -51,7 +51,8 @@ def fused_step(params, grads, states, group, grad_scale=None):
     mom = group["momentum"]
     fast = [i for i, p in enumerate(params) if _kernel_takes(p, states[i], mom)]
     if len(fast) < len(params):
-        slow = [i for i in range(len(params)) if i not in set(fast)]
+        taken = set(fast)
+        slow = [i for i in range(len(params)) if i not in taken]
         reference_step([params[i] for i in slow], [grads[i] for i in slow], [states[i] for i in slow], group,
                        grad_scale)
     if not fast:

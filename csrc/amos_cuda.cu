@@ -450,21 +450,23 @@ std::vector<int64_t> plan_key(const StepArgs& a) {
 }
 
 // A few recent plans: a training loop alternates few layouts (grads may move between steps).
+// The cache is never destroyed: freeing device memory from a static destructor at exit can run
+// after CUDA and the allocator are gone.
 std::shared_ptr<Plan> get_plan(const StepArgs& a) {
-  static std::mutex mu;
-  static std::list<std::pair<std::vector<int64_t>, std::shared_ptr<Plan>>> cache;
+  static std::mutex* mu = new std::mutex;
+  static auto* cache = new std::list<std::pair<std::vector<int64_t>, std::shared_ptr<Plan>>>;
   constexpr size_t kKeep = 8;
   std::vector<int64_t> key = plan_key(a);
-  std::lock_guard<std::mutex> lock(mu);
-  for (auto it = cache.begin(); it != cache.end(); ++it) {
+  std::lock_guard<std::mutex> lock(*mu);
+  for (auto it = cache->begin(); it != cache->end(); ++it) {
     if (it->first == key) {
-      cache.splice(cache.begin(), cache, it);  // most recent first
-      return cache.front().second;
+      cache->splice(cache->begin(), *cache, it);  // most recent first
+      return cache->front().second;
     }
   }
   auto plan = build_plan(a);
-  cache.emplace_front(std::move(key), plan);
-  if (cache.size() > kKeep) cache.pop_back();
+  cache->emplace_front(std::move(key), plan);
+  if (cache->size() > kKeep) cache->pop_back();
   return plan;
 }
 
