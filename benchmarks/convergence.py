@@ -234,6 +234,9 @@ def merge(paths, wanted):
                 runs.append(r)
     if not runs:
         raise SystemExit(f"--merge: no run in {paths} matches --optimizers")
+    missing = [f"{n}@{lr:g}" for i, (n, lr) in enumerate(wanted) if all(rank(r) != i for r in runs)]
+    if missing:
+        print(f"--merge: no run for {', '.join(missing)} in these files; left out", file=sys.stderr)
     runs.sort(key=lambda r: (rank(r), r["seed"]))
     setup["seeds"] = sorted({r["seed"] for r in runs})
     merged_from = [dict(file=str(p), date=rep["meta"]["date"], wall_s=rep["meta"]["wall_s"],

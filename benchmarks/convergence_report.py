@@ -159,8 +159,8 @@ def plot(path, runs, summary, title):
 
 def write(out, tag, meta, setup, runs, summary, table_text):
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"convergence_{tag}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    # not Path.with_suffix: a tag such as "amos_0.03" has a dot of its own
+    paths = [out / f"convergence_{tag}.{ext}" for ext in ("json", "md", "png")]
     with open(paths[0], "w") as fh:
         json.dump(_clean(dict(meta=meta, setup=setup, summary=summary, runs=runs)), fh, indent=1)
         fh.write("\n")
