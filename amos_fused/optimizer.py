@@ -14,8 +14,11 @@ from .slices import GRANULARITIES, default_eta, slice_shape
 SCHEDULES = ("amos",) + CLOSED_FORMS
 MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
-# Default lr per family, chosen by the main job (benchmarks/convergence.py; README, "Defaults").
-DEFAULT_LR = {"amos": 0.1, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
+# Default lr per family, measured by the main job (benchmarks/convergence.py, default preset:
+# 400 steps, one seed; benchmarks/results/convergence_lr_sweep.md, README "Defaults"): "amos" was
+# best at 0.03 of 0.01/0.03/0.1/0.3, "inverse_time" at 0.1 of 0.03/0.1/0.3; "constant" and
+# "inverse_square" were not swept and take inverse_time's value.
+DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
 
 # Options only one family reads, with their neutral values: setting them for the other family
 # is an error rather than a silent no-op.
