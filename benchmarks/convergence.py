@@ -67,7 +67,7 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± spread)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                     help=f"comma-separated subset of {OPTIMIZERS}; NAME@LR fixes the lr")
-    ap.add_argument("--adamw-lrs", default="3e-3,1e-2,3e-2", help="AdamW's lr sweep")
+    ap.add_argument("--adamw-lrs", default="3e-4,1e-3,3e-3", help="AdamW's lr sweep")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", help="output name convergence_<tag>.*; default <preset>_<device>")
