@@ -134,7 +134,7 @@ def plot(path, runs, summary, title):
     finals = [e["final_val"]["mean"] for e in summary if math.isfinite(e["final_val"]["mean"])]
     for e in summary:
         rs = [r for r in runs if r["label"] == e["label"]]
-        style = dict(lw=2.2 if e["best_adamw"] or e["name"] == "amos" else 1.4,
+        style = dict(lw=2.2 if e["best_adamw"] or (e["name"] == "amos" and not e["lr_given"]) else 1.4,
                      ls="--" if e["name"] == "adamw" and not e["best_adamw"] else "-")
         for ax, key in zip(axes, ("val_loss", "train_loss")):
             steps = min((r["eval_steps"] for r in rs), key=len)[1:]  # train loss has no step-0 point
