@@ -14,7 +14,7 @@ Prints a markdown table (validation loss at 25/50/75/100 % of steps, the fractio
 steps each run needs to reach AdamW's final validation loss, ms per optimizer step and per whole
 training step, optimizer-state bytes) and writes convergence_<tag>.{json,md,png} under --out.
 
-    python benchmarks/convergence.py                 # default preset, CPU, a few minutes
+    python benchmarks/convergence.py                 # default preset, CPU: 7 runs of 400 steps
     python benchmarks/convergence.py --seeds 3       # mean ± spread over seeds
     python benchmarks/convergence.py --quick         # smoke test, seconds
     python benchmarks/convergence.py --optimizers amos@0.03,amos@0.3 --tag a   # runs may be split
