@@ -1,0 +1,50 @@
+"""The second training task (benchmarks/classifier.py) keeps working: --quick writes its table, JSON and PNG."""
+import contextlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn", reason="benchmarks/classifier.py needs scikit-learn (requirements.txt)")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import classifier  # noqa: E402
+
+
+def test_split_is_stratified_and_fixed():
+    xt, yt, xv, yv = classifier.load_digits_split()
+    assert len(yt) + len(yv) == 1797
+    # every class holds 174..183 images; 20 % of each, rounded, is 35 or 36
+    counts = [(yv == c).sum().item() for c in range(10)]
+    assert all(35 <= n <= 37 for n in counts), counts
+    assert 0.0 <= xt.min() and xt.max() <= 1.0
+    # the split is fixed: a second call gives the same images in the same order
+    xt2, _, xv2, _ = classifier.load_digits_split()
+    assert (xv2 == xv).all() and (xt2 == xt).all()
+
+
+def test_quick_run_writes_table_json_and_plot(tmp_path):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert classifier.main(["--quick", "--seeds", "2", "--out", str(tmp_path), "--tag", "t"]) == 0
+    text = stdout.getvalue()
+    assert "| optimizer | lr | val loss @6 |" in text
+    assert "| amos | 0.03 (default) |" in text and "| inverse_time |" in text
+    assert "adamw (best of sweep)" in text and " ± " in text  # two seeds: mean ± std
+    report = json.loads((tmp_path / "classifier_t.json").read_text())
+    assert (tmp_path / "classifier_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md_rows = [ln for ln in (tmp_path / "classifier_t.md").read_text().splitlines() if ln.startswith("| ")]
+    assert len(md_rows) == 1 + 3  # header, amos, inverse_time, one AdamW lr under --quick
+    assert report["meta"]["torch"] and report["meta"]["date"]
+    assert {r["seed"] for r in report["runs"]} == {0, 1}
+    for r in report["runs"]:
+        assert not r["diverged"], r["label"]
+        assert all(math.isfinite(v) for v in r["val_loss"]), r["label"]
+        assert r["val_loss"][-1] < r["val_loss"][0], f"{r['label']} did not learn at all"
+        assert r["state_bytes"] > 0 and r["ms_train_step"] > 0
+    amos = next(r for r in report["runs"] if r["label"] == "amos")
+    assert amos["state_bytes"] < next(r for r in report["runs"] if r["name"] == "adamw")["state_bytes"]
