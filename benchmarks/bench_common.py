@@ -47,8 +47,8 @@ def many_small_shapes(count=4096):
     return [(lengths[i % len(lengths)],) for i in range(count)]
 
 
-# name -> (shapes, description). The first five are the issue's sizes; "gpt2-mini" is the
-# --quick size and "tiny" exists for the tests.
+# name -> (shapes, description). The first five are the issue's sizes; "gpt2-50m" is the CPU
+# backend's target set (issue 4); "gpt2-mini" is the --quick size and "tiny" exists for the tests.
 SIZES = {
     "gpt2-124m": (gpt2_shapes(768, 12), "GPT-2 small: d=768, 12 layers, vocab 50257"),
     "gpt2-350m": (gpt2_shapes(1024, 24), "GPT-2 medium: d=1024, 24 layers, vocab 50257"),
@@ -56,6 +56,7 @@ SIZES = {
     "llama-1b": (llama_shapes(2048, 16, 8192, 128256, 512),
                  "Llama-3.2-1B shape: d=2048, 16 layers, ffn 8192, kv 512, vocab 128256 (263M-param embedding)"),
     "many-small": (many_small_shapes(), "4096 1-D tensors of 128-4096 elements"),
+    "gpt2-50m": (gpt2_shapes(512, 8), "GPT-2 layout, d=512, 8 layers, vocab 50257 (51.5M params)"),
     "gpt2-mini": (gpt2_shapes(256, 4), "GPT-2 layout, d=256, 4 layers, vocab 50257 (the --quick size)"),
     "tiny": (gpt2_shapes(32, 2, vocab=256, ctx=32), "GPT-2 layout, d=32, 2 layers, vocab 256 (tests only)"),
 }

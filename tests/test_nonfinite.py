@@ -221,3 +221,25 @@ def test_fp64_parameters_square_in_fp64(backend):
     opt, _ = one_step(backend, grads, params)
     assert opt.skipped_steps == 0
     assert_all_finite(opt, params, backend)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_large_gradient_path_skips(bad):
+    # gradients of >= 65536 elements are checked through aminmax (a bound numel * max|g|**2),
+    # smaller ones through the norm: the large path must skip NaN, Inf and overflowing sums too
+    import torch
+    from amos_fused import Amos
+    p = torch.nn.Parameter(torch.randn(300, 300) * 0.1)
+    small = torch.nn.Parameter(torch.randn(7))
+    opt = Amos([p, small], backend="reference")
+    p.grad = torch.randn(300, 300) * 0.01
+    small.grad = torch.randn(7)
+    opt.step()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+    p.grad = torch.randn(300, 300) * 0.01
+    p.grad[123, 45] = bad
+    with pytest.warns(UserWarning):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
