@@ -261,3 +261,16 @@ def versions():
 
 def now_utc():
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+class NoProgress:
+    """A stand-in for a tqdm bar when progress bars are off."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def set_postfix_str(self, s):
+        pass

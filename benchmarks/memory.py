@@ -168,7 +168,7 @@ def main(argv=None):
         from tqdm import tqdm
         progress = (lambda it, **kw: tqdm(it, file=sys.stderr, disable=args.no_progress, **kw))
     except ImportError:
-        progress = (lambda it, **kw: _Plain(it))
+        progress = (lambda it, **kw: bc.NoProgress(it))
 
     notes, results, sizes_info = [], [], {}
     date = bc.now_utc()
@@ -190,17 +190,6 @@ def main(argv=None):
             json.dump(dict(meta, sizes=sizes_info, rows=results), f, indent=1)
         print(f"wrote {args.json}")
     return results
-
-
-class _Plain:
-    def __init__(self, it):
-        self.it = it
-
-    def __iter__(self):
-        return iter(self.it)
-
-    def set_postfix_str(self, s):
-        pass
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def main(argv=None):
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    progress = (lambda it, **kw: _Plain(it)) if args.no_progress or tqdm is None else \
+    progress = (lambda it, **kw: bc.NoProgress(it)) if args.no_progress or tqdm is None else \
         (lambda it, **kw: tqdm(it, file=sys.stderr, **kw))
 
     date = bc.now_utc()
@@ -411,19 +411,6 @@ def main(argv=None):
         if v:
             print(f"wrote {v}")
     return results
-
-
-class _Plain:
-    """A stand-in for tqdm when progress bars are off."""
-
-    def __init__(self, it):
-        self.it = it
-
-    def __iter__(self):
-        return iter(self.it)
-
-    def set_postfix_str(self, s):
-        pass
 
 
 if __name__ == "__main__":
