@@ -205,11 +205,7 @@ def plot(path, runs, summary, title):
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    convergence_report.finish_figure(fig, axes, title, path)
 
 
 def parse_args(argv=None):

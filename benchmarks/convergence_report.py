@@ -150,6 +150,13 @@ def plot(path, runs, summary, title):
         if finals:
             ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
         ax.grid(alpha=0.3)
+    finish_figure(fig, axes, title, path)
+
+
+def finish_figure(fig, axes, title, path):
+    """Legend, title, layout, save and close: the end of every plot of the training benchmarks."""
+    import matplotlib.pyplot as plt
+
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
