@@ -3,19 +3,20 @@
 #
 #   benchmarks/gpu_check.sh [--dry-run] [OUTDIR]
 #
-# OUTDIR defaults to $OUT. Everything goes to OUTDIR/gpu_check_<device>_<UTC date>/:
+# OUTDIR defaults to $OUT. Everything goes to OUTDIR/gpu_check_<device>_<UTC date>/, flat (the
+# device tool brings back at most 8 files):
 #   summary.txt   device, date, commit, versions, and one line per part (exit code, seconds)
-#   logs/         <part>.log: full output of each part
-#   results/      pytest JUnit XML files, step_time.json (when benchmarks/step_time.py exists)
-# Each part runs under its own time limit, logs, and the script continues when it fails; the
-# limits add up to under 8 minutes at worst. The exit code is the number of failed parts (0: all ran
-# clean). --dry-run prints what would run and creates the folder layout, running nothing.
+#   log.txt       the full output of every part, one after the other, each under a header
+#   step_time.{json,csv,png}, memory.json   the benchmarks' results
+# Parts run in order of importance, each under its own time limit (about 8 minutes at worst in
+# all); a failed part is logged and the script goes on. The exit code is the number of failed
+# parts (0: all ran clean). --dry-run prints what would run and creates the folder, running nothing.
 # Torch and triton must already be installed; TRITON_INTERPRET is unset (compiled kernels).
 # PYTHON overrides the interpreter (default: python3).
 set -u
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 DRY=0
@@ -45,8 +46,9 @@ DEVICE_NAME="${DEVICE_NAME:-no-gpu}"
 SLUG="$(printf '%s' "$DEVICE_NAME" | tr '[:upper:]' '[:lower:]' | sed -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 DIR="$OUTROOT/gpu_check_${SLUG}_${STAMP}"
-mkdir -p "$DIR/logs" "$DIR/results" || { echo "gpu_check.sh: cannot create $DIR" >&2; exit 2; }
+mkdir -p "$DIR" || { echo "gpu_check.sh: cannot create $DIR" >&2; exit 2; }
 SUMMARY="$DIR/summary.txt"
+LOG="$DIR/log.txt"
 {
     echo "device: $DEVICE_NAME"
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -58,9 +60,10 @@ unset TRITON_INTERPRET
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-8}"
+export PYTHONUNBUFFERED=1
 
 FAILED=0
-# part NAME SECONDS COMMAND...: run COMMAND in the repository, output to logs/NAME.log
+# part NAME SECONDS COMMAND...: run COMMAND in the repository, its output appended to log.txt
 part() {
     local name="$1" limit="$2"
     shift 2
@@ -71,24 +74,29 @@ part() {
     fi
     local start rc
     start=$(date +%s)
-    (cd "$REPO" && timeout "$limit" "$@") > "$DIR/logs/$name.log" 2>&1
+    echo "======== $name (limit ${limit}s): $*" >> "$LOG"
+    (cd "$REPO" && timeout "$limit" "$@") >> "$LOG" 2>&1
     rc=$?
     echo "$name: rc=$rc $(( $(date +%s) - start ))s$([ $rc = 124 ] && echo ' (time limit)')" >> "$SUMMARY"
-    echo "   rc=$rc, log: $DIR/logs/$name.log"
+    echo "   rc=$rc"
     [ $rc = 0 ] || FAILED=$((FAILED + 1))
 }
 
-part env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(\"triton\", triton.__version__)'"
-part install 90 "$PY" -m pip install --no-build-isolation -e .
-part tests_triton 150 "$PY" -m pytest -q -p no:cacheprovider --durations=10 tests/test_triton.py --junitxml="$DIR/results/pytest_triton.xml"
-part tests_rest 90 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests --ignore=tests/test_triton.py --junitxml="$DIR/results/pytest_rest.xml"
-if [ -f "$REPO/benchmarks/step_time.py" ]; then
-    part step_time 120 "$PY" benchmarks/step_time.py --device cuda --json "$DIR/results/step_time.json" \
-        --csv "$DIR/results/step_time.csv" --plot "$DIR/results/step_time.png" --no-progress
-else
-    echo "step_time: skipped (benchmarks/step_time.py not found)" >> "$SUMMARY"
-    echo "== step_time: skipped (benchmarks/step_time.py not found)"
-fi
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE --durations=10)
+# the tests that run on CUDA tensors (the rest are CPU tests, run by CI)
+CUDA_TESTS=(tests/test_cpp_backend.py tests/test_golden.py tests/test_state_dict.py tests/test_checkpoint.py
+            tests/test_bad_input.py tests/test_large_tensors.py)
+
+part env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(\"triton\", triton.__version__)'"
+part install 200 "$PY" -m pip install --no-build-isolation --no-deps -e .
+part tests_cuda 120 "${PYTEST[@]}" -n 4 "${CUDA_TESTS[@]}"
+part tests_triton 120 "${PYTEST[@]}" -n 8 tests/test_triton.py
+part step_time 150 "$PY" benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b,many-small \
+    --backends cuda,triton,adamw,adafactor,apex --json "$DIR/step_time.json" --csv "$DIR/step_time.csv" \
+    --plot "$DIR/step_time.png" --no-progress
+part memory 40 "$PY" benchmarks/memory.py --device cuda --sizes gpt2-124m --json "$DIR/memory.json" --no-progress
+part step_time_compile 150 "$PY" benchmarks/step_time.py --device cuda --sizes gpt2-124m --backends compile,cuda \
+    --json "$DIR/step_time_compile.json" --no-progress
 
 echo "failed_parts: $FAILED" >> "$SUMMARY"
 echo "summary: $SUMMARY"
