@@ -88,7 +88,7 @@ CUDA_TESTS=(tests/test_cpp_backend.py tests/test_golden.py tests/test_state_dict
             tests/test_bad_input.py tests/test_large_tensors.py)
 
 part env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(\"triton\", triton.__version__)'"
-part install 200 "$PY" -m pip install --no-build-isolation --no-deps -e .
+part install 200 "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e .
 part tests_cuda 120 "${PYTEST[@]}" -n 4 "${CUDA_TESTS[@]}"
 part tests_triton 120 "${PYTEST[@]}" -n 8 tests/test_triton.py
 part step_time 150 "$PY" benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b,many-small \

@@ -32,7 +32,7 @@ def test_dry_run_creates_the_layout_and_runs_nothing(tmp_path):
     for name in ("env", "install", "tests_cuda", "tests_triton", "step_time"):
         assert f"{name}: dry-run" in summary
     # what it would run is printed
-    assert "pip install --no-build-isolation --no-deps -e ." in res.stdout
+    assert "pip install --no-build-isolation --no-deps --use-pep517 -e ." in res.stdout
     assert "pytest" in res.stdout and "tests/test_triton.py" in res.stdout
     assert "step_time.py --device cuda" in res.stdout
 
