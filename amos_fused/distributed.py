@@ -9,10 +9,18 @@ rows. Amos' statistics are sums over slices (ALGORITHM.md §1, §3, §5):
     a partial S on each rank;
   - the closed-form ||u|| sums over all slices of a tensor, so it spans ranks whenever the tensor
     does; with local slices each rank holds a partial sum of S_r * r_r.
-The reference step (reference.py) computes these partials for a whole param group on the local
-shards, completes them with `complete_sums`: ONE all-reduce of one flat vector per param group
-and step, never one per parameter; then finalizes and applies each tensor locally.
-The default eta is measured over the global tensor (`mean_square`, at construction).
+
+What is communicated per optimizer step (`sharded_step`): ONE all-reduce (sum) of one flat
+vector, whatever the number of param groups and parameters. It holds one scalar per partial
+statistic above (S of each spanning slice, ||u||**2 of each sharded closed-form tensor; rows of
+dim-0 shards add nothing) and one skip flag: 4 bytes each (8 with fp64 parameters), so a few
+hundred bytes for a model with a few hundred sharded tensors. The flag (this rank's verdict on
+its local gradients, or GradScaler's found_inf) makes every rank skip together, and a total that
+is not finite skips the step too; a skipped step changes nothing and creates no state. Each rank
+then finalizes and applies its own shards. The step reads the verdict on the host once (after
+the all-reduce). With parameters on several process groups (not FSDP2's case) each group gets
+its own all-reduce. Outside the step, the default eta is measured over the global tensor
+(`mean_square`: one all-reduce per matrix, at construction).
 
 State under sharding (shapes are global; each rank holds its part; see `new_slice_state`):
   - "m": a DTensor like the parameter (Shard(0));
@@ -108,30 +116,86 @@ def _group(p):
     return p.device_mesh.get_group()
 
 
-def complete_sums(params, granularity, sums, norms):
-    """Phase 2 of the reference step: sum the partial statistics over ranks, in one all-reduce.
+def complete_sums(params, granularities, sums, norms, skip=None):
+    """Phase 2: sum the partial statistics over ranks, with the skip flag, in one all-reduce.
 
-    `sums[i]` is S of params[i]'s local slices, `norms[i]` the local part of its ||u||**2 or
-    None. The entries that are partial (S of a spanning slice, ||u||**2 of a sharded tensor)
-    go into one flat vector (fp32, fp64 if any of them is) and are all-reduced together; in
-    FSDP2 all parameters share one mesh, so that is one collective per step. Returns the
-    completed (sums, norms); without sharded parameters nothing is communicated.
+    params[i] steps with granularities[i]; `sums[i]` is S of its local slices, `norms[i]` the
+    local part of its ||u||**2 or None. The entries that are partial (S of a spanning slice,
+    ||u||**2 of a sharded tensor) and `skip` (this rank's 0-d flag, 1.0 = skip, or None) go into
+    one flat vector (fp32, fp64 if any entry is) per process group, all-reduced by sum: under
+    FSDP2 every parameter shares one mesh, so one collective per step. With `skip`, a group of
+    sharded parameters communicates even when nothing of it is partial, since ranks must agree.
+
+    Returns the completed (sums, norms) and `skipped`: with `skip`, True when some rank flagged
+    or a completed entry is not finite (every rank holds the same totals, so every rank decides
+    alike); False without `skip`. Without sharded parameters nothing is communicated.
     """
     sums, norms = list(sums), list(norms)
-    slots = {}  # process group -> [(list, index)] of the partial entries it completes
-    for i, p in enumerate(params):
+    slots = {}  # process group -> (device, [(list, index)] of the partial entries it completes)
+    for i, (p, granularity) in enumerate(zip(params, granularities)):
         if spans_ranks(p, granularity):
-            slots.setdefault(_group(p), []).append((sums, i))
+            entry = (sums, i)
         elif norms[i] is not None and norm_spans_ranks(p, granularity):
-            slots.setdefault(_group(p), []).append((norms, i))
-    for pg, entries in slots.items():
-        parts = [values[i].reshape(-1) for values, i in entries]
+            entry = (norms, i)
+        elif skip is not None and is_sharded(p):
+            entry = None  # nothing partial, but its ranks must agree on the skip
+        else:
+            continue
+        _, entries = slots.setdefault(_group(p), (local(p).device, []))
+        if entry is not None:
+            entries.append(entry)
+    verdicts = []
+    for pg, (device, entries) in slots.items():
+        parts = [values[i].reshape(-1) for values, i in entries] + ([] if skip is None else [skip.reshape(1)])
         wide = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
-        flat = torch.cat([x.to(wide) for x in parts])
+        flat = torch.cat([x.to(device, wide) for x in parts])
         dist.all_reduce(flat, group=pg)
+        if skip is not None:
+            verdicts.append((flat[-1] > 0) | ~flat.isfinite().all())
         for (values, i), total in zip(entries, flat.split([x.numel() for x in parts])):
             values[i] = total.to(values[i].dtype).reshape(values[i].shape)
-    return sums, norms
+    if skip is None:
+        return sums, norms, False
+    if not verdicts:  # nothing sharded: this rank decides alone
+        verdicts.append(skip.reshape(()) > 0)
+    return sums, norms, bool(torch.stack([x.to(verdicts[0].device) for x in verdicts]).any())
+
+
+@torch.no_grad()
+def sharded_step(optimizer, work, grad_scale, skip):
+    """One Amos step for an optimizer holding DTensor parameters, with one all-reduce.
+
+    `work`: (group, params, grads) for every param group (params with a gradient; DTensors and
+    plain tensors); `grad_scale`: GradScaler's scale or None; `skip`: this rank's verdict, a 0-d
+    float tensor (1.0 = a local gradient is non-finite or GradScaler found inf). Phase 1 runs
+    for the tensors with a partial statistic, changing nothing (it reads t as step + 1);
+    phase 2 is one all-reduce of every group's partial statistics and the flag; only when no
+    rank skips is the state created, the step counted and phase 3 applied (it reduces the
+    tensors whose slices are whole on this rank, skipped by phase 1). Returns True when the step was skipped
+    (on every rank alike).
+    """
+    from . import reference  # reference.py imports this module: import it when first needed
+
+    todo = [(group, p, g) for group, params, grads in work for p, g in zip(params, grads) if p.numel()]
+    reduced = []
+    for group, p, g in todo:
+        if not (spans_ranks(p, group["granularity"]) or
+                (group["schedule"] != "amos" and norm_spans_ranks(p, group["granularity"]))):
+            reduced.append((None, None))  # nothing partial: phase 3 reduces it, after the decision
+            continue
+        state = optimizer.state.get(p, {})  # .get: a skipped first step must create no state
+        t = state["step"] + 1 if "step" in state else 1.0
+        reduced.append(reference.reduce_phase(p, g, group, grad_scale, state.get("v"), t))
+    sums, norms, skipped = complete_sums([p for _, p, _ in todo], [group["granularity"] for group, _, _ in todo],
+                                         [S for S, _ in reduced], [u for _, u in reduced], skip)
+    if skipped:
+        return True
+    for group, params, _ in work:
+        for p in params:
+            optimizer._state_for(p, group)["step"] += 1
+    for (group, p, g), S, usq in zip(todo, sums, norms):
+        reference.apply_phase(p, g, optimizer.state[p], group, grad_scale, S, usq)
+    return False
 
 
 def any_rank(flag, params):

@@ -28,17 +28,18 @@ def reference_step(params, grads, states, group, grad_scale=None):
 
     In three phases, as the kernels run it (ALGORITHM.md §8). For ordinary tensors they are the
     spec in order. For FSDP2's DTensor parameters each rank runs phase 1 on its own rows, and
-    phase 2 completes the sums whose slices span ranks with one all-reduce (distributed.py).
+    phase 2 completes the sums whose slices span ranks with one all-reduce (distributed.py;
+    Amos.step runs DTensors through `distributed.sharded_step`, which also agrees on skips).
     """
     work = [(p, g, s) for p, g, s in zip(params, grads, states) if p.numel()]
     # 1. reduce: S_r of every local slice; for sharded closed-form tensors, the local ||u||**2
-    reduced = [_reduce(p, g, s, group, grad_scale) for p, g, s in work]
+    reduced = [reduce_phase(p, g, group, grad_scale, s["v"], s["step"]) for p, g, s in work]
     # 2. complete the partial sums over ranks (nothing to do for tensors that are not sharded)
-    sums, norms = distributed.complete_sums([p for p, _, _ in work], group["granularity"],
-                                            [S for S, _ in reduced], [u for _, u in reduced])
+    sums, norms, _ = distributed.complete_sums([p for p, _, _ in work], [group["granularity"]] * len(work),
+                                               [S for S, _ in reduced], [u for _, u in reduced])
     # 3. finalize and apply, tensor by tensor
     for (p, g, state), S, usq in zip(work, sums, norms):
-        _finalize_and_apply(p, g, state, group, grad_scale, S, usq)
+        apply_phase(p, g, state, group, grad_scale, S, usq)
 
 
 def _grad_slices(p, grad, o, grad_scale):
@@ -52,40 +53,50 @@ def _grad_slices(p, grad, o, grad_scale):
     return g
 
 
-def _second_moment(p, S, state, o):
-    """§3: v_r and r_r = 1 / v_hat_r from the complete S_r."""
+def _second_moment(p, S, v_prev, t, o):
+    """§3: v_r and r_r = 1 / v_hat_r from the complete S_r, the previous v (None: zero) and step t."""
     cd, C = S.dtype, slice_shape(p.shape, o["granularity"])[1]
-    t = state["step"].to(S.device, cd)
+    t = torch.as_tensor(t).to(S.device, cd)
     beta = o["beta"]
     # 1 - beta**t cancels: fp32(0.999) is off by 1.3e-8, i.e. by 1.3e-5 of bc, which would reach
     # r, K, gamma and b (tests/test_golden.py); so form it in fp64 and round once.
     bc = (1.0 - beta ** t.double()).to(cd)
-    v = beta * local(state["v"]).to(cd).reshape(-1) + (1.0 - beta) * S / C
+    v_prev = 0.0 if v_prev is None else local(v_prev).to(cd).reshape(-1)
+    v = beta * v_prev + (1.0 - beta) * S / C
     r = bc / v.clamp_min(o["eps"])
     return v, r
 
 
-def _reduce(p, grad, state, o, grad_scale):
-    """Phase 1: (S, local ||u||**2 or None); S = the one reduction, sum of g*g over each slice."""
+def reduce_phase(p, grad, o, grad_scale, v_prev, t):
+    """Phase 1: (S, local ||u||**2 or None); S = the one reduction, sum of g*g over each slice.
+
+    `v_prev` is state "v" before this step (None before the first) and `t` this step's count: the
+    phase changes nothing, so a step can still be skipped after it (distributed.sharded_step).
+    """
     g = _grad_slices(p, grad, o, grad_scale)
     S = (g * g).sum(dim=1)
     usq = None
     if o["schedule"] != "amos" and distributed.norm_spans_ranks(p, o["granularity"]):
-        _, r = _second_moment(p, S, state, o)  # slices are whole here, so r is final
+        _, r = _second_moment(p, S, v_prev, t, o)  # slices are whole here, so r is final
         usq = (S * r).sum()
     return S, usq
 
 
-def _finalize_and_apply(p, grad, state, o, grad_scale, S, usq):
-    """Phase 3: v, the coefficients K_r, D_r (and b), then the element-wise apply."""
+def apply_phase(p, grad, state, o, grad_scale, S, usq):
+    """Phase 3: v, the coefficients K_r, D_r (and b), then the element-wise apply; `state["step"]` is t.
+
+    S None: the slices are whole here and phase 1 left them for now (distributed.sharded_step).
+    """
     g = _grad_slices(p, grad, o, grad_scale)  # again: one tensor's converted copy alive at a time
+    if S is None:
+        S = (g * g).sum(dim=1)
     R = g.shape[0]
     C = slice_shape(p.shape, o["granularity"])[1]  # the global slice length (g holds a part of a spanning one)
     cd, dev = g.dtype, g.device
     theta = local(p).to(cd).reshape(g.shape)
     t = state["step"].to(dev, cd)
     xi = torch.as_tensor(o["lr"], dtype=cd, device=dev)
-    v, r = _second_moment(p, S, state, o)
+    v, r = _second_moment(p, S, state["v"], t, o)
 
     if o["schedule"] == "amos":  # §4, with the old b
         b = local(state["b"]).to(cd).reshape(-1)

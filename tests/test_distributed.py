@@ -5,10 +5,14 @@
 - FSDP2 (`fully_shard`, DTensor parameters split on dim 0): a small transformer whose shards are
   uneven (11 embedding rows, a (7, 6) feed-forward matrix, 1-D biases and norm gains of odd
   size, a (1, 6) head whose second shard is empty) trains 5 steps and matches unsharded training
-  for both families and every granularity: parameters, v and b. Each step issues at most two
-  all-reduces from the optimizer, whatever the number of parameters: one flat vector of the
-  partial statistics (none when nothing spans ranks: "amos" with "element"), and the 1-element
-  non-finite flag that keeps ranks agreeing on skips.
+  for both families and every granularity, and for four param groups that mix them (one holding
+  only a frozen tensor): parameters, v and b. Each step issues exactly one all-reduce from the
+  optimizer, whatever the number of groups and parameters: one flat vector of the partial
+  statistics and the skip flag (the flag alone when nothing spans ranks: "amos" with "element").
+- Skips: a NaN gradient on one rank's shard, a finite gradient whose S overflows only once the
+  ranks' partial sums are added, and GradScaler's found_inf each skip the step on every rank and
+  change nothing (params, v, b, m, step; no state made on a skipped first step), still with one
+  all-reduce per step.
 - DCP: a checkpoint of model + optimizer saved sharded with torch.distributed.checkpoint
   resumes to the bitwise same trajectory, and resumes an unsharded model to the same
   trajectory within fp32 tolerance.
@@ -44,6 +48,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 
 CONFIGS = [dict(schedule=s, granularity=g, **({"half_life": 3} if s == "inverse_time" else {}))
            for s in ("amos", "inverse_time") for g in ("row", "tensor", "element")]
+MIXED = "mixed param groups"  # a config: the groups of `mixed_groups`
 
 
 # ---- process plumbing ---------------------------------------------------------------------------
@@ -101,6 +106,25 @@ class Tiny(torch.nn.Module):
 
     def forward(self, tokens):
         return self.head(self.block(self.embed(tokens))).mean(dim=(1, 2))
+
+
+def mixed_groups(model):
+    """Four param groups: both families, three granularities, and one group whose only tensor is
+    frozen (an empty list in the step): the statistics of all of them share one all-reduce."""
+    named = dict(model.named_parameters())
+    frozen = "block.self_attn.in_proj_bias"
+    block = [n for n in named if n.startswith("block.") and n != frozen]
+    pick = lambda names: [named[n] for n in names]  # noqa: E731
+    return [dict(params=pick(["embed.weight", "head.weight", "head.bias"]), granularity="element"),
+            dict(params=pick([n for n in block if named[n].ndim == 2]), schedule="inverse_time", half_life=3),
+            dict(params=pick([n for n in block if named[n].ndim == 1]), schedule="constant", granularity="tensor"),
+            dict(params=pick([frozen]))]
+
+
+def optimizer(model, cfg, **options):
+    if cfg == MIXED:
+        return Amos(mixed_groups(model), **options)
+    return Amos(model.parameters(), **cfg, **options)
 
 
 def batch(step):
@@ -169,7 +193,7 @@ def fsdp_worker(rank, configs):
         model = copy.deepcopy(single)
         fully_shard(model.block)
         fully_shard(model)
-        opt, ref_opt = Amos(model.parameters(), **cfg), Amos(single.parameters(), backend="reference", **cfg)
+        opt, ref_opt = optimizer(model, cfg), optimizer(single, cfg, backend="reference")
         counts = []
         train(model, opt, rank, STEPS, counts)
         train(single, ref_opt, None, STEPS)
@@ -185,49 +209,88 @@ def fsdp_worker(rank, configs):
             for key in ("v", "b"):
                 torch.testing.assert_close(full(sp[key]).reshape(-1), sq[key], **TOL,
                                            msg=lambda m: f"{where}, state {key}: {m}")
-        # the non-finite flag, plus the statistics unless nothing spans ranks ("element" slices
-        # are local, and "amos" has no per-tensor norm)
-        expected = 1 + (cfg["schedule"] != "amos" or cfg["granularity"] != "element")
-        assert counts == [expected] * STEPS, f"{cfg}: optimizer all-reduces per step {counts}, expected {expected}"
+        # the statistics of every group and the skip flag in one vector; the flag alone when
+        # nothing spans ranks ("element" slices are local, and "amos" has no per-tensor norm)
+        assert counts == [1] * STEPS, f"{cfg}: optimizer all-reduces per step {counts}, expected one each"
+
+
+def snapshot(model, opt):
+    """Every parameter and every state entry, gathered: what a skipped step must leave as it was."""
+    return [(name, key, full(value).clone() if torch.is_tensor(value) else value)
+            for name, p in model.named_parameters()
+            for key, value in [("param", p)] + sorted(opt.state[p].items())]
+
+
+def assert_unchanged(before, after, where):
+    assert [(n, k) for n, k, _ in before] == [(n, k) for n, k, _ in after], f"{where}: state entries changed"
+    for (name, key, b), (_, _, a) in zip(before, after):
+        assert torch.equal(a, b) if torch.is_tensor(b) else a == b, f"{where}: {name} {key} changed"
 
 
 def fsdp_edge_worker(rank):
-    """A non-finite gradient on ONE rank's shard skips the step on every rank, with or without
-    GradScaler; bad set-ups raise."""
+    """A non-finite gradient on ONE rank's shard, or a sum of squares that overflows only over
+    the ranks, skips the step on every rank, with or without GradScaler, in one all-reduce; bad
+    set-ups raise."""
     import warnings
 
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
+    warnings.simplefilter("ignore")  # the skip warning
+    count_all_reduces()
     torch.manual_seed(0)
     model = Tiny()
     fully_shard(model.block)
     fully_shard(model)
-    opt = Amos(model.parameters(), granularity="tensor")
-    train(model, opt, rank, 1)
     x, y = batch(1)
-    torch.nn.functional.mse_loss(model(x[rank::WORLD]), y[rank::WORLD]).backward()
+
+    def backward(scaler=None):
+        loss = torch.nn.functional.mse_loss(model(x[rank::WORLD]), y[rank::WORLD])
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    def skips(opt, expected_skips, where, scaler=None):
+        before, calls = snapshot(model, opt), _ALL_REDUCES[0]
+        opt.step() if scaler is None else scaler.step(opt)
+        where = f"rank {rank}, {where}"
+        if scaler is None:
+            assert _ALL_REDUCES[0] - calls == 1, f"{where}: {_ALL_REDUCES[0] - calls} all-reduces, expected one"
+        assert opt.skipped_steps == expected_skips, f"{where}: not skipped"
+        assert_unchanged(before, snapshot(model, opt), where)
+        opt.zero_grad()
+
+    # a NaN on rank 0 at the first step: no state is made on any rank ("amos" with "element":
+    # nothing spans ranks, so the all-reduce carries the flag alone)
+    opt = Amos(model.parameters(), granularity="element")
+    backward()
     if rank == 0:
         model.block.linear1.weight.grad.to_local()[0, 0] = float("nan")
-    before = [full(p).clone() for p in model.parameters()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt.step()
-    assert opt.skipped_steps == 1, f"rank {rank} did not skip"
-    assert all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before)), f"rank {rank} stepped"
-    assert opt.state[model.head.weight]["step"].item() == 1
+    skips(opt, 1, "NaN at the first step")
+    assert all(set(opt.state[p]) == {"eta"} for p in model.parameters()), f"rank {rank}: state made by a skip"
+
+    # after a step, the same NaN ("tensor": the spanning sums ride in the same all-reduce)
+    opt = Amos(model.parameters(), granularity="tensor")
+    train(model, opt, rank, 1)
+    backward()
+    if rank == 0:
+        model.block.linear1.weight.grad.to_local()[0, 0] = float("nan")
+    skips(opt, 1, "NaN on rank 0")
+
+    # finite gradients whose local sums of squares are finite on each rank (4 and 3 entries of
+    # linear1.bias, one slice under "tensor": 4 * 6.4e37 and 3 * 6.4e37) but overflow fp32 once
+    # added (4.5e38): unsharded training skips such a step, so sharded training must too
+    backward()
+    model.block.linear1.bias.grad.to_local().fill_(8e18)
+    skips(opt, 2, "S overflowing over the ranks")
 
     # GradScaler: torch's unscale check of DTensor gradients finds the inf of one rank's shard on
     # every rank, and the step reads that found_inf: all ranks skip and halve the scale together
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    opt.zero_grad()
-    scaler.scale(torch.nn.functional.mse_loss(model(x[rank::WORLD]), y[rank::WORLD])).backward()
+    backward(scaler)
     if rank == 0:
         model.block.linear1.weight.grad.to_local()[0, 0] = float("inf")
-    scaler.step(opt)
+    skips(opt, 3, "GradScaler's found_inf", scaler)
     scaler.update()
-    assert opt.skipped_steps == 2 and scaler.get_scale() == 512.0, f"rank {rank}: scaler step not skipped"
-    assert all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before)), f"rank {rank} stepped"
+    assert scaler.get_scale() == 512.0, f"rank {rank}: scale not halved"
 
     mesh = init_device_mesh("cpu", (WORLD,))
     cols = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
@@ -290,7 +353,7 @@ def test_ddp_matches_single_process():
 
 
 def test_fsdp2_matches_unsharded_every_family_and_granularity():
-    spawn(fsdp_worker, CONFIGS)
+    spawn(fsdp_worker, CONFIGS + [MIXED])
 
 
 def test_fsdp2_ranks_agree_on_skips_and_bad_setups_raise():
