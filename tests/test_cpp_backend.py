@@ -86,7 +86,7 @@ def _op_args(n=3, momentum=0.9):
     bs = [torch.zeros(4) for _ in range(n)]
     ms = [torch.zeros(4, 5) for _ in range(n)] if momentum else []
     steps = [torch.ones(()) for _ in range(n)]
-    return (params, grads, vs, bs, ms, steps, [0.3] * n, 0.1, None, torch.tensor(2.0),
+    return (params, grads, vs, bs, ms, steps, [0.3] * n, 0.1, None, torch.tensor(2.0), torch.zeros(()),
             cpp_backend.SCHEDULE_CODE["amos"], 0.999, 2.0**-125, momentum, 0.5, 0.25, 0.25, 0.0, 1.0, 0.0)
 
 
@@ -97,7 +97,7 @@ def test_op_passes_torch_library_opcheck():
 
 def test_op_traces_under_torch_compile_fullgraph():
     eager, compiled = _op_args(), _op_args()
-    options = eager[6:]  # floats, ints and the grad_scale tensor: the same for both calls
+    options = eager[6:]  # floats, ints, the grad_scale and skip tensors: the same for both calls
 
     def step(params, grads, vs, bs, ms, steps):
         torch.ops.amos_fused.amos_step_(params, grads, vs, bs, ms, steps, *options)
@@ -165,3 +165,75 @@ def test_cuda_step_replays_from_a_cuda_graph():
     for a, b in zip(ps, eager_ps):
         assert torch.equal(a, b)
         assert all(torch.equal(opt.state[a][k], eager_opt.state[b][k]) for k in ("v", "b", "m"))
+
+
+# ---- amos_fused::max_abs, the non-finite gradient check on CPU (csrc/checks_cpu.cpp) ---------------
+PIECE = 1 << 16  # checks_cpu.cpp's kPiece: lengths around it cross the split into pieces
+CHECK_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _want_max_abs(xs):
+    return torch.stack([x.detach().abs().amax().float() if x.numel() else torch.zeros(()) for x in xs])
+
+
+@pytest.mark.parametrize("dtype", CHECK_DTYPES, ids=str)
+def test_max_abs_matches_torch_exactly(dtype):
+    # a max is exact: any order gives the very value torch gives
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1,), (15,), (64, 33), (PIECE - 1,), (PIECE,), (PIECE + 1,), (3 * PIECE + 17,), (0,), (0, 5), ()]
+    xs = [(torch.randn(s, generator=gen) * 3).to(dtype) for s in shapes]
+    xs.append((torch.randn(40, 50, generator=gen)).to(dtype).t())  # not contiguous
+    xs.append(torch.randn(300, generator=gen).to(dtype)[::3])  # strided
+    xs.append(-torch.rand(1000, generator=gen).to(dtype) - 5)  # all negative: the max is a |x|
+    got = torch.ops.amos_fused.max_abs(xs)
+    assert got.dtype == torch.float32 and got.shape == (len(xs),) and got.device.type == "cpu"
+    assert torch.equal(got, _want_max_abs(xs))
+    assert got[shapes.index((0,))] == 0 and got[shapes.index((0, 5))] == 0
+
+
+def test_max_abs_of_many_tensors_and_of_none():
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(int(n), generator=gen).to(CHECK_DTYPES[i % 3])
+          for i, n in enumerate(torch.randint(0, 3000, (500,), generator=gen))]
+    assert torch.equal(torch.ops.amos_fused.max_abs(xs), _want_max_abs(xs))
+    empty = torch.ops.amos_fused.max_abs([])
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", CHECK_DTYPES, ids=str)
+def test_max_abs_propagates_nan_and_inf_from_any_position(dtype):
+    n = 2 * PIECE + 100
+    positions = [0, 1, 15, 16, 31, 32, 63, 64, PIECE - 1, PIECE, n - 101, n - 1]
+    base = torch.linspace(-2, 2, n).to(dtype)
+    for pos in positions:
+        for bad, want in ((float("nan"), float("nan")), (float("inf"), float("inf")), (-float("inf"), float("inf"))):
+            x = base.clone()
+            x[pos] = bad
+            got = torch.ops.amos_fused.max_abs([torch.ones(3, dtype=dtype), x])
+            torch.testing.assert_close(got, torch.tensor([1.0, want]), rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{bad} at {pos}")
+        for inf_pos in (0, pos // 2, n - 1):  # NaN wins over Inf, whichever comes first
+            x = base.clone()
+            x[inf_pos] = -float("inf")
+            x[pos] = float("nan")
+            assert torch.ops.amos_fused.max_abs([x])[0].isnan(), f"nan at {pos}, -inf at {inf_pos}"
+
+
+def test_max_abs_same_bits_whatever_the_thread_count():
+    xs = [torch.randn(5 * PIECE + 3, generator=torch.Generator().manual_seed(2)), torch.randn(77, 9)]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.amos_fused.max_abs(xs))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=str)
+def test_max_abs_rejects_other_dtypes_naming_the_tensor(dtype):
+    xs = [torch.ones(3), torch.ones(4, dtype=dtype)]
+    with pytest.raises(RuntimeError, match=r"max_abs: xs\[1\] is (Double|Int); this op takes fp32, bf16 or fp16"):
+        torch.ops.amos_fused.max_abs(xs)

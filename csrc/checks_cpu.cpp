@@ -1,0 +1,123 @@
+// amos_fused::max_abs(Tensor[] xs) -> Tensor: max|x| of each CPU tensor, in one read of each.
+// The optimizer's non-finite gradient check on CPU: the result is NaN for a tensor holding a NaN
+// and inf for one holding +-Inf (and no NaN), so one look at a few floats tells whether the
+// step must be skipped. (On CUDA the optimizer uses torch._foreach_norm(ord=inf).)
+//
+// Work is cut into pieces of at most kPiece elements, spread over at::parallel_for; a max is
+// exact whatever the order, so the result does not depend on the number of threads.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace amos {
+namespace {
+
+constexpr int64_t kPiece = 1 << 16;   // elements per piece (256 KiB of fp32)
+constexpr int64_t kSerial = 1 << 16;  // fewer elements in all: the calling thread does it
+constexpr int64_t kAhead = 1024;      // bytes prefetched ahead: more reads in flight than the
+                                      // hardware prefetcher keeps alone
+
+// The largest magnitude among n floats given as their bit patterns (Bits: uint32_t for fp32,
+// uint16_t for bf16 and fp16). With the sign bit cleared, IEEE floats order like their bits as
+// integers, +0 < finite < +Inf < NaN, so an integer max is exact, keeps a NaN wherever it sits
+// and vectorises with SSE2 (whose float max drops NaN depending on the operand order). The
+// magnitudes fit in the signed range, so signed compares (pcmpgtd, pmaxsw) do.
+template <typename Bits, typename Signed>
+Signed max_magnitude(const Bits* __restrict__ x, int64_t n) {
+  constexpr Bits kMagnitude = std::numeric_limits<Signed>::max();  // all bits but the sign
+  constexpr int kLanes = 64 / sizeof(Bits);  // one cache line per iteration
+  Signed acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kAhead, 0, 0);  // never faults
+    for (int j = 0; j < kLanes; ++j) {
+      const Signed a = static_cast<Signed>(x[i + j] & kMagnitude);
+      acc[j] = acc[j] > a ? acc[j] : a;
+    }
+  }
+  Signed m = 0;
+  for (; i < n; ++i) {
+    const Signed a = static_cast<Signed>(x[i] & kMagnitude);
+    m = m > a ? m : a;
+  }
+  for (int j = 0; j < kLanes; ++j) m = m > acc[j] ? m : acc[j];
+  return m;
+}
+
+// max|x| over x[begin, end) as the bit pattern of a non-negative fp32 (NaN stays NaN: widening
+// bf16 and fp16 to fp32 keeps the order, Inf and NaN).
+uint32_t piece_max_bits(const at::Tensor& x, int64_t begin, int64_t end) {
+  const int64_t n = end - begin;
+  float f;
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return static_cast<uint32_t>(
+          max_magnitude<uint32_t, int32_t>(static_cast<const uint32_t*>(x.const_data_ptr()) + begin, n));
+    case at::kBFloat16: {
+      const auto m = max_magnitude<uint16_t, int16_t>(static_cast<const uint16_t*>(x.const_data_ptr()) + begin, n);
+      f = static_cast<float>(c10::BFloat16(static_cast<uint16_t>(m), c10::BFloat16::from_bits()));
+      break;
+    }
+    default: {  // kHalf (checked by the caller)
+      const auto m = max_magnitude<uint16_t, int16_t>(static_cast<const uint16_t*>(x.const_data_ptr()) + begin, n);
+      f = static_cast<float>(c10::Half(static_cast<uint16_t>(m), c10::Half::from_bits()));
+    }
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits & 0x7FFFFFFFu;
+}
+
+struct Piece {
+  int64_t tensor, begin, end;
+};
+
+at::Tensor max_abs_cpu(at::TensorList xs) {
+  const int64_t nt = static_cast<int64_t>(xs.size());
+  std::vector<at::Tensor> flat(nt);  // contiguous (a copy only for a non-contiguous tensor)
+  std::vector<Piece> pieces;
+  int64_t total = 0;
+  for (int64_t i = 0; i < nt; ++i) {
+    const at::Tensor& x = xs[i];
+    TORCH_CHECK(x.device().is_cpu(), "amos_fused.max_abs: xs[", i, "] is on ", x.device(),
+                "; this op takes CPU tensors (for CUDA tensors use torch._foreach_norm(xs, float('inf')))");
+    const auto dt = x.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "amos_fused.max_abs: xs[", i,
+                "] is ", dt, "; this op takes fp32, bf16 or fp16 tensors (for others use x.abs().amax())");
+    flat[i] = x.contiguous();
+    const int64_t n = x.numel();
+    for (int64_t b = 0; b < n; b += kPiece) pieces.push_back({i, b, std::min(n, b + kPiece)});
+    total += n;
+  }
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  std::vector<uint32_t> partial(np);
+  const int64_t grain = total < kSerial ? std::max<int64_t>(np, 1) : 1;  // waking threads costs more
+  at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      partial[k] = piece_max_bits(flat[pieces[k].tensor], pieces[k].begin, pieces[k].end);
+  });
+  std::vector<uint32_t> bits(nt, 0);  // +0.0f: the max of an empty tensor
+  for (int64_t k = 0; k < np; ++k) bits[pieces[k].tensor] = std::max(bits[pieces[k].tensor], partial[k]);
+  at::Tensor out = at::empty({nt}, at::TensorOptions().dtype(at::kFloat));
+  std::memcpy(out.data_ptr<float>(), bits.data(), nt * sizeof(float));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(amos_fused, m) { m.def("max_abs(Tensor[] xs) -> Tensor"); }
+
+// CompositeExplicitAutograd, not CPU: an empty list (no tensor to dispatch on) gets its empty
+// result, and tensors of other devices get the clear error above rather than "not implemented".
+TORCH_LIBRARY_IMPL(amos_fused, CompositeExplicitAutograd, m) { m.impl("max_abs", &max_abs_cpu); }
+
+}  // namespace amos
