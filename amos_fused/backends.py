@@ -1,7 +1,9 @@
 """The one place that chooses how a step is computed.
 
-A backend is a function `step(params, grads, states, group, grad_scale)` that applies one
-Amos step (ALGORITHM.md) to the tensors of one param group, with `state["step"]` already t.
+A backend is a function `step(params, grads, states, group, grad_scale, skip=None)` that applies
+one Amos step (ALGORITHM.md) to the tensors of one param group, with `state["step"]` already t.
+`skip` is None, or the step's verdict as a 0-d fp32 tensor on the device (optimizer.py): the
+fused backends read it in their kernels (no host sync) and change nothing when it is nonzero.
 Each entry of `_BACKENDS` says whether it can run on a device and, if not, why.
 """
 from .reference import reference_step
@@ -9,8 +11,15 @@ from .reference import reference_step
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 
 
+def reference_unless_skipped(params, grads, states, group, grad_scale=None, skip=None):
+    """The reference step behind a verdict: it reads `skip` on the host (a sync on CUDA), so the
+    fused backends use it only for the tensors their kernels do not take (fp64, non-contiguous)."""
+    if skip is None or not bool(skip):
+        reference_step(params, grads, states, group, grad_scale)
+
+
 def _reference(device):
-    return reference_step, None
+    return reference_unless_skipped, None
 
 
 def _triton(device):
@@ -67,7 +76,7 @@ def resolve(name, device):
             fn, _ = _BACKENDS[candidate](device)
             if fn is not None:
                 return fn
-        return reference_step
+        return reference_unless_skipped
     fn, why = _BACKENDS[name](device)
     if fn is None:
         raise RuntimeError(f"backend={name!r} cannot run on {device}: {why}. Use backend='auto' or 'reference'.")

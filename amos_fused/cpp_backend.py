@@ -10,7 +10,7 @@ parameters (the kernels compute in fp32) and non-contiguous parameters or moment
 """
 import torch
 
-from .reference import reference_step
+from .backends import reference_unless_skipped
 
 try:
     from . import _C
@@ -22,9 +22,17 @@ SCHEDULE_CODE = {"amos": 0, "constant": 1, "inverse_time": 2, "inverse_square": 
 
 if _C is not None:
     @torch.library.register_fake("amos_fused::amos_step_")
-    def _amos_step_fake(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, schedule, beta,
+    def _amos_step_fake(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, schedule, beta,
                         eps, momentum, clip_value, d_coef, c_coef, extra_l2, q, half_life):
         return None
+
+# max|x| per tensor on the CPU (csrc/checks_cpu.cpp), for Amos' skip test; None when not built
+max_abs = getattr(torch.ops.amos_fused, "max_abs", None) if _C is not None else None
+
+if max_abs is not None:
+    @torch.library.register_fake("amos_fused::max_abs")
+    def _max_abs_fake(xs):
+        return xs[0].new_empty((len(xs),), dtype=torch.float32)
 
 
 def unavailable(kind):
@@ -46,15 +54,15 @@ def _kernel_takes(p, state, momentum):
 
 
 @torch.no_grad()
-def fused_step(params, grads, states, group, grad_scale=None):
+def fused_step(params, grads, states, group, grad_scale=None, skip=None):
     """One step of a group's tensors on one device (CPU or CUDA) with the compiled kernels."""
     mom = group["momentum"]
     fast = [i for i, p in enumerate(params) if _kernel_takes(p, states[i], mom)]
     if len(fast) < len(params):
         taken = set(fast)
         slow = [i for i in range(len(params)) if i not in taken]
-        reference_step([params[i] for i in slow], [grads[i] for i in slow], [states[i] for i in slow], group,
-                       grad_scale)
+        reference_unless_skipped([params[i] for i in slow], [grads[i] for i in slow], [states[i] for i in slow],
+                                 group, grad_scale, skip)
     if not fast:
         return
     device = params[fast[0]].device
@@ -71,10 +79,12 @@ def fused_step(params, grads, states, group, grad_scale=None):
         lr, lr_tensor = 0.0, lr.detach().to(torch.float32)
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, torch.float32)
+    if skip is not None:
+        skip = skip.to(device, torch.float32)
     torch.ops.amos_fused.amos_step_(
         [params[i] for i in fast], gs, [states[i]["v"] for i in fast], [states[i]["b"] for i in fast],
         [states[i]["m"] for i in fast] if mom > 0 else [], [states[i]["step"] for i in fast],
         [float(states[i]["eta"]) for i in fast], float(lr), lr_tensor,
-        grad_scale, SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(mom),
+        grad_scale, skip, SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(mom),
         float(group["clip_value"] or 0.0), float(group["d_coef"]), float(group["c_coef"]),
         float(group["extra_l2"]), float(group["q"]), float(group["half_life"] or 0.0))

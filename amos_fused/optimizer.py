@@ -7,7 +7,7 @@ import torch
 
 from . import backends, distributed
 from .distributed import local
-from .reference import compute_dtype, reference_step
+from .reference import compute_dtype
 from .schedules import CLOSED_FORMS, DECAYING
 from .slices import GRANULARITIES, default_eta, slice_shape
 
@@ -95,11 +95,18 @@ class Amos(torch.optim.Optimizer):
             params came without names); None falls back to the group's ``eta`` rule.
         granularity: ``"row"`` (default), ``"tensor"`` or ``"element"``: the slices of ``v``.
         backend: ``"auto"`` or an explicit backend from ``amos_fused.backends.BACKENDS``.
+        capturable: no host synchronisation at all in ``step()``, so a whole training step can be
+            captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device
+            (LR schedulers fill it in place, so replays see new values). Needs a fused backend
+            ("cuda" or "triton") for CUDA parameters.
 
-    A step whose gradients hold NaN or Inf, or whose unscaled, clipped gradient has a slice sum
-    of squares that overflows (|g| ~ 1e19 and up in fp32), changes nothing: it is counted in
-    ``skipped_steps`` and warned about once. With ``torch.amp.GradScaler`` the scaler's
-    ``found_inf`` decides the skip and the gradients are unscaled inside the step.
+    A step is skipped (changes nothing; counted in ``skipped_steps``) when GradScaler's
+    ``found_inf`` is set, or when for some parameter the unscaled, clipped gradient x has
+    ``max|x|`` NaN or Inf, or ``C * max|x|**2`` overflows the compute dtype (C: the slice length),
+    the bound that guarantees no slice sum S_r = sum x*x can overflow (|x| ~ 1.8e19/sqrt(C) and
+    up in fp32). Without a scaler a skip is also warned about once. The decision is made on the
+    gradients' device: on CUDA nothing waits for the GPU (the kernels read the verdict), on the
+    CPU it is read at once.
     """
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
@@ -107,7 +114,7 @@ class Amos(torch.optim.Optimizer):
     def __init__(self, params, lr=None, *, schedule="amos", half_life=None, q=1.0, beta=0.999,
                  momentum=0.9, momentum_dtype=None, clip_value=None, d_coef=0.25, c_coef=0.25,
                  extra_l2=0.0, eps=2.0**-125, eta=None, eta_fn=None, granularity="row",
-                 backend="auto"):
+                 backend="auto", capturable=False):
         defaults = dict(lr=lr, schedule=schedule, half_life=half_life, q=q, beta=beta,
                         momentum=momentum, momentum_dtype=momentum_dtype, clip_value=clip_value,
                         d_coef=d_coef, c_coef=c_coef, extra_l2=extra_l2, eps=eps, eta=eta,
@@ -115,11 +122,27 @@ class Amos(torch.optim.Optimizer):
         backends.check_backend(backend)
         if eta_fn is not None and not callable(eta_fn):
             raise TypeError(f"Amos: eta_fn must be callable as eta_fn(name, param), got {eta_fn!r}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"Amos: capturable must be True or False, got {capturable!r}")
         self.backend = backend
         self.eta_fn = eta_fn
-        self.skipped_steps = 0  # steps skipped for non-finite gradients or GradScaler's found_inf
+        self.capturable = capturable
+        self._skipped = 0  # skips decided on the host ...
+        self._skipped_on = {}  # ... and on each device: 0-d fp32 counters, read by skipped_steps
+        self._pending = None  # (event, pinned flag) of the last CUDA verdict, for the warning
         self._warned_nonfinite = False
+        self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
         super().__init__(params, defaults)
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for non-finite gradients or GradScaler's found_inf (reading it waits for
+        the GPU when the verdicts were counted there)."""
+        return self._skipped + sum(int(c.item()) for c in self._skipped_on.values())
+
+    @skipped_steps.setter
+    def skipped_steps(self, n):
+        self._skipped, self._skipped_on = int(n), {}
 
     # ---- groups and eta -------------------------------------------------------------------
     def add_param_group(self, param_group):
@@ -132,6 +155,12 @@ class Amos(torch.optim.Optimizer):
             group["lr"] = DEFAULT_LR[group["schedule"]]
         where = f"Amos param group {len(self.param_groups)}"
         check_options(group, where)
+        if self.capturable and not torch.is_tensor(group["lr"]):
+            # a float is baked into a captured graph; a tensor is read at every replay
+            first = next((p[1] if isinstance(p, tuple) else p for p in
+                          ([group["params"]] if torch.is_tensor(group["params"]) else group["params"])), None)
+            device = distributed.local(first).device if first is not None else None
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         tensors = [p[1] if isinstance(p, tuple) else p for p in
                    ([group["params"]] if torch.is_tensor(group["params"]) else list(group["params"]))]
         for i, p in enumerate(tensors):
@@ -191,16 +220,17 @@ class Amos(torch.optim.Optimizer):
             state["m"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
         return state
 
-    def _check_state(self, p, group, where):
-        state = self.state.get(p, {})
+    def _check_state(self, p, group, group_index, i):
+        state = self.state[p]
         shape = distributed.slice_state_shape(p, group["granularity"])  # (R,), or p's shape (FSDP2, "element")
         if "v" in state and tuple(state["v"].shape) != shape:
-            raise ValueError(f"{where}: state 'v' has shape {tuple(state['v'].shape)} but granularity="
-                             f"{group['granularity']!r} needs {shape}; a group's granularity cannot change "
-                             "once it has state: build a new optimizer")
+            raise ValueError(f"{self._param_name(group_index, group, i)}: state 'v' has shape "
+                             f"{tuple(state['v'].shape)} but granularity={group['granularity']!r} needs {shape}; a "
+                             "group's granularity cannot change once it has state: build a new optimizer")
         if "m" in state and state["m"].shape != p.shape:
-            raise ValueError(f"{where}: state 'm' has shape {tuple(state['m'].shape)}, parameter has "
-                             f"{tuple(p.shape)}; the state belongs to another model")
+            raise ValueError(f"{self._param_name(group_index, group, i)}: state 'm' has shape "
+                             f"{tuple(state['m'].shape)}, parameter has {tuple(p.shape)}; the state belongs to "
+                             "another model")
 
     def load_state_dict(self, state_dict):
         """Load `state_dict` after checking that it fits these parameters (if not, nothing changes).
@@ -264,116 +294,203 @@ class Amos(torch.optim.Optimizer):
             check_options(group, f"Amos param group {gi}")
             params, grads = [], []
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                g, where = p.grad, self._param_name(gi, group, i)
                 if g.is_sparse:
-                    raise TypeError(f"{where}: sparse gradients are not supported; use dense gradients "
-                                    "(e.g. nn.Embedding(..., sparse=False))")
-                if g.shape != p.shape or g.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                    raise ValueError(f"{where}: gradient has shape {tuple(g.shape)} and dtype {g.dtype}; it must "
-                                     "have the parameter's shape and a floating-point dtype")
+                    raise TypeError(f"{self._param_name(gi, group, i)}: sparse gradients are not supported; use "
+                                    "dense gradients (e.g. nn.Embedding(..., sparse=False))")
+                if g.shape != p.shape or g.dtype not in _GRAD_DTYPES:
+                    raise ValueError(f"{self._param_name(gi, group, i)}: gradient has shape {tuple(g.shape)} and "
+                                     f"dtype {g.dtype}; it must have the parameter's shape and a floating-point dtype")
                 if g.device != p.device:
-                    raise ValueError(f"{where}: gradient is on {g.device}, parameter on {p.device}; move them together")
-                self._check_state(p, group, where)
+                    raise ValueError(f"{self._param_name(gi, group, i)}: gradient is on {g.device}, parameter on "
+                                     f"{p.device}; move them together")
+                if p in self.state:
+                    self._check_state(p, group, gi, i)
                 params.append(p)
                 grads.append(g)
             work.append((group, params, grads))
         return work
 
-    def _should_skip(self, work):
-        """True when GradScaler found inf or a gradient is non-finite: then nothing changes."""
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return True
-        # DTensor (FSDP2) gradients: each rank checks its shard, and all ranks must agree to skip
-        nonfinite = self._nonfinite([(group, [local(p) for p in ps], [local(g) for g in gs]) for group, ps, gs in work])
-        sharded = [p for _, ps, _ in work for p in ps if distributed.is_sharded(p)]
-        if sharded:
-            nonfinite = distributed.any_rank(nonfinite, sharded)
-        if nonfinite:
-            if not self._warned_nonfinite:
-                warnings.warn("Amos: a gradient holds NaN or Inf, or its sum of squares overflows; the step was "
-                              "skipped (parameters and state unchanged) and counted in optimizer.skipped_steps. "
-                              "This warning is shown once.")
-                self._warned_nonfinite = True
-            return True
-        return False
+    # ---- the skip verdict -----------------------------------------------------------------
+    def _verdicts(self, work):
+        """{device: 0-d fp32 tensor, 1.0 when this step must be skipped}, computed on the device.
 
-    def _nonfinite(self, work):
-        """True when a gradient holds NaN/Inf, or a slice's S_r = sum g*g would overflow.
-
-        A finite gradient can still overflow S_r (1e30**2 in fp32), which would write inf into v
-        and NaN into b and the parameters. One fused norm per gradient finds both cases (a finite
-        ||g/grad_scale||**2 bounds every S_r); only when it is not finite do we check exactly what
-        the backends square: the unscaled, clipped gradient in the compute dtype.
+        The test (class docstring): GradScaler's found_inf, or for some parameter max|x| of its
+        unscaled, clipped gradient x NaN/Inf or C * max|x|**2 past the compute dtype's range.
+        max|g| per gradient takes one fused read of all gradients (torch._foreach_norm with
+        ord=inf on CUDA; the extension's max_abs on the CPU, faster than torch's there).
         """
         grad_scale = getattr(self, "grad_scale", None)
-        items = [(p, g, group) for group, ps, gs in work for p, g in zip(ps, gs) if g.numel()]
-        if not items:
-            return False
-        # An upper bound of ||g / grad_scale||**2 per gradient, which bounds every S_r: for large
-        # gradients numel * max|g|**2 from aminmax (one vectorised read, about twice as fast as a
-        # norm on CPU, where this check cost as much as the fused step), for small ones the norm
-        # itself (one fused call for all of them). NaN propagates through both.
-        big = [i for i, (_, g, _) in enumerate(items) if g.numel() >= 1 << 16]
-        small = [i for i, (_, g, _) in enumerate(items) if g.numel() < 1 << 16]
-        bound = {}
-        for i in big:
-            g = items[i][1]
-            lo, hi = torch.aminmax(g)
-            bound[i] = (torch.maximum(-lo, hi), float(g.numel()))
-        if small:
-            for i, n in zip(small, torch._foreach_norm([items[i][1] for i in small])):
-                bound[i] = (n, 1.0)
-        flags = {}  # one host sync per device
-        for i, (p, _, _) in enumerate(items):
-            n, count = bound[i]
-            n = n.to(compute_dtype(p))
+        found_inf = getattr(self, "found_inf", None)
+        by_key = {}
+        for group, ps, gs in work:
+            for p, g in zip(ps, gs):
+                g = local(g)
+                if g.numel():
+                    wide = g.dtype == torch.float64 or p.dtype == torch.float64
+                    by_key.setdefault((g.device, wide), []).append((p, g, group))
+        flags = {}
+        for (device, wide), items in by_key.items():
+            cdt = torch.float64 if wide else torch.float32
+            C, clip = self._bound_vectors(device, cdt, items)
+            x = _max_abs([g for _, g, _ in items], cdt)
             if grad_scale is not None:
-                n = n / grad_scale.to(n.device, n.dtype)
-            flags.setdefault(n.device, []).append((n * n * count).isfinite())
-        if all(bool(torch.stack(f).all()) for f in flags.values()):
-            return False
-        for p, g, group in items:
-            x = g.to(compute_dtype(p))
-            if grad_scale is not None:
-                x = x / grad_scale.to(x.device, x.dtype)
-            if group["clip_value"] is not None:
-                x = x.clamp(-group["clip_value"], group["clip_value"])
-            S = (x * x).reshape(slice_shape(p.shape, group["granularity"])).sum(dim=1)
-            if not (bool(g.isfinite().all()) and bool(S.isfinite().all())):
-                return True
-        return False
+                x = x / grad_scale.to(device, cdt)
+            bound = torch.minimum(x, clip).square() * C
+            bad = (~bound.isfinite()).any().to(torch.float32)
+            flags[device] = torch.maximum(flags[device], bad) if device in flags else bad
+        if found_inf is not None:
+            for device in {local(p).device for _, ps, _ in work for p in ps}:
+                inf = found_inf.reshape(()).to(device, torch.float32)
+                flags[device] = torch.maximum(flags[device], inf) if device in flags else inf
+        return flags
 
-    def _step_function(self, device, params):
-        # The fused backends step plain tensors; DTensor (FSDP2) parameters run the reference
-        # path, whose phase 2 all-reduces the statistics that span ranks (distributed.py).
-        if any(distributed.is_dtensor(p) for p in params):
-            return reference_step
-        return backends.resolve(self.backend, device)
+    def _bound_vectors(self, device, cdt, items):
+        """The slice lengths C and clip values (inf: none) of `items`, cached on the device: a
+        new tensor from a list would copy from the host at every step (and cannot be captured)."""
+        key = (device, cdt, tuple(id(p) for p, _, _ in items),
+               tuple((g["granularity"], g["clip_value"]) for g in {id(g): g for _, _, g in items}.values()))
+        hit = self._bound_cache.get(key)
+        if hit is None:
+            if len(self._bound_cache) > 64:  # param lists change rarely; bound the cache anyway
+                self._bound_cache.clear()
+            C = [float(slice_shape(p.shape, g["granularity"])[1]) for p, _, g in items]
+            clip = [math.inf if g["clip_value"] is None else float(g["clip_value"]) for _, _, g in items]
+            hit = self._bound_cache[key] = (torch.tensor(C, dtype=cdt, device=device),
+                                            torch.tensor(clip, dtype=cdt, device=device))
+        return hit
 
+    def _found_inf_set(self):
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.reshape(()).item())
+
+    def _warn_nonfinite(self):
+        if not self._warned_nonfinite:
+            warnings.warn("Amos: a gradient holds NaN or Inf, or its sum of squares overflows; the step was "
+                          "skipped (parameters and state unchanged) and counted in optimizer.skipped_steps. "
+                          "This warning is shown once.")
+            self._warned_nonfinite = True
+
+    def _check_pending(self):
+        """Warn about a skip decided on the GPU at an earlier step, once its verdict has arrived
+        (without waiting for it: the warning may come a step late)."""
+        if self._pending is not None and self._pending[0].query():
+            event, flag, scaled = self._pending
+            self._pending = None
+            if flag.item() and not scaled:
+                self._warn_nonfinite()
+
+    # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_pending()
         work = self._collect()
-        if self._should_skip(work):
-            self.skipped_steps += 1
-            return loss
         grad_scale = getattr(self, "grad_scale", None)
+        if any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
+            return self._sharded_step(work, grad_scale, loss)
         calls = []  # per group, (step function, indices) per device; resolved first: an error changes nothing
         for group, params, grads in work:
             by_device = {}
             for i, p in enumerate(params):
                 by_device.setdefault(p.device, []).append(i)
-            calls.append([(self._step_function(device, [params[i] for i in idx]), idx) for device, idx in by_device.items()])
+            calls.append([(backends.resolve(self.backend, device), idx) for device, idx in by_device.items()])
+        devices = {p.device for _, ps, _ in work for p in ps}
+        # On the device (no host sync) when every parameter is on one CUDA device, or capturable;
+        # else (the CPU, several devices) the verdict is read on the host first.
+        on_device = len(devices) == 1 and (self.capturable or next(iter(devices)).type == "cuda")
+        if self.capturable:
+            self._check_capturable(work, calls, on_device)
+        flags = self._verdicts(work)
+        skip = None
+        if on_device:
+            device = next(iter(devices))
+            skip = flags.get(device)
+            if skip is None:  # no gradient has elements and no scaler: nothing can be wrong
+                skip = torch.zeros((), dtype=torch.float32, device=device)
+            counter = self._skipped_on.get(device)
+            if counter is None:
+                counter = self._skipped_on[device] = torch.zeros((), dtype=torch.float32, device=device)
+            counter.add_(skip)
+            if not self.capturable and device.type == "cuda":
+                self._remember(skip)
+            keep = 1.0 - skip
+        elif any(bool(f) for f in flags.values()):
+            self._count_host_skip()
+            return loss
         for (group, params, grads), group_calls in zip(work, calls):
             states = [self._state_for(p, group) for p in params]
-            for state in states:
-                state["step"] += 1
+            steps = [st["step"] for st in states]
+            if steps:
+                if skip is None:
+                    torch._foreach_add_(steps, 1.0)
+                else:
+                    torch._foreach_add_(steps, keep)
             for fn, idx in group_calls:
-                fn([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
+                args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
+                fn(*args) if skip is None else fn(*args, skip=skip)
         return loss
+
+    def _sharded_step(self, work, grad_scale, loss):
+        """FSDP2 (DTensor parameters): the reference math with one all-reduce per step, which
+        also carries every rank's verdict, so all ranks skip alike (distributed.sharded_step)."""
+        if self.capturable:
+            raise RuntimeError("Amos(capturable=True): DTensor (FSDP2) parameters are stepped with an all-reduce "
+                               "whose verdict is read on the host; use capturable=False")
+        flags = self._verdicts(work)
+        device = next(local(p).device for _, ps, _ in work for p in ps)
+        skip = torch.zeros((), dtype=torch.float32, device=device)
+        for flag in flags.values():
+            skip = torch.maximum(skip, flag.to(device))
+        if distributed.sharded_step(self, work, grad_scale, skip):
+            self._count_host_skip()
+        return loss
+
+    def _count_host_skip(self):
+        self._skipped += 1
+        if not self._found_inf_set():
+            self._warn_nonfinite()
+
+    def _remember(self, skip):
+        """Keep a host copy of this step's verdict (arriving asynchronously) for the warning."""
+        flag = torch.empty((), dtype=torch.float32, pin_memory=True)
+        flag.copy_(skip, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (event, flag, getattr(self, "found_inf", None) is not None)
+
+    def _check_capturable(self, work, calls, on_device):
+        """capturable=True: raise, before anything changes, for a setup that needs the host."""
+        if not on_device:
+            raise RuntimeError("Amos(capturable=True): every parameter must be on one device and none a DTensor "
+                               "(FSDP2 steps read the verdict of all ranks on the host); use capturable=False")
+        for (group, params, _), group_calls in zip(work, calls):
+            for fn, idx in group_calls:
+                if params and params[idx[0]].device.type == "cuda" and fn is backends.reference_unless_skipped:
+                    raise RuntimeError("Amos(capturable=True): CUDA parameters need a fused backend ('cuda' or "
+                                       f"'triton'), but backend={self.backend!r} runs the reference path here")
+            for p in params:
+                if p.dtype == torch.float64 or not p.is_contiguous():
+                    raise RuntimeError(f"Amos(capturable=True): a parameter of shape {tuple(p.shape)} is "
+                                       f"{'fp64' if p.dtype == torch.float64 else 'not contiguous'}; the fused "
+                                       "kernels take contiguous fp32/bf16/fp16 parameters only")
+
+
+_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _max_abs(grads, dtype):
+    """max|g| of each gradient (NaN if it holds one) as one `dtype` vector on their device."""
+    if grads[0].device.type == "cpu" and dtype == torch.float32 and _cpu_max_abs() is not None:
+        return _cpu_max_abs()(grads)
+    return torch.stack(torch._foreach_norm(grads, float("inf"), dtype=dtype))
+
+
+def _cpu_max_abs():
+    from . import cpp_backend
+    return cpp_backend.max_abs

@@ -17,12 +17,13 @@ non-contiguous params or momentum, and state loaded in another dtype or on anoth
 Zero-size tensors are skipped, as on the reference path.
 """
 import contextlib
+import struct
 
 import torch
 
 from .kernels import amos_triton as K
 from .kernels import tables
-from .reference import reference_step
+from .backends import reference_unless_skipped
 
 _TL_DTYPE = {torch.float32: K.tl.float32, torch.bfloat16: K.tl.bfloat16, torch.float16: K.tl.float16}
 
@@ -50,7 +51,7 @@ def _scalars(group, device):
     else:
         out["lr"] = float(lr)
     beta = group["beta"]
-    beta32 = float(torch.tensor(beta, dtype=torch.float32))
+    beta32 = struct.unpack("f", struct.pack("f", beta))[0]  # fp32(beta), without a tensor
     out.update(
         # fp32(beta) for beta*v; the pair (beta32, beta_lo) gives beta**t in fp64, as the reference
         beta=beta32, beta_lo=beta - beta32, one_minus_beta=1.0 - beta, eps=group["eps"],
@@ -62,7 +63,7 @@ def _scalars(group, device):
 
 
 @torch.no_grad()
-def triton_step(params, grads, states, group, grad_scale=None):
+def triton_step(params, grads, states, group, grad_scale=None, skip=None):
     """One Amos step for the tensors of a group on one device (`state["step"]` is already t)."""
     momentum = group["momentum"] > 0
     fallback, combos = [], {}
@@ -78,7 +79,7 @@ def triton_step(params, grads, states, group, grad_scale=None):
         combo[1].append(g.contiguous())
         combo[2].append(st)
     if fallback:
-        reference_step(*map(list, zip(*fallback)), group, grad_scale)
+        reference_unless_skipped(*map(list, zip(*fallback)), group, grad_scale, skip)
     if not combos:
         return
     device = next(iter(combos.values()))[0][0].device
@@ -90,26 +91,27 @@ def triton_step(params, grads, states, group, grad_scale=None):
     with guard:
         for (pd, gd, md), (ps, gs, sts) in combos.items():
             plan = tables.get_plan(ps, gs, sts, closed, HEURISTIC, momentum)
-            _launch(plan, plan.g_table(gs), sc, group["schedule"], grad_scale,
+            _launch(plan, plan.g_table(gs), sc, group["schedule"], grad_scale, skip,
                     dict(P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd], M_DTYPE=_TL_DTYPE[md or pd],
                          MOMENTUM=momentum, CLIP=group["clip_value"] is not None))
 
 
-def _launch(plan, g_table, sc, schedule, grad_scale, dtypes):
+def _launch(plan, g_table, sc, schedule, grad_scale, skip, dtypes):
     h = plan.heuristic
     dummy = plan.tensor_a  # stands for absent pointers (never read)
     lr_ptr = sc["lr_ptr"] if sc["lr_ptr"] is not None else dummy
     scale_ptr = grad_scale if grad_scale is not None else dummy
+    skip_ptr = skip if skip is not None else dummy
     sched = K.SCHEDULE_CODE[schedule]
-    flags = dict(SCHED=sched, HAS_SCALE=grad_scale is not None, LR_IS_PTR=sc["LR_IS_PTR"], RTNE=K.INTERPRET,
-                 **dtypes)
+    flags = dict(SCHED=sched, HAS_SCALE=grad_scale is not None, HAS_SKIP=skip is not None, LR_IS_PTR=sc["LR_IS_PTR"],
+                 RTNE=K.INTERPRET, **dtypes)
     step_args = (sc["lr"], lr_ptr, sc["beta"], sc["beta_lo"])
 
     def rows(phase):
         for n_rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles in plan.buckets:
             K._rows_kernel[(ntiles,)](
                 plan.info, plan.finfo, g_table, tiles, slot_i, slot_r, plan.coef_k, plan.coef_d, plan.tensor_a,
-                scale_ptr,
+                scale_ptr, skip_ptr,
                 *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
                 sc["extra_l2"], sc["two_q"], sc["half_life"], sc["momentum"], sc["one_minus_momentum"], sc["clip"],
                 PHASE=phase, ROWS=n_rows, COLB=colb, ONE_BLOCK=one_block, PACKED=packed, num_warps=h.num_warps, **flags)
@@ -118,7 +120,7 @@ def _launch(plan, g_table, sc, schedule, grad_scale, dtypes):
         tiles, ntiles = plan.chunk_tiles
         if ntiles:
             K._chunk_kernel[(ntiles,)](
-                plan.info, g_table, tiles, plan.coef_k, plan.coef_d, plan.partial, plan.tensor_a, scale_ptr,
+                plan.info, g_table, tiles, plan.coef_k, plan.coef_d, plan.partial, plan.tensor_a, scale_ptr, skip_ptr,
                 *step_args, sc["two_q"], sc["half_life"], sc["momentum"], sc["one_minus_momentum"], sc["clip"],
                 PHASE=phase, CHUNK=h.chunk, BLOCK=h.block, num_warps=h.num_warps, **flags)
 
@@ -126,9 +128,9 @@ def _launch(plan, g_table, sc, schedule, grad_scale, dtypes):
         tiles, ntiles = plan.final_tiles
         if ntiles:
             K._split_finalize_kernel[(ntiles,)](
-                plan.info, plan.finfo, tiles, plan.coef_k, plan.coef_d, plan.partial,
+                plan.info, plan.finfo, tiles, plan.coef_k, plan.coef_d, plan.partial, skip_ptr,
                 *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
-                sc["extra_l2"], sc["half_life"], SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"],
+                sc["extra_l2"], sc["half_life"], SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"], HAS_SKIP=skip is not None,
                 ROWS=plan.final_rows, KB=plan.kb, num_warps=4)
 
     fused, reduce, apply = K.FUSED.value, K.REDUCE.value, K.APPLY.value

@@ -76,7 +76,12 @@ struct Scalars {
   const float* lr_ptr;  // null: use lr
   float lr;
   const float* scale_ptr;  // null: no GradScaler
+  const float* skip_ptr;   // null: never skip; else != 0 makes every kernel return at once
 };
+
+// GradScaler's found_inf or Amos' own non-finite check, decided on the device (optimizer.py):
+// every kernel of the step returns before touching anything, so a skipped step is a no-op.
+__device__ __forceinline__ bool skipped(const Scalars& s) { return s.skip_ptr && *s.skip_ptr != 0.0f; }
 
 __device__ __forceinline__ float read_lr(const Scalars& s) { return s.lr_ptr ? *s.lr_ptr : s.lr; }
 __device__ __forceinline__ float read_scale(const Scalars& s) { return s.scale_ptr ? *s.scale_ptr : 1.0f; }
@@ -219,6 +224,7 @@ template <typename Index, int W, int PHASE>
 __global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict__ metas, const Item* __restrict__ items,
                                                         int64_t item0, Hyper h, Scalars sc, float* __restrict__ itemq,
                                                         const float* __restrict__ tAD) {
+  if (skipped(sc)) return;
   __shared__ float smem[kWarps];
   const int64_t it = item0 + blockIdx.x;
   const Item item = items[it];
@@ -261,6 +267,7 @@ __global__ void __launch_bounds__(kThreads) piece_sum_kernel(const TMeta* __rest
                                                              const Item* __restrict__ items, int64_t item0, Hyper h,
                                                              Scalars sc, float* __restrict__ pieceS,
                                                              float* __restrict__ itemq) {
+  if (skipped(sc)) return;
   __shared__ float smem[kWarps];
   const int64_t it = item0 + blockIdx.x;
   const Item item = items[it];
@@ -278,6 +285,7 @@ __global__ void __launch_bounds__(kThreads) piece_sum_kernel(const TMeta* __rest
 __global__ void row_finalize_kernel(const TMeta* __restrict__ metas, const LongRow* __restrict__ rows, int64_t nrows,
                                     int64_t item0, Hyper h, Scalars sc, const float* __restrict__ pieceS,
                                     float* __restrict__ itemq, float* __restrict__ rowKD) {
+  if (skipped(sc)) return;
   const int64_t L = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (L >= nrows) return;
   const LongRow lr = rows[L];
@@ -304,6 +312,7 @@ __global__ void row_finalize_kernel(const TMeta* __restrict__ metas, const LongR
 __global__ void __launch_bounds__(kThreads) tensor_finalize_kernel(const TMeta* __restrict__ metas, Hyper h,
                                                                    Scalars sc, const float* __restrict__ itemq,
                                                                    float* __restrict__ tAD) {
+  if (skipped(sc)) return;
   __shared__ float smem[kWarps];
   const TMeta& T = metas[blockIdx.x];
   float acc = 0.0f;
@@ -318,6 +327,7 @@ __global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __re
                                                                const Item* __restrict__ items, int64_t item0, Hyper h,
                                                                Scalars sc, const float* __restrict__ rowKD,
                                                                const float* __restrict__ tAD) {
+  if (skipped(sc)) return;
   const Item item = items[item0 + blockIdx.x];
   const TMeta& T = metas[item.tensor];
   float K, D;
@@ -527,6 +537,7 @@ void step_cuda(const StepArgs& a) {
     sc.lr = a.lr_tensor->item<float>();  // a CPU tensor: reading it does not wait for the GPU
   }
   sc.scale_ptr = a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr;
+  sc.skip_ptr = a.skip ? a.skip->data_ptr<float>() : nullptr;
   if (plan->idx64) launch<int64_t>(*plan, a.h, sc, stream);
   else launch<int32_t>(*plan, a.h, sc, stream);
   // A plan dropped from the cache frees its buffers; mark them used by this stream so the

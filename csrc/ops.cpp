@@ -10,7 +10,7 @@ namespace {
 
 constexpr const char* kSchema =
     "amos_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
-    "Tensor(d!)[] ms, Tensor[] steps, float[] etas, float lr, Tensor? lr_tensor, Tensor? grad_scale, "
+    "Tensor(d!)[] ms, Tensor[] steps, float[] etas, float lr, Tensor? lr_tensor, Tensor? grad_scale, Tensor? skip, "
     "int schedule, float beta, float eps, float momentum, float clip_value, float d_coef, "
     "float c_coef, float extra_l2, float q, float half_life) -> ()";
 
@@ -47,7 +47,7 @@ bool is_16_or_32(const at::Tensor& t) {
 StepArgs collect(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs,
                  at::TensorList ms, at::TensorList steps, at::ArrayRef<double> etas, double lr,
                  const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                 const Hyper& h) {
+                 const std::optional<at::Tensor>& skip, const Hyper& h) {
   const size_t n = params.size();
   const bool has_m = h.momentum > 0;
   TORCH_CHECK(grads.size() == n && vs.size() == n && bs.size() == n && steps.size() == n &&
@@ -71,6 +71,10 @@ StepArgs collect(at::TensorList params, at::TensorList grads, at::TensorList vs,
   if (grad_scale) {
     check_scalar(*grad_scale, "grad_scale", true);
     a.grad_scale = grad_scale;
+  }
+  if (skip) {
+    check_scalar(*skip, "skip", true);
+    a.skip = skip;
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &v = vs[i], &b = bs[i], &st = steps[i];
@@ -110,12 +114,15 @@ StepArgs collect(at::TensorList params, at::TensorList grads, at::TensorList vs,
 void amos_step(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs,
                at::TensorList ms, at::TensorList steps, at::ArrayRef<double> etas, double lr,
                const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-               int64_t schedule, double beta, double eps, double momentum, double clip_value, double d_coef,
+               const std::optional<at::Tensor>& skip, int64_t schedule, double beta, double eps, double momentum, double clip_value, double d_coef,
                double c_coef, double extra_l2, double q, double half_life, bool cuda) {
   Hyper h = make_hyper(schedule, beta, eps, momentum, clip_value, d_coef, c_coef, extra_l2, q, half_life);
-  StepArgs a = collect(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, h);
+  StepArgs a = collect(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, h);
   if (a.params.empty()) return;
-  if (!cuda) return step_cpu(a);
+  if (!cuda) {
+    if (a.skip && a.skip->item<float>() != 0.0f) return;  // a CPU tensor: no wait
+    return step_cpu(a);
+  }
 #ifdef AMOS_WITH_CUDA
   step_cuda(a);
 #else
@@ -127,9 +134,9 @@ void amos_step(at::TensorList params, at::TensorList grads, at::TensorList vs, a
 void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs,
                    at::TensorList ms, at::TensorList steps, at::ArrayRef<double> etas, double lr,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                   int64_t schedule, double beta, double eps, double momentum, double clip_value,
+                   const std::optional<at::Tensor>& skip, int64_t schedule, double beta, double eps, double momentum, double clip_value,
                    double d_coef, double c_coef, double extra_l2, double q, double half_life) {
-  amos_step(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, schedule, beta, eps, momentum,
+  amos_step(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, schedule, beta, eps, momentum,
             clip_value, d_coef, c_coef, extra_l2, q, half_life, false);
 }
 
@@ -137,9 +144,9 @@ void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList v
 void amos_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs,
                     at::TensorList ms, at::TensorList steps, at::ArrayRef<double> etas, double lr,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                    int64_t schedule, double beta, double eps, double momentum, double clip_value,
+                    const std::optional<at::Tensor>& skip, int64_t schedule, double beta, double eps, double momentum, double clip_value,
                     double d_coef, double c_coef, double extra_l2, double q, double half_life) {
-  amos_step(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, schedule, beta, eps, momentum,
+  amos_step(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, schedule, beta, eps, momentum,
             clip_value, d_coef, c_coef, extra_l2, q, half_life, true);
 }
 #endif

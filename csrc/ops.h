@@ -19,6 +19,7 @@ struct StepArgs {
   double lr;                              // used when lr_tensor is empty
   std::optional<at::Tensor> lr_tensor;    // fp32 0-d
   std::optional<at::Tensor> grad_scale;   // fp32 0-d (GradScaler's scale) or empty
+  std::optional<at::Tensor> skip;         // fp32 one element on the params' device: != 0 skips the step
   Hyper h;
 };
 

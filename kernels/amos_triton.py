@@ -180,12 +180,12 @@ def _closed_coefs(A, sqrt_r, xi, s, two_q):
 
 
 @triton.jit
-def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, tensor_a, scale_ptr, lr, lr_ptr,
+def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, tensor_a, scale_ptr, skip_ptr, lr, lr_ptr,
                  beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, two_q, half_life,
                  momentum, one_minus_momentum, clip,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                  SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
-                 HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
                  ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr, PACKED: tl.constexpr,
                  RTNE: tl.constexpr):
     """A program owns ROWS whole slices (slots).
@@ -209,6 +209,8 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
     R = tl.load(info + i * NINFO + NROWS)
     C = tl.load(info + i * NINFO + NCOLS)
     rmask = (r >= 0) & (r < R)
+    if HAS_SKIP:  # a skipped step (found_inf / non-finite gradients, decided on the device) stores nothing
+        rmask = rmask & (tl.load(skip_ptr + tl.zeros_like(r)) == 0)  # a vector load: the interpreter needs it
     p_ptr = _col(_ptr(info, i, P_ADDR, P_DTYPE), PACKED)
     g_ptr = _col(tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE)), PACKED)
     m_ptr = _col(_ptr(info, i, M_ADDR, M_DTYPE), PACKED)
@@ -269,11 +271,11 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
 
 
 @triton.jit
-def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale_ptr, lr, lr_ptr,
+def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale_ptr, skip_ptr, lr, lr_ptr,
                   beta, beta_lo, two_q, half_life, momentum, one_minus_momentum, clip,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                   SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, RTNE: tl.constexpr):
     """Part of one long slice: tile = (tensor, row, first column, chunk index)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -305,15 +307,17 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
         m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)
         for c in range(0, CHUNK, BLOCK):
             mask = (col0 + c + cols) < C
+            if HAS_SKIP:
+                mask = mask & (tl.load(skip_ptr + tl.zeros_like(cols)) == 0)
             g = _load_g(g_ptr, start + c + cols, mask, scale_ptr, clip, HAS_SCALE, CLIP)
             _apply(p_ptr, m_ptr, start + c + cols, mask, g, K, D, momentum, one_minus_momentum,
                    P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
 
 
 @triton.jit
-def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, lr, lr_ptr,
+def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, skip_ptr, lr, lr_ptr,
                            beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, half_life,
-                           SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, ROWS: tl.constexpr,
+                           SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SKIP: tl.constexpr, ROWS: tl.constexpr,
                            KB: tl.constexpr):
     """Long slices: S_r = sum of the row's chunk partials (fixed order), then finalize."""
     pid = tl.program_id(0).to(tl.int64)
@@ -327,6 +331,8 @@ def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, lr, lr_p
     xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, True, False)
     rows = row0 + tl.arange(0, ROWS).to(tl.int64)
     rmask = rows < R
+    if HAS_SKIP:
+        rmask = rmask & (tl.load(skip_ptr + tl.zeros_like(rows)) == 0)
     ks = tl.arange(0, KB).to(tl.int64)
     acc = tl.zeros((ROWS, KB), dtype=tl.float32)
     for k0 in range(0, nsplit, KB):
