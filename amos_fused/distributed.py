@@ -198,23 +198,6 @@ def sharded_step(optimizer, work, grad_scale, skip):
     return False
 
 
-def any_rank(flag, params):
-    """`flag` (a bool) OR-ed over the ranks sharing `params`' meshes (one tiny all-reduce each).
-
-    The skip decision for non-finite gradients must be the same on every rank: a rank that
-    skips while another steps would leave the others waiting in `complete_sums`.
-    """
-    groups = {}
-    for p in params:
-        if is_sharded(p):
-            groups.setdefault(_group(p), local(p).device)
-    for pg, device in groups.items():
-        x = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=pg)
-        flag = bool(x.item())
-    return flag
-
-
 def mean_square(p):
     """Mean of p*p over the global tensor, in fp64 (the default eta is its square root)."""
     if not is_sharded(p):
