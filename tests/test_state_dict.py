@@ -148,8 +148,7 @@ def test_cpu_state_loads_onto_cuda_and_continues():
         assert st["v"].dtype == torch.float32 and st["m"].dtype == torch.bfloat16
     train(opt, params, 2, start=3)
     for t in (3, 4):
-        for n, p in gpu.items():
-            set_grads({n: params[n]}, t)  # same seeded values as the CPU run, then moved
+        set_grads(params, t)  # the CPU run's gradients of step t, then moved
         for n, p in gpu.items():
             p.grad = params[n].grad.cuda()
         opt_gpu.step()
