@@ -36,7 +36,8 @@ FAMILIES = [
     ("amos m=0.9 bf16", dict(schedule="amos", momentum=0.9, momentum_dtype=torch.bfloat16)),
     ("inverse_time m=0", dict(schedule="inverse_time", half_life=1000.0, momentum=0.0)),
 ]
-QUICK_COMPILE_FAMILIES = ("amos m=0.9",)  # compiling takes tens of seconds per family on 2 cores
+QUICK_COMPILE_FAMILIES = ("amos m=0.9",)
+KERNEL_ONLY_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed without Amos.step around them  # compiling takes tens of seconds per family on 2 cores
 
 BASELINES = ("compile", "adamw", "adafactor", "apex")
 DEFAULT_SIZES = {"cpu": ("gpt2-124m", "gpt2-350m", "many-small"),
@@ -86,9 +87,10 @@ def _amos_with(step_fn):
     """Amos.step with its backend replaced by `step_fn` (same checks, state and step counter)."""
     calls = []
 
-    def step(params, grads, states, group, grad_scale):
+    def step(params, grads, states, group, grad_scale, skip=None):
         calls.append(1)
-        step_fn(params, grads, states, group, grad_scale)
+        if skip is None or not bool(skip):  # on CUDA Amos hands over its verdict as a tensor
+            step_fn(params, grads, states, group, grad_scale)
 
     with mock.patch.object(backends, "resolve", lambda name, device: step):
         yield
@@ -119,7 +121,27 @@ def amos_backend_rows(requested, device, psize, notes):
                 opt = Amos(params, backend=name, **options)
                 return opt.step, opt
             rows.append(Row(f"amos/{name} {label}", "amos", make, nbytes, rule, family=label, backend=name))
+            if device.type == "cuda" and label in KERNEL_ONLY_FAMILIES:
+                rows.append(Row(f"amos/{name} {label} kernels only", "amos", _kernels_only(name, options), nbytes,
+                                rule, family=label, backend=name))
     return rows
+
+
+def _kernels_only(name, options):
+    """The backend's step function alone, without Amos.step around it (its checks, the
+    non-finite verdict and the step count): what the step costs beyond the kernels."""
+    def make(params):
+        opt = Amos(params, backend=name, **options)
+        fn = backends.resolve(name, params[0].device)
+
+        def step():
+            if "v" not in opt.state[params[0]]:  # the first (untimed) call creates the state
+                return opt.step()
+            group = opt.param_groups[0]
+            ps = [p for p in group["params"] if p.grad is not None]
+            fn(ps, [p.grad for p in ps], [opt.state[p] for p in ps], group, None)
+        return step, opt
+    return make
 
 
 def compile_rows(psize, quick):
