@@ -132,6 +132,7 @@ class Amos(torch.optim.Optimizer):
         self._pending = None  # (event, pinned flag) of the last CUDA verdict, for the warning
         self._warned_nonfinite = False
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
+        self._state_ok = {}  # id(param) -> what its state was last checked against (_collect)
         super().__init__(params, defaults)
 
     @property
@@ -306,8 +307,13 @@ class Amos(torch.optim.Optimizer):
                 if g.device != p.device:
                     raise ValueError(f"{self._param_name(gi, group, i)}: gradient is on {g.device}, parameter on "
                                      f"{p.device}; move them together")
-                if p in self.state:
-                    self._check_state(p, group, gi, i)
+                state = self.state.get(p)
+                if state:
+                    # checked again only when the granularity or the state tensors change
+                    key = (group["granularity"], id(state.get("v")), id(state.get("m")))
+                    if self._state_ok.get(id(p)) != key:
+                        self._check_state(p, group, gi, i)
+                        self._state_ok[id(p)] = key
                 params.append(p)
                 grads.append(g)
             work.append((group, params, grads))
