@@ -10,13 +10,31 @@
 //   closed forms, long rows: pass 1 reduces (S_r, then v_r and S_r * r_r per row); between the
 //       passes each tensor gets unorm and its coefficients A, D (and long rows their K_r, D_r);
 //       pass 2 applies.
+//
+// Speed: the step is bound by memory traffic, and one core of the small machines this targets
+// reaches its share of DRAM bandwidth only with several streams in flight. So
+//   - whole rows of "amos" are software-pipelined: the loop that applies row r also sums g*g of
+//     row r + 1 (two streams from DRAM, like a += b, instead of one stream at a time);
+//   - a loop that only reads (the closed forms' pass 1) prefetches ahead;
+//   - the loops are templates of the storage types (no call per element or per row), compiled
+//     for any x86-64 (SSE2) and again for AVX2 + F16C, picked at run time: twice the lanes,
+//     which the bf16/fp16 conversions need. Both run the same operations in the same order
+//     (IEEE, no contraction, no reassociation), so they give the same bits.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "ops.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AMOS_CPU_AVX2 1
+#endif
+// the loops are inlined into each target's entry point, so each is compiled for that target
+#define AMOS_CPU_INLINE inline __attribute__((always_inline))
 
 namespace amos {
 namespace {
@@ -24,35 +42,42 @@ namespace {
 constexpr int64_t kLongRow = 65536;  // rows up to this length are one piece's business (256 KiB fp32)
 constexpr int64_t kPiece = 16384;    // target elements per piece of whole rows
 constexpr int64_t kSerial = 32768;   // steps with fewer elements run on one thread
+constexpr uintptr_t kAhead = 1024;   // bytes a read-only stream is prefetched ahead
 
-// sum of x*x in a fixed order: 16 running lanes (vectorised), then a fixed tree.
-float sumsq(const float* __restrict__ x, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
-  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i] * x[i];
+AMOS_CPU_INLINE void prefetch(const void* x) {  // a hint: never faults, even past the end
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + kAhead), 0, 3);
+}
+
+// Sums of x*x in a fixed order: element i goes to lane i % 16 (the lanes vectorise), then the
+// lanes meet in a fixed tree. sumsq and apply_and_sumsq follow this order exactly.
+AMOS_CPU_INLINE float lanes_total(float* acc) {
   for (int w = 8; w > 0; w /= 2)
     for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
   return acc[0];
 }
 
-// g -> fp32 as the step sees it (unscaled, clipped), into out
-template <typename TG>
-void prep_span(const TG* __restrict__ g, float* __restrict__ out, int64_t n, float scale, Hyper h) {
-  for (int64_t i = 0; i < n; ++i) out[i] = prep_grad(to_f(g[i]), scale, h);
+AMOS_CPU_INLINE float sumsq(const float* __restrict__ x, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    prefetch(x + i);
+    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
+  }
+  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i] * x[i];
+  return lanes_total(acc);
 }
 
-using PrepFn = void (*)(const void*, float*, int64_t, float, Hyper);
+// g -> fp32 as the step sees it (unscaled, clipped), into out
 template <typename TG>
-void prep_erased(const void* g, float* out, int64_t n, float scale, Hyper h) {
-  prep_span(static_cast<const TG*>(g), out, n, scale, h);
+AMOS_CPU_INLINE void prep_span(const void* g, float* __restrict__ out, int64_t n, float scale, const Hyper& h) {
+  const TG* __restrict__ x = static_cast<const TG*>(g);
+  for (int64_t i = 0; i < n; ++i) out[i] = prep_grad(to_f(x[i]), scale, h);
 }
-const PrepFn kPrep[3] = {prep_erased<float>, prep_erased<c10::BFloat16>, prep_erased<c10::Half>};
 
 // §6 for element i: theta (and m)
 template <typename TP, typename TM>
-inline void apply_one(TP* __restrict__ p, float g, TM* __restrict__ m, int64_t i, float K, float D, const Hyper& h) {
+AMOS_CPU_INLINE void apply_one(TP* __restrict__ p, float g, TM* __restrict__ m, int64_t i, float K, float D,
+                               const Hyper& h) {
   float theta = to_f(p[i]);
   float delta = update(theta, g, K, D);
   if constexpr (!std::is_same<TM, void>::value) {
@@ -65,76 +90,39 @@ inline void apply_one(TP* __restrict__ p, float g, TM* __restrict__ m, int64_t i
 
 // n elements sharing K and D
 template <typename TP, typename TM>
-void apply_span(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, int64_t n, float K, float D,
-                Hyper h) {
+AMOS_CPU_INLINE void apply_span(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, int64_t n,
+                                float K, float D, const Hyper& h) {
   for (int64_t i = 0; i < n; ++i) apply_one(p, g[i], m, i, K, D, h);
 }
 
-// Element granularity (C = 1), n consecutive slices: S = g*g, and the slice math per element.
-// "amos": all of it, in one pass.
+// m + i; m stays null without momentum (TM = void)
+template <typename TM>
+AMOS_CPU_INLINE TM* advance(TM* m, int64_t i) {
+  if constexpr (std::is_same<TM, void>::value) return m;
+  else return m + i;
+}
+
+// The pipeline's loop: applies one row (p, m from g) and returns sum gn*gn of the next row, both
+// of n elements. Blocks of kBlock elements alternate between the two, each a vectorised loop.
+constexpr int64_t kBlock = 64;
 template <typename TP, typename TM>
-void amos_elements(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, float* __restrict__ v,
-                   float* __restrict__ b, int64_t n, float bc, AmosTensor at, Hyper h) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float S = g[i] * g[i];
-    const float r = second_moment(h, S, 1.0f, bc, v[i]);
-    float K, D;
-    amos_slice(h, at, S, 1.0f, r, b[i], K, D);
-    apply_one(p, g[i], m, i, K, D, h);
+AMOS_CPU_INLINE float apply_and_sumsq(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
+                                      const float* __restrict__ gn, int64_t n, float K, float D, const Hyper& h) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    for (int64_t k = 0; k < kBlock; k += 16)
+      for (int j = 0; j < 16; ++j) acc[j] += gn[i + k + j] * gn[i + k + j];
+    apply_span(p + i, g + i, advance(m, i), kBlock, K, D, h);
   }
+  const int64_t rest = n - i;  // < kBlock: lane j of the tail still takes elements j, j + 16, ...
+  for (int64_t k = 0; k < rest; ++k) acc[k % 16] += gn[i + k] * gn[i + k];
+  apply_span(p + i, g + i, advance(m, i), rest, K, D, h);
+  return lanes_total(acc);
 }
 
-// closed forms, pass 2: K_i = A * sqrt(r_i) from the updated v
-template <typename TP, typename TM>
-void closed_elements(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, const float* __restrict__ v,
-                     int64_t n, float bc, float A, float D, Hyper h) {
-  for (int64_t i = 0; i < n; ++i) apply_one(p, g[i], m, i, closed_slice_K(A, inv_vhat(h, v[i], bc)), D, h);
-}
-
-// The loops above for each (theta dtype, m dtype), behind plain function pointers.
-struct Loops {
-  void (*apply)(void*, const float*, void*, int64_t, float, float, Hyper);
-  void (*amos_elements)(void*, const float*, void*, float*, float*, int64_t, float, AmosTensor, Hyper);
-  void (*closed_elements)(void*, const float*, void*, const float*, int64_t, float, float, float, Hyper);
-};
-
-template <typename TP, typename TM>
-Loops loops_for() {
-  using M = typename std::conditional<std::is_same<TM, void>::value, char, TM>::type;  // void* -> TM*
-  Loops l;
-  l.apply = [](void* p, const float* g, void* m, int64_t n, float K, float D, Hyper h) {
-    apply_span<TP, TM>(static_cast<TP*>(p), g, reinterpret_cast<TM*>(static_cast<M*>(m)), n, K, D, h);
-  };
-  l.amos_elements = [](void* p, const float* g, void* m, float* v, float* b, int64_t n, float bc, AmosTensor at,
-                       Hyper h) {
-    amos_elements<TP, TM>(static_cast<TP*>(p), g, reinterpret_cast<TM*>(static_cast<M*>(m)), v, b, n, bc, at, h);
-  };
-  l.closed_elements = [](void* p, const float* g, void* m, const float* v, int64_t n, float bc, float A, float D,
-                         Hyper h) {
-    closed_elements<TP, TM>(static_cast<TP*>(p), g, reinterpret_cast<TM*>(static_cast<M*>(m)), v, n, bc, A, D, h);
-  };
-  return l;
-}
-
-template <typename TP>
-Loops loops_for(Dtype tm) {
-  switch (tm) {
-    case kF32: return loops_for<TP, float>();
-    case kBF16: return loops_for<TP, c10::BFloat16>();
-    case kF16: return loops_for<TP, c10::Half>();
-    default: return loops_for<TP, void>();
-  }
-}
-
-Loops loops_for(Dtype tp, Dtype tm) {
-  switch (tp) {
-    case kF32: return loops_for<float>(tm);
-    case kBF16: return loops_for<c10::BFloat16>(tm);
-    default: return loops_for<c10::Half>(tm);
-  }
-}
-
-int64_t elem_size(Dtype d) { return d == kF32 ? 4 : 2; }
+// called once per span through a pointer: inlined at every use it would multiply the code
+using PrepFn = void (*)(const void*, float*, int64_t, float, const Hyper&);
 
 // One tensor of the group with its per-step scalars.
 struct Tensor {
@@ -146,12 +134,12 @@ struct Tensor {
   Dtype tp, tg, tm;
   int64_t R, C;
   float t, bc, eps0;
-  AmosTensor at;                // "amos"
-  float A, D;                   // closed forms
+  AmosTensor at;                  // "amos"
+  float A, D;                     // closed forms
   std::vector<float> rowK, rowD;  // long rows ("amos"): K_r, D_r between the passes
   int64_t first_piece, end_piece;
-  Loops loops;
-  PrepFn prep;
+  bool g_as_is;  // fp32 g that needs no unscaling or clipping: read in place, not converted
+  PrepFn prep;   // else this converts it
 };
 
 struct Piece {
@@ -160,21 +148,206 @@ struct Piece {
   int64_t col0, col1;  // ... and its columns [col0, col1) when the row is long
 };
 
-// g of one span as fp32: the tensor's own memory when it is fp32 and needs no unscaling or
-// clipping, else converted into scratch.
-const float* grad_span(const Tensor& T, int64_t off, int64_t n, float scale, const Hyper& h, float* scratch) {
-  if (T.tg == kF32 && scale == 1.0f && !h.has_clip) return reinterpret_cast<const float*>(T.g) + off;
-  T.prep(T.g + off * elem_size(T.tg), scratch, n, scale, h);
-  return scratch;
+// What every piece of one step shares.
+struct Step {
+  Hyper h;
+  bool amos;
+  float scale;
+  float* partial;  // per piece: S (long rows) or sum of S_r * r_r (closed forms)
+};
+
+// Per-thread buffers for g converted to fp32 (two: the pipeline holds rows r and r + 1),
+// allocated on first use, uninitialised.
+struct Scratch {
+  std::unique_ptr<float[]> buf;
+  float* half(int k) {
+    if (!buf) buf.reset(new float[2 * kLongRow]);
+    return buf.get() + k * kLongRow;
+  }
+};
+
+// One piece for one (theta dtype, m dtype); TM = void without momentum.
+template <typename TP, typename TM>
+struct Loops {
+  static TP* p_at(const Tensor& T, int64_t off) { return reinterpret_cast<TP*>(T.p) + off; }
+  static TM* m_at(const Tensor& T, int64_t off) { return advance(reinterpret_cast<TM*>(T.m), off); }
+
+  // g of one span as fp32: the tensor's own memory, or converted into out
+  static AMOS_CPU_INLINE const float* grad(const Tensor& T, int64_t off, int64_t n, const Step& s, float* out) {
+    if (T.g_as_is) return reinterpret_cast<const float*>(T.g) + off;
+    T.prep(T.g + off * (T.tg == kF32 ? 4 : 2), out, n, s.scale, s.h);
+    return out;
+  }
+
+  // Pass 1: reduce; for "amos" on whole rows also finalize and apply.
+  static AMOS_CPU_INLINE void pass1(const Tensor& T, const Piece& pc, int64_t k, const Step& s, Scratch& sc) {
+    const Hyper& h = s.h;
+    if (T.C > kLongRow) {  // one block of a long row
+      const int64_t off = pc.row0 * T.C + pc.col0, n = pc.col1 - pc.col0;
+      s.partial[k] = sumsq(grad(T, off, n, s, sc.half(0)), n);
+      return;
+    }
+    float unorm2 = 0.0f;
+    if (T.C == 1) {  // element granularity: whole pieces at once
+      const int64_t n = pc.row1 - pc.row0;
+      const float* g = grad(T, pc.row0, n, s, sc.half(0));
+      TP* p = p_at(T, pc.row0);
+      TM* m = m_at(T, pc.row0);
+      float* v = T.v + pc.row0;
+      float* b = T.b + pc.row0;
+      if (s.amos) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float S = g[i] * g[i];
+          const float r = second_moment(h, S, 1.0f, T.bc, v[i]);
+          float K, D;
+          amos_slice(h, T.at, S, 1.0f, r, b[i], K, D);
+          apply_one(p, g[i], m, i, K, D, h);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {  // closed forms: v_i and the sum of S_i * r_i, in order
+          const float S = g[i] * g[i];
+          unorm2 += S * second_moment(h, S, 1.0f, T.bc, v[i]);
+        }
+      }
+      s.partial[k] = unorm2;
+      return;
+    }
+    const int64_t C = T.C;
+    const float Cf = static_cast<float>(C);
+    if (!s.amos) {
+      for (int64_t r = pc.row0; r < pc.row1; ++r) {
+        const float S = sumsq(grad(T, r * C, C, s, sc.half(0)), C);
+        unorm2 += S * second_moment(h, S, Cf, T.bc, T.v[r]);
+      }
+      s.partial[k] = unorm2;
+      return;
+    }
+    // "amos": S of row r is known when row r is applied, and that loop sums row r + 1
+    int cur = 0;
+    const float* g = grad(T, pc.row0 * C, C, s, sc.half(cur));
+    float S = sumsq(g, C);
+    for (int64_t r = pc.row0; r < pc.row1; ++r) {
+      const float rr = second_moment(h, S, Cf, T.bc, T.v[r]);
+      float K, D;
+      amos_slice(h, T.at, S, Cf, rr, T.b[r], K, D);
+      if (r + 1 < pc.row1) {
+        const float* gn = grad(T, (r + 1) * C, C, s, sc.half(1 - cur));
+        S = apply_and_sumsq(p_at(T, r * C), g, m_at(T, r * C), gn, C, K, D, h);
+        g = gn;
+        cur = 1 - cur;
+      } else {
+        apply_span(p_at(T, r * C), g, m_at(T, r * C), C, K, D, h);
+      }
+    }
+    s.partial[k] = 0.0f;
+  }
+
+  // Pass 2: apply where pass 1 could not.
+  static AMOS_CPU_INLINE void pass2(const Tensor& T, const Piece& pc, const Step& s, Scratch& sc) {
+    const Hyper& h = s.h;
+    const bool long_row = T.C > kLongRow;
+    if (s.amos && !long_row) return;  // done in pass 1
+    if (T.C == 1) {  // element granularity, closed forms: K_i = A * sqrt(r_i) from the updated v
+      const int64_t n = pc.row1 - pc.row0;
+      const float* g = grad(T, pc.row0, n, s, sc.half(0));
+      TP* p = p_at(T, pc.row0);
+      TM* m = m_at(T, pc.row0);
+      const float* v = T.v + pc.row0;
+      for (int64_t i = 0; i < n; ++i) apply_one(p, g[i], m, i, closed_slice_K(T.A, inv_vhat(h, v[i], T.bc)), T.D, h);
+      return;
+    }
+    const int64_t n = pc.col1 - pc.col0;
+    for (int64_t r = pc.row0; r < pc.row1; ++r) {
+      const int64_t off = r * T.C + pc.col0;
+      const float* g = grad(T, off, n, s, sc.half(0));
+      if (s.amos)
+        apply_span(p_at(T, off), g, m_at(T, off), n, T.rowK[r], T.rowD[r], h);
+      else
+        apply_span(p_at(T, off), g, m_at(T, off), n, closed_slice_K(T.A, inv_vhat(h, T.v[r], T.bc)), T.D, h);
+    }
+  }
+
+  static AMOS_CPU_INLINE void run(int pass, const Tensor& T, const Piece& pc, int64_t k, const Step& s,
+                                  Scratch& sc) {
+    if (pass == 1)
+      pass1(T, pc, k, s, sc);
+    else
+      pass2(T, pc, s, sc);
+  }
+};
+
+// Entry points, one per (theta dtype, m dtype) and target.
+using PieceFn = void (*)(int, const Tensor&, const Piece&, int64_t, const Step&, Scratch&);
+
+template <typename TG>
+void prep_generic(const void* g, float* out, int64_t n, float scale, const Hyper& h) {
+  prep_span<TG>(g, out, n, scale, h);
 }
 
-// element off of a tensor's p or m (null stays null)
-char* at_elem(char* base, Dtype d, int64_t off) {
-  return base ? base + off * elem_size(d) : nullptr;
+template <typename TP, typename TM>
+void piece_generic(int pass, const Tensor& T, const Piece& pc, int64_t k, const Step& s, Scratch& sc) {
+  Loops<TP, TM>::run(pass, T, pc, k, s, sc);
 }
 
-void apply_range(const Tensor& T, int64_t off, const float* g, int64_t n, float K, float D, const Hyper& h) {
-  T.loops.apply(at_elem(T.p, T.tp, off), g, at_elem(T.m, T.tm, off), n, K, D, h);
+#ifdef AMOS_CPU_AVX2
+template <typename TP, typename TM>
+__attribute__((target("avx2,f16c"))) void piece_avx2(int pass, const Tensor& T, const Piece& pc, int64_t k,
+                                                     const Step& s, Scratch& sc) {
+  Loops<TP, TM>::run(pass, T, pc, k, s, sc);
+}
+
+template <typename TG>
+__attribute__((target("avx2,f16c"))) void prep_avx2(const void* g, float* out, int64_t n, float scale,
+                                                    const Hyper& h) {
+  prep_span<TG>(g, out, n, scale, h);
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+template <typename TP, typename TM>
+PieceFn piece_fn() {
+#ifdef AMOS_CPU_AVX2
+  if (has_avx2()) return piece_avx2<TP, TM>;
+#endif
+  return piece_generic<TP, TM>;
+}
+
+template <typename TG>
+PrepFn prep_fn() {
+#ifdef AMOS_CPU_AVX2
+  if (has_avx2()) return prep_avx2<TG>;
+#endif
+  return prep_generic<TG>;
+}
+
+PrepFn prep_fn(Dtype tg) {
+  switch (tg) {
+    case kF32: return prep_fn<float>();
+    case kBF16: return prep_fn<c10::BFloat16>();
+    default: return prep_fn<c10::Half>();
+  }
+}
+
+template <typename TP>
+PieceFn piece_fn(Dtype tm) {
+  switch (tm) {
+    case kF32: return piece_fn<TP, float>();
+    case kBF16: return piece_fn<TP, c10::BFloat16>();
+    case kF16: return piece_fn<TP, c10::Half>();
+    default: return piece_fn<TP, void>();
+  }
+}
+
+PieceFn piece_fn(Dtype tp, Dtype tm) {
+  switch (tp) {
+    case kF32: return piece_fn<float>(tm);
+    case kBF16: return piece_fn<c10::BFloat16>(tm);
+    default: return piece_fn<c10::Half>(tm);
+  }
 }
 
 }  // namespace
@@ -187,6 +360,7 @@ void step_cpu(const StepArgs& a) {
   const size_t nt = a.params.size();
 
   std::vector<Tensor> ts(nt);
+  std::vector<PieceFn> fns(nt);
   std::vector<Piece> pieces;
   for (size_t i = 0; i < nt; ++i) {
     Tensor& T = ts[i];
@@ -205,8 +379,9 @@ void step_cpu(const StepArgs& a) {
     T.bc = bias_correction(h, T.t);
     T.eps0 = eps0_of(p, a.etas[i]);
     T.at = amos_tensor(h, xi, static_cast<float>(a.etas[i]));
-    T.loops = loops_for(T.tp, T.tm);
-    T.prep = kPrep[T.tg];
+    T.g_as_is = T.tg == kF32 && scale == 1.0f && !h.has_clip;
+    T.prep = prep_fn(T.tg);
+    fns[i] = piece_fn(T.tp, T.tm);
     T.first_piece = static_cast<int64_t>(pieces.size());
     if (T.C > kLongRow) {
       for (int64_t r = 0; r < T.R; ++r)
@@ -224,54 +399,23 @@ void step_cpu(const StepArgs& a) {
     T.end_piece = static_cast<int64_t>(pieces.size());
   }
   const int64_t np = static_cast<int64_t>(pieces.size());
-  std::vector<float> partial(np);  // per piece: S (long rows) or sum of S_r * r_r (closed forms)
+  std::vector<float> partial(np);
+  const Step s{h, amos, scale, partial.data()};
   // a small step runs on the calling thread: waking the pool would cost more than the work
   int64_t total = 0;
   for (const auto& p : a.params) total += p.numel();
   const int64_t grain = total < kSerial ? std::max<int64_t>(np, 1) : 1;
+  auto run_pass = [&](int pass) {
+    at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
+      Scratch sc;
+      for (int64_t k = begin; k < end; ++k) {
+        const Piece& pc = pieces[k];
+        fns[pc.tensor](pass, ts[pc.tensor], pc, k, s, sc);
+      }
+    });
+  };
 
-  // Pass 1: reduce; for "amos" on whole rows also finalize and apply.
-  at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kLongRow);
-    for (int64_t k = begin; k < end; ++k) {
-      const Piece& pc = pieces[k];
-      const Tensor& T = ts[pc.tensor];
-      if (T.C > kLongRow) {  // one block of a long row
-        const int64_t off = pc.row0 * T.C + pc.col0, n = pc.col1 - pc.col0;
-        partial[k] = sumsq(grad_span(T, off, n, scale, h, scratch.data()), n);
-        continue;
-      }
-      const float C = static_cast<float>(T.C);
-      float unorm2 = 0.0f;
-      if (T.C == 1) {  // element granularity: whole pieces at once
-        const int64_t n = pc.row1 - pc.row0;
-        const float* g = grad_span(T, pc.row0, n, scale, h, scratch.data());
-        if (amos)
-          T.loops.amos_elements(at_elem(T.p, T.tp, pc.row0), g, at_elem(T.m, T.tm, pc.row0), T.v + pc.row0,
-                                T.b + pc.row0, n, T.bc, T.at, h);
-        else
-          for (int64_t i = 0; i < n; ++i) {  // closed forms: v_i and the sum of S_i * r_i, in order
-            const float S = g[i] * g[i];
-            unorm2 += S * second_moment(h, S, 1.0f, T.bc, T.v[pc.row0 + i]);
-          }
-        partial[k] = unorm2;
-        continue;
-      }
-      for (int64_t r = pc.row0; r < pc.row1; ++r) {
-        const float* g = grad_span(T, r * T.C, T.C, scale, h, scratch.data());
-        const float S = sumsq(g, T.C);
-        const float rr = second_moment(h, S, C, T.bc, T.v[r]);
-        if (amos) {
-          float K, D;
-          amos_slice(h, T.at, S, C, rr, T.b[r], K, D);
-          apply_range(T, r * T.C, g, T.C, K, D, h);
-        } else {
-          unorm2 += S * rr;
-        }
-      }
-      partial[k] = unorm2;
-    }
-  });
+  run_pass(1);
 
   // Between the passes (sequential, cheap): long rows' slices and the closed forms' per-tensor A, D.
   bool second_pass = !amos;
@@ -295,34 +439,7 @@ void step_cpu(const StepArgs& a) {
     }
     if (!amos) closed_tensor(h, xi, T.t, T.eps0, unorm2, T.A, T.D);
   }
-  if (!second_pass) return;
-
-  // Pass 2: apply where pass 1 could not.
-  at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kLongRow);
-    for (int64_t k = begin; k < end; ++k) {
-      const Piece& pc = pieces[k];
-      const Tensor& T = ts[pc.tensor];
-      const bool long_row = T.C > kLongRow;
-      if (amos && !long_row) continue;  // done in pass 1
-      if (T.C == 1) {  // element granularity
-        const int64_t n = pc.row1 - pc.row0;
-        const float* g = grad_span(T, pc.row0, n, scale, h, scratch.data());
-        T.loops.closed_elements(at_elem(T.p, T.tp, pc.row0), g, at_elem(T.m, T.tm, pc.row0), T.v + pc.row0, n,
-                                T.bc, T.A, T.D, h);
-        continue;
-      }
-      const int64_t n = pc.col1 - pc.col0;
-      for (int64_t r = pc.row0; r < pc.row1; ++r) {
-        const int64_t off = r * T.C + pc.col0;
-        const float* g = grad_span(T, off, n, scale, h, scratch.data());
-        if (amos)
-          apply_range(T, off, g, n, T.rowK[r], T.rowD[r], h);
-        else
-          apply_range(T, off, g, n, closed_slice_K(T.A, inv_vhat(h, T.v[r], T.bc)), T.D, h);
-      }
-    }
-  });
+  if (second_pass) run_pass(2);
 }
 
 }  // namespace amos
