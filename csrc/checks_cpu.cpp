@@ -23,33 +23,34 @@ namespace {
 
 constexpr int64_t kPiece = 1 << 16;   // elements per piece (256 KiB of fp32)
 constexpr int64_t kSerial = 1 << 16;  // fewer elements in all: the calling thread does it
-constexpr int64_t kAhead = 1024;      // bytes prefetched ahead: more reads in flight than the
-                                      // hardware prefetcher keeps alone
 
 // The largest magnitude among n floats given as their bit patterns (Bits: uint32_t for fp32,
 // uint16_t for bf16 and fp16). With the sign bit cleared, IEEE floats order like their bits as
 // integers, +0 < finite < +Inf < NaN, so an integer max is exact, keeps a NaN wherever it sits
 // and vectorises with SSE2 (whose float max drops NaN depending on the operand order). The
 // magnitudes fit in the signed range, so signed compares (pcmpgtd, pmaxsw) do.
+// The span is read as kStreams sub-spans in lockstep: one core keeps more reads in flight with
+// several streams than with one.
 template <typename Bits, typename Signed>
 Signed max_magnitude(const Bits* __restrict__ x, int64_t n) {
   constexpr Bits kMagnitude = std::numeric_limits<Signed>::max();  // all bits but the sign
-  constexpr int kLanes = 64 / sizeof(Bits);  // one cache line per iteration
-  Signed acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kAhead, 0, 0);  // never faults
-    for (int j = 0; j < kLanes; ++j) {
-      const Signed a = static_cast<Signed>(x[i + j] & kMagnitude);
-      acc[j] = acc[j] > a ? acc[j] : a;
-    }
-  }
+  constexpr int kLanes = 64 / sizeof(Bits);                         // one cache line
+  constexpr int kStreams = 4;
+  const int64_t q = n / (kStreams * kLanes) * kLanes;  // elements per stream, whole lines
+  Signed acc[kStreams][kLanes] = {};
+  for (int64_t i = 0; i < q; i += kLanes)
+    for (int s = 0; s < kStreams; ++s)
+      for (int j = 0; j < kLanes; ++j) {
+        const Signed a = static_cast<Signed>(x[s * q + i + j] & kMagnitude);
+        acc[s][j] = acc[s][j] > a ? acc[s][j] : a;
+      }
   Signed m = 0;
-  for (; i < n; ++i) {
+  for (int64_t i = kStreams * q; i < n; ++i) {
     const Signed a = static_cast<Signed>(x[i] & kMagnitude);
     m = m > a ? m : a;
   }
-  for (int j = 0; j < kLanes; ++j) m = m > acc[j] ? m : acc[j];
+  for (int s = 0; s < kStreams; ++s)
+    for (int j = 0; j < kLanes; ++j) m = m > acc[s][j] ? m : acc[s][j];
   return m;
 }
 

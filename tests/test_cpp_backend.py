@@ -203,7 +203,9 @@ def test_max_abs_of_many_tensors_and_of_none():
 @pytest.mark.parametrize("dtype", CHECK_DTYPES, ids=str)
 def test_max_abs_propagates_nan_and_inf_from_any_position(dtype):
     n = 2 * PIECE + 100
-    positions = [0, 1, 15, 16, 31, 32, 63, 64, PIECE - 1, PIECE, n - 101, n - 1]
+    # lanes, cache lines, the four sub-streams a piece is read as, pieces, and the tail of the last
+    positions = [0, 1, 15, 16, 31, 32, 63, 64, PIECE // 4 - 1, PIECE // 4, PIECE // 2 + 7, 3 * PIECE // 4 + 33,
+                 PIECE - 1, PIECE, n - 101, n - 37, n - 1]
     base = torch.linspace(-2, 2, n).to(dtype)
     for pos in positions:
         for bad, want in ((float("nan"), float("nan")), (float("inf"), float("inf")), (-float("inf"), float("inf"))):
