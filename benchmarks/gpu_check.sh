@@ -91,7 +91,7 @@ part env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.ve
 part install 120 "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e .
 part tests_cuda 90 "${PYTEST[@]}" -n 4 "${CUDA_TESTS[@]}"
 part tests_triton 90 "${PYTEST[@]}" -n 8 tests/test_triton.py
-part step_time 100 "$PY" benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b,many-small \
+part step_time 120 "$PY" benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b \
     --backends cuda,triton,adamw --json "$DIR/step_time.json" --csv "$DIR/step_time.csv" \
     --plot "$DIR/step_time.png" --no-progress
 part tests_large 60 "${PYTEST[@]}" tests/test_large_tensors.py  # alone: each case holds ~40 GB
