@@ -67,6 +67,26 @@ AMOS_CPU_INLINE float sumsq(const float* __restrict__ x, int64_t n) {
   return lanes_total(acc);
 }
 
+// S of n rows of length C at x (row r at x + r * C) into S: four rows far apart in lockstep, as
+// four streams (one core keeps more reads in flight than with one); each row's sum in sumsq's order
+AMOS_CPU_INLINE void sumsq_rows(const float* __restrict__ x, int64_t C, int64_t n, float* __restrict__ S) {
+  constexpr int kStreams = 4;
+  const int64_t q = n / kStreams, C16 = C / 16 * 16;
+  for (int64_t r = 0; r < q; ++r) {
+    float acc[kStreams][16] = {};
+    const float* row[kStreams];
+    for (int k = 0; k < kStreams; ++k) row[k] = x + (r + k * q) * C;
+    for (int64_t i = 0; i < C16; i += 16)
+      for (int k = 0; k < kStreams; ++k)
+        for (int j = 0; j < 16; ++j) acc[k][j] += row[k][i + j] * row[k][i + j];
+    for (int k = 0; k < kStreams; ++k) {
+      for (int64_t i = C16, j = 0; i < C; ++i, ++j) acc[k][j] += row[k][i] * row[k][i];
+      S[r + k * q] = lanes_total(acc[k]);
+    }
+  }
+  for (int64_t r = kStreams * q; r < n; ++r) S[r] = sumsq(x + r * C, C);
+}
+
 // g -> fp32 as the step sees it (unscaled, clipped), into out
 template <typename TG>
 AMOS_CPU_INLINE void prep_span(const void* g, float* __restrict__ out, int64_t n, float scale, const Hyper& h) {
@@ -156,13 +176,13 @@ struct Step {
   float* partial;  // per piece: S (long rows) or sum of S_r * r_r (closed forms)
 };
 
-// Per-thread buffers for g converted to fp32 (two: the pipeline holds rows r and r + 1),
-// allocated on first use, uninitialised.
+// Per-thread buffers of kLongRow floats, allocated on first use, uninitialised: 0 and 1 for g
+// converted to fp32 (the pipeline holds rows r and r + 1), 2 for the S_r of a piece's rows.
 struct Scratch {
-  std::unique_ptr<float[]> buf;
-  float* half(int k) {
-    if (!buf) buf.reset(new float[2 * kLongRow]);
-    return buf.get() + k * kLongRow;
+  std::unique_ptr<float[]> mem;
+  float* buf(int k) {
+    if (!mem) mem.reset(new float[3 * kLongRow]);
+    return mem.get() + k * kLongRow;
   }
 };
 
@@ -184,13 +204,13 @@ struct Loops {
     const Hyper& h = s.h;
     if (T.C > kLongRow) {  // one block of a long row
       const int64_t off = pc.row0 * T.C + pc.col0, n = pc.col1 - pc.col0;
-      s.partial[k] = sumsq(grad(T, off, n, s, sc.half(0)), n);
+      s.partial[k] = sumsq(grad(T, off, n, s, sc.buf(0)), n);
       return;
     }
     float unorm2 = 0.0f;
     if (T.C == 1) {  // element granularity: whole pieces at once
       const int64_t n = pc.row1 - pc.row0;
-      const float* g = grad(T, pc.row0, n, s, sc.half(0));
+      const float* g = grad(T, pc.row0, n, s, sc.buf(0));
       TP* p = p_at(T, pc.row0);
       TM* m = m_at(T, pc.row0);
       float* v = T.v + pc.row0;
@@ -214,24 +234,24 @@ struct Loops {
     }
     const int64_t C = T.C;
     const float Cf = static_cast<float>(C);
-    if (!s.amos) {
-      for (int64_t r = pc.row0; r < pc.row1; ++r) {
-        const float S = sumsq(grad(T, r * C, C, s, sc.half(0)), C);
-        unorm2 += S * second_moment(h, S, Cf, T.bc, T.v[r]);
-      }
+    if (!s.amos) {  // the piece's S_r, then v_r and the sum of S_r * r_r in row order
+      const int64_t rows = pc.row1 - pc.row0;
+      float* S = sc.buf(2);
+      sumsq_rows(grad(T, pc.row0 * C, rows * C, s, sc.buf(0)), C, rows, S);
+      for (int64_t r = 0; r < rows; ++r) unorm2 += S[r] * second_moment(h, S[r], Cf, T.bc, T.v[pc.row0 + r]);
       s.partial[k] = unorm2;
       return;
     }
     // "amos": S of row r is known when row r is applied, and that loop sums row r + 1
     int cur = 0;
-    const float* g = grad(T, pc.row0 * C, C, s, sc.half(cur));
+    const float* g = grad(T, pc.row0 * C, C, s, sc.buf(cur));
     float S = sumsq(g, C);
     for (int64_t r = pc.row0; r < pc.row1; ++r) {
       const float rr = second_moment(h, S, Cf, T.bc, T.v[r]);
       float K, D;
       amos_slice(h, T.at, S, Cf, rr, T.b[r], K, D);
       if (r + 1 < pc.row1) {
-        const float* gn = grad(T, (r + 1) * C, C, s, sc.half(1 - cur));
+        const float* gn = grad(T, (r + 1) * C, C, s, sc.buf(1 - cur));
         S = apply_and_sumsq(p_at(T, r * C), g, m_at(T, r * C), gn, C, K, D, h);
         g = gn;
         cur = 1 - cur;
@@ -249,7 +269,7 @@ struct Loops {
     if (s.amos && !long_row) return;  // done in pass 1
     if (T.C == 1) {  // element granularity, closed forms: K_i = A * sqrt(r_i) from the updated v
       const int64_t n = pc.row1 - pc.row0;
-      const float* g = grad(T, pc.row0, n, s, sc.half(0));
+      const float* g = grad(T, pc.row0, n, s, sc.buf(0));
       TP* p = p_at(T, pc.row0);
       TM* m = m_at(T, pc.row0);
       const float* v = T.v + pc.row0;
@@ -259,7 +279,7 @@ struct Loops {
     const int64_t n = pc.col1 - pc.col0;
     for (int64_t r = pc.row0; r < pc.row1; ++r) {
       const int64_t off = r * T.C + pc.col0;
-      const float* g = grad(T, off, n, s, sc.half(0));
+      const float* g = grad(T, off, n, s, sc.buf(0));
       if (s.amos)
         apply_span(p_at(T, off), g, m_at(T, off), n, T.rowK[r], T.rowD[r], h);
       else
