@@ -435,8 +435,8 @@ class Amos(torch.optim.Optimizer):
             if steps:
                 if skip is None:
                     torch._foreach_add_(steps, 1.0)
-                else:
-                    torch._foreach_add_(steps, keep)
+                else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
+                    torch._foreach_add_(steps, [keep] * len(steps))
             for fn, idx in group_calls:
                 args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
                 fn(*args) if skip is None else fn(*args, skip=skip)
