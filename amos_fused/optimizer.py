@@ -335,17 +335,20 @@ class Amos(torch.optim.Optimizer):
             for p, g in zip(ps, gs):
                 g = local(g)
                 if g.numel():
-                    wide = g.dtype == torch.float64 or p.dtype == torch.float64
-                    by_key.setdefault((g.device, wide), []).append((p, g, group))
+                    key = (g.device, g.dtype == torch.float64, p.dtype == torch.float64)
+                    by_key.setdefault(key, []).append((p, g, group))
         flags = {}
-        for (device, wide), items in by_key.items():
-            cdt = torch.float64 if wide else torch.float32
+        for (device, g64, p64), items in by_key.items():
+            # read fp64 gradients in fp64; judge against the range the kernels compute in: fp64
+            # for fp64 parameters, else fp32 (an fp64 gradient of an fp32 parameter is cast)
+            cdt = torch.float64 if g64 or p64 else torch.float32
+            limit = math.inf if p64 else _FP32_MAX
             C, clip = self._bound_vectors(device, cdt, items)
             x = _max_abs([g for _, g, _ in items], cdt)
             if grad_scale is not None:
                 x = x / grad_scale.to(device, cdt)
             bound = torch.minimum(x, clip).square() * C
-            bad = (~bound.isfinite()).any().to(torch.float32)
+            bad = (~(bound < limit)).any().to(torch.float32)  # NaN compares False: bad too
             flags[device] = torch.maximum(flags[device], bad) if device in flags else bad
         if found_inf is not None:
             for device in {local(p).device for _, ps, _ in work for p in ps}:
@@ -488,6 +491,7 @@ class Amos(torch.optim.Optimizer):
 
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _max_abs(grads, dtype):

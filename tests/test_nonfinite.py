@@ -243,3 +243,17 @@ def test_large_gradient_path_skips(bad):
     assert opt.skipped_steps == 1
     assert torch.equal(p.detach(), before[0])
     assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp64_gradient_of_an_fp32_parameter_is_judged_in_fp32(backend):
+    """The kernels cast it to fp32, where 1e30**2 overflows: skipped, though fp64 holds 1e60."""
+    params = make()
+    for p in params:
+        if hasattr(p, "grad_dtype"):  # torch >= 2.14 refuses a gradient of another dtype by default
+            p.grad_dtype = None
+    grads = [g.double() for g in grads_for(params, 0)]
+    grads[0].view(-1)[5] = 1e30
+    opt, before = one_step(backend, grads, params)
+    assert opt.skipped_steps == 1
+    assert_identical(snapshot(opt, params), {**before, "skipped": 1})
