@@ -403,13 +403,15 @@ class Amos(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         if any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
             return self._sharded_step(work, grad_scale, loss)
-        calls = []  # per group, (step function, indices) per device; resolved first: an error changes nothing
+        calls, devices = [], set()  # per group, (step function, indices or None: all) per device
         for group, params, grads in work:
             by_device = {}
             for i, p in enumerate(params):
                 by_device.setdefault(p.device, []).append(i)
-            calls.append([(backends.resolve(self.backend, device), idx) for device, idx in by_device.items()])
-        devices = {p.device for _, ps, _ in work for p in ps}
+            devices.update(by_device)
+            # resolved before anything changes: an error leaves everything as it was
+            calls.append([(backends.resolve(self.backend, device), None if len(by_device) == 1 else idx)
+                          for device, idx in by_device.items()])
         # On the device (no host sync) when every parameter is on one CUDA device, or capturable;
         # else (the CPU, several devices) the verdict is read on the host first.
         on_device = len(devices) == 1 and (self.capturable or next(iter(devices)).type == "cuda")
@@ -441,7 +443,10 @@ class Amos(torch.optim.Optimizer):
                 else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
                     torch._foreach_add_(steps, [keep] * len(steps))
             for fn, idx in group_calls:
-                args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
+                if idx is None:
+                    args = (params, grads, states, group, grad_scale)
+                else:
+                    args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
                 fn(*args) if skip is None else fn(*args, skip=skip)
         return loss
 
@@ -480,7 +485,8 @@ class Amos(torch.optim.Optimizer):
                                "(FSDP2 steps read the verdict of all ranks on the host); use capturable=False")
         for (group, params, _), group_calls in zip(work, calls):
             for fn, idx in group_calls:
-                if params and params[idx[0]].device.type == "cuda" and fn is backends.reference_unless_skipped:
+                first = params[0 if idx is None else idx[0]] if params else None
+                if first is not None and first.device.type == "cuda" and fn is backends.reference_unless_skipped:
                     raise RuntimeError("Amos(capturable=True): CUDA parameters need a fused backend ('cuda' or "
                                        f"'triton'), but backend={self.backend!r} runs the reference path here")
             for p in params:
