@@ -57,21 +57,18 @@ def _kernel_takes(p, state, momentum):
 def fused_step(params, grads, states, group, grad_scale=None, skip=None):
     """One step of a group's tensors on one device (CPU or CUDA) with the compiled kernels."""
     mom = group["momentum"]
-    fast = [i for i, p in enumerate(params) if _kernel_takes(p, states[i], mom)]
-    if len(fast) < len(params):
-        taken = set(fast)
-        slow = [i for i in range(len(params)) if i not in taken]
-        reference_unless_skipped([params[i] for i in slow], [grads[i] for i in slow], [states[i] for i in slow],
-                                 group, grad_scale, skip)
-    if not fast:
+    takes = [_kernel_takes(p, st, mom) for p, st in zip(params, states)]
+    if not all(takes):
+        reference_unless_skipped([p for p, k in zip(params, takes) if not k], [g for g, k in zip(grads, takes) if not k],
+                                 [st for st, k in zip(states, takes) if not k], group, grad_scale, skip)
+        params = [p for p, k in zip(params, takes) if k]
+        grads = [g for g, k in zip(grads, takes) if k]
+        states = [st for st, k in zip(states, takes) if k]
+    if not params:
         return
-    device = params[fast[0]].device
-    gs = []
-    for i in fast:
-        g = grads[i]
-        if g.dtype == torch.float64:  # the reference computes in fp32 for these params too
-            g = g.float()
-        gs.append(g.contiguous())
+    device = params[0].device
+    # fp64 gradients of other params: the reference computes in fp32 for these params too
+    gs = [(g.float() if g.dtype == torch.float64 else g).contiguous() for g in grads]
     # A tensor lr stays a tensor: the kernels read it (on the device for CUDA: no host sync),
     # and under torch.compile a new value is new data, not a recompilation.
     lr, lr_tensor = group["lr"], None
@@ -82,9 +79,9 @@ def fused_step(params, grads, states, group, grad_scale=None, skip=None):
     if skip is not None:
         skip = skip.to(device, torch.float32)
     torch.ops.amos_fused.amos_step_(
-        [params[i] for i in fast], gs, [states[i]["v"] for i in fast], [states[i]["b"] for i in fast],
-        [states[i]["m"] for i in fast] if mom > 0 else [], [states[i]["step"] for i in fast],
-        [float(states[i]["eta"]) for i in fast], float(lr), lr_tensor,
+        params, gs, [st["v"] for st in states], [st["b"] for st in states],
+        [st["m"] for st in states] if mom > 0 else [], [st["step"] for st in states],
+        [float(st["eta"]) for st in states], float(lr), lr_tensor,
         grad_scale, skip, SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(mom),
         float(group["clip_value"] or 0.0), float(group["d_coef"]), float(group["c_coef"]),
         float(group["extra_l2"]), float(group["q"]), float(group["half_life"] or 0.0))
