@@ -14,8 +14,9 @@
 // Speed: the step is bound by memory traffic, and one core of the small machines this targets
 // reaches its share of DRAM bandwidth only with several streams in flight. So
 //   - whole rows of "amos" are software-pipelined: the loop that applies row r also sums g*g of
-//     row r + 1 (two streams from DRAM, like a += b, instead of one stream at a time);
-//   - a loop that only reads (the closed forms' pass 1) prefetches ahead;
+//     row r + 1 (g and theta read at once, like a += b, not one stream at a time), and two such
+//     pipelines, over the two halves of a piece, run in lockstep;
+//   - loops that only read (the closed forms' pass 1) sum four rows far apart at once;
 //   - the loops are templates of the storage types (no call per element or per row), compiled
 //     for any x86-64 (SSE2) and again for AVX2 + F16C, picked at run time: twice the lanes,
 //     which the bf16/fp16 conversions need. Both run the same operations in the same order
@@ -122,23 +123,36 @@ AMOS_CPU_INLINE TM* advance(TM* m, int64_t i) {
   else return m + i;
 }
 
-// The pipeline's loop: applies one row (p, m from g) and returns sum gn*gn of the next row, both
-// of n elements. Blocks of kBlock elements alternate between the two, each a vectorised loop.
-constexpr int64_t kBlock = 64;
+// A row being applied (p, m from g with K, D) while the next row, gn, is summed.
 template <typename TP, typename TM>
-AMOS_CPU_INLINE float apply_and_sumsq(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
-                                      const float* __restrict__ gn, int64_t n, float K, float D, const Hyper& h) {
-  float acc[16] = {0};
+struct RowWork {
+  TP* p;
+  const float* g;
+  TM* m;
+  float K, D;
+  const float* gn;
+};
+
+// The pipeline's loop, for kPipes rows in lockstep: applies each row and sets S[q] = sum gn*gn
+// of its next row, all of n elements. Blocks of kBlock elements take turns, each a vectorised loop.
+constexpr int64_t kBlock = 64;
+template <int kPipes, typename TP, typename TM>
+AMOS_CPU_INLINE void apply_and_sumsq(const RowWork<TP, TM>* w, int64_t n, const Hyper& h, float* S) {
+  float acc[kPipes][16] = {};
   int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    for (int64_t k = 0; k < kBlock; k += 16)
-      for (int j = 0; j < 16; ++j) acc[j] += gn[i + k + j] * gn[i + k + j];
-    apply_span(p + i, g + i, advance(m, i), kBlock, K, D, h);
-  }
+  for (; i + kBlock <= n; i += kBlock)
+    for (int q = 0; q < kPipes; ++q) {
+      const float* __restrict__ gn = w[q].gn + i;
+      for (int64_t k = 0; k < kBlock; k += 16)
+        for (int j = 0; j < 16; ++j) acc[q][j] += gn[k + j] * gn[k + j];
+      apply_span(w[q].p + i, w[q].g + i, advance(w[q].m, i), kBlock, w[q].K, w[q].D, h);
+    }
   const int64_t rest = n - i;  // < kBlock: lane j of the tail still takes elements j, j + 16, ...
-  for (int64_t k = 0; k < rest; ++k) acc[k % 16] += gn[i + k] * gn[i + k];
-  apply_span(p + i, g + i, advance(m, i), rest, K, D, h);
-  return lanes_total(acc);
+  for (int q = 0; q < kPipes; ++q) {
+    for (int64_t k = 0; k < rest; ++k) acc[q][k % 16] += w[q].gn[i + k] * w[q].gn[i + k];
+    apply_span(w[q].p + i, w[q].g + i, advance(w[q].m, i), rest, w[q].K, w[q].D, h);
+    S[q] = lanes_total(acc[q]);
+  }
 }
 
 // called once per span through a pointer: inlined at every use it would multiply the code
@@ -176,12 +190,13 @@ struct Step {
   float* partial;  // per piece: S (long rows) or sum of S_r * r_r (closed forms)
 };
 
-// Per-thread buffers of kLongRow floats, allocated on first use, uninitialised: 0 and 1 for g
-// converted to fp32 (the pipeline holds rows r and r + 1), 2 for the S_r of a piece's rows.
+// Per-thread buffers of kLongRow floats, allocated on first use, uninitialised: 0 to 3 for g
+// converted to fp32 (each of two pipelines holds rows r and r + 1), kRowSums for a piece's S_r.
+constexpr int kRowSums = 4;
 struct Scratch {
   std::unique_ptr<float[]> mem;
   float* buf(int k) {
-    if (!mem) mem.reset(new float[3 * kLongRow]);
+    if (!mem) mem.reset(new float[(kRowSums + 1) * kLongRow]);
     return mem.get() + k * kLongRow;
   }
 };
@@ -236,27 +251,54 @@ struct Loops {
     const float Cf = static_cast<float>(C);
     if (!s.amos) {  // the piece's S_r, then v_r and the sum of S_r * r_r in row order
       const int64_t rows = pc.row1 - pc.row0;
-      float* S = sc.buf(2);
+      float* S = sc.buf(kRowSums);
       sumsq_rows(grad(T, pc.row0 * C, rows * C, s, sc.buf(0)), C, rows, S);
       for (int64_t r = 0; r < rows; ++r) unorm2 += S[r] * second_moment(h, S[r], Cf, T.bc, T.v[pc.row0 + r]);
       s.partial[k] = unorm2;
       return;
     }
-    // "amos": S of row r is known when row r is applied, and that loop sums row r + 1
-    int cur = 0;
-    const float* g = grad(T, pc.row0 * C, C, s, sc.buf(cur));
-    float S = sumsq(g, C);
-    for (int64_t r = pc.row0; r < pc.row1; ++r) {
-      const float rr = second_moment(h, S, Cf, T.bc, T.v[r]);
-      float K, D;
-      amos_slice(h, T.at, S, Cf, rr, T.b[r], K, D);
-      if (r + 1 < pc.row1) {
-        const float* gn = grad(T, (r + 1) * C, C, s, sc.buf(1 - cur));
-        S = apply_and_sumsq(p_at(T, r * C), g, m_at(T, r * C), gn, C, K, D, h);
-        g = gn;
-        cur = 1 - cur;
-      } else {
-        apply_span(p_at(T, r * C), g, m_at(T, r * C), C, K, D, h);
+    // "amos": S of row r is known when row r is applied, and that loop sums row r + 1. Two such
+    // pipelines, over the first and the second half of the piece, run in lockstep: two rows
+    // read and two written at a time per core, which keeps more reads in flight than one.
+    const int64_t rows = pc.row1 - pc.row0;
+    const int64_t first[2] = {pc.row0, pc.row0 + rows / 2}, count[2] = {rows / 2, rows - rows / 2};
+    const float* g[2];
+    float S[2];
+    int cur[2] = {0, 0};  // which of a pipeline's two buffers holds its row r
+    for (int q = 0; q < 2; ++q)
+      if (count[q] > 0) {
+        g[q] = grad(T, first[q] * C, C, s, sc.buf(2 * q));
+        S[q] = sumsq(g[q], C);
+      }
+    for (int64_t i = 0; i < count[1]; ++i) {  // count[1] >= count[0]
+      RowWork<TP, TM> w[2];
+      int next = 0, last = 0;  // pipelines with a row i that has a next row / is their last one
+      int qn[2], ql[2];
+      for (int q = 0; q < 2; ++q) {
+        if (i >= count[q]) continue;
+        const int64_t r = first[q] + i;
+        const float rr = second_moment(h, S[q], Cf, T.bc, T.v[r]);
+        RowWork<TP, TM>& x = w[q];
+        amos_slice(h, T.at, S[q], Cf, rr, T.b[r], x.K, x.D);
+        x.p = p_at(T, r * C);
+        x.g = g[q];
+        x.m = m_at(T, r * C);
+        if (i + 1 < count[q]) {
+          cur[q] = 1 - cur[q];
+          x.gn = g[q] = grad(T, (r + 1) * C, C, s, sc.buf(2 * q + cur[q]));
+          qn[next++] = q;
+        } else {
+          ql[last++] = q;
+        }
+      }
+      if (next == 2) {
+        apply_and_sumsq<2>(w, C, h, S);
+      } else if (next == 1) {
+        apply_and_sumsq<1>(&w[qn[0]], C, h, &S[qn[0]]);
+      }
+      for (int j = 0; j < last; ++j) {
+        const RowWork<TP, TM>& x = w[ql[j]];
+        apply_span(x.p, x.g, x.m, C, x.K, x.D, h);
       }
     }
     s.partial[k] = 0.0f;
