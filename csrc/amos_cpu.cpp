@@ -90,7 +90,7 @@ AMOS_CPU_INLINE void sumsq_rows(const float* __restrict__ x, int64_t C, int64_t 
 
 // g -> fp32 as the step sees it (unscaled, clipped), into out
 template <typename TG>
-AMOS_CPU_INLINE void prep_span(const void* g, float* __restrict__ out, int64_t n, float scale, const Hyper& h) {
+AMOS_CPU_INLINE void prep_span(const void* g, float* __restrict__ out, int64_t n, float scale, Hyper h) {
   const TG* __restrict__ x = static_cast<const TG*>(g);
   for (int64_t i = 0; i < n; ++i) out[i] = prep_grad(to_f(x[i]), scale, h);
 }
@@ -112,8 +112,43 @@ AMOS_CPU_INLINE void apply_one(TP* __restrict__ p, float g, TM* __restrict__ m, 
 // n elements sharing K and D
 template <typename TP, typename TM>
 AMOS_CPU_INLINE void apply_span(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, int64_t n,
-                                float K, float D, const Hyper& h) {
+                                float K, float D, Hyper h) {
   for (int64_t i = 0; i < n; ++i) apply_one(p, g[i], m, i, K, D, h);
+}
+
+// Element granularity (C = 1), n consecutive slices: S = g*g and the slice math per element
+// (separate functions: __restrict__ on every pointer lets these loops vectorise).
+// "amos": all of it, in one pass.
+template <typename TP, typename TM>
+AMOS_CPU_INLINE void amos_elements(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
+                                   float* __restrict__ v, float* __restrict__ b, int64_t n, float bc, AmosTensor at,
+                                   Hyper h) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float S = g[i] * g[i];
+    const float r = second_moment(h, S, 1.0f, bc, v[i]);
+    float K, D;
+    amos_slice(h, at, S, 1.0f, r, b[i], K, D);
+    apply_one(p, g[i], m, i, K, D, h);
+  }
+}
+
+// closed forms, pass 1: v_i and the sum of S_i * r_i, in order
+AMOS_CPU_INLINE float closed_elements_reduce(const float* __restrict__ g, float* __restrict__ v, int64_t n, float bc,
+                                             Hyper h) {
+  float unorm2 = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float S = g[i] * g[i];
+    unorm2 += S * second_moment(h, S, 1.0f, bc, v[i]);
+  }
+  return unorm2;
+}
+
+// closed forms, pass 2: K_i = A * sqrt(r_i) from the updated v
+template <typename TP, typename TM>
+AMOS_CPU_INLINE void closed_elements_apply(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
+                                           const float* __restrict__ v, int64_t n, float bc, float A, float D,
+                                           Hyper h) {
+  for (int64_t i = 0; i < n; ++i) apply_one(p, g[i], m, i, closed_slice_K(A, inv_vhat(h, v[i], bc)), D, h);
 }
 
 // m + i; m stays null without momentum (TM = void)
@@ -137,7 +172,7 @@ struct RowWork {
 // of its next row, all of n elements. Blocks of kBlock elements take turns, each a vectorised loop.
 constexpr int64_t kBlock = 64;
 template <int kPipes, typename TP, typename TM>
-AMOS_CPU_INLINE void apply_and_sumsq(const RowWork<TP, TM>* w, int64_t n, const Hyper& h, float* S) {
+AMOS_CPU_INLINE void apply_and_sumsq(const RowWork<TP, TM>* w, int64_t n, Hyper h, float* S) {
   float acc[kPipes][16] = {};
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock)
@@ -216,7 +251,7 @@ struct Loops {
 
   // Pass 1: reduce; for "amos" on whole rows also finalize and apply.
   static AMOS_CPU_INLINE void pass1(const Tensor& T, const Piece& pc, int64_t k, const Step& s, Scratch& sc) {
-    const Hyper& h = s.h;
+    const Hyper h = s.h;  // a local copy: no store can alias it, so the loops vectorise
     if (T.C > kLongRow) {  // one block of a long row
       const int64_t off = pc.row0 * T.C + pc.col0, n = pc.col1 - pc.col0;
       s.partial[k] = sumsq(grad(T, off, n, s, sc.buf(0)), n);
@@ -226,24 +261,10 @@ struct Loops {
     if (T.C == 1) {  // element granularity: whole pieces at once
       const int64_t n = pc.row1 - pc.row0;
       const float* g = grad(T, pc.row0, n, s, sc.buf(0));
-      TP* p = p_at(T, pc.row0);
-      TM* m = m_at(T, pc.row0);
-      float* v = T.v + pc.row0;
-      float* b = T.b + pc.row0;
-      if (s.amos) {
-        for (int64_t i = 0; i < n; ++i) {
-          const float S = g[i] * g[i];
-          const float r = second_moment(h, S, 1.0f, T.bc, v[i]);
-          float K, D;
-          amos_slice(h, T.at, S, 1.0f, r, b[i], K, D);
-          apply_one(p, g[i], m, i, K, D, h);
-        }
-      } else {
-        for (int64_t i = 0; i < n; ++i) {  // closed forms: v_i and the sum of S_i * r_i, in order
-          const float S = g[i] * g[i];
-          unorm2 += S * second_moment(h, S, 1.0f, T.bc, v[i]);
-        }
-      }
+      if (s.amos)
+        amos_elements(p_at(T, pc.row0), g, m_at(T, pc.row0), T.v + pc.row0, T.b + pc.row0, n, T.bc, T.at, h);
+      else
+        unorm2 = closed_elements_reduce(g, T.v + pc.row0, n, T.bc, h);
       s.partial[k] = unorm2;
       return;
     }
@@ -306,16 +327,13 @@ struct Loops {
 
   // Pass 2: apply where pass 1 could not.
   static AMOS_CPU_INLINE void pass2(const Tensor& T, const Piece& pc, const Step& s, Scratch& sc) {
-    const Hyper& h = s.h;
+    const Hyper h = s.h;  // a local copy: no store can alias it, so the loops vectorise
     const bool long_row = T.C > kLongRow;
     if (s.amos && !long_row) return;  // done in pass 1
     if (T.C == 1) {  // element granularity, closed forms: K_i = A * sqrt(r_i) from the updated v
       const int64_t n = pc.row1 - pc.row0;
       const float* g = grad(T, pc.row0, n, s, sc.buf(0));
-      TP* p = p_at(T, pc.row0);
-      TM* m = m_at(T, pc.row0);
-      const float* v = T.v + pc.row0;
-      for (int64_t i = 0; i < n; ++i) apply_one(p, g[i], m, i, closed_slice_K(T.A, inv_vhat(h, v[i], T.bc)), T.D, h);
+      closed_elements_apply(p_at(T, pc.row0), g, m_at(T, pc.row0), T.v + pc.row0, n, T.bc, T.A, T.D, h);
       return;
     }
     const int64_t n = pc.col1 - pc.col0;
