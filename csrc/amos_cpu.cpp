@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -88,25 +89,83 @@ AMOS_CPU_INLINE void sumsq_rows(const float* __restrict__ x, int64_t C, int64_t 
   for (int64_t r = kStreams * q; r < n; ++r) S[r] = sumsq(x + r * C, C);
 }
 
+// Storage <-> fp32 in these loops: amos_math.h's to_f/from_f, except for fp16, which c10 converts
+// by a call per element when the compiler may not assume F16C (no vectorising: 10x slower
+// steps). The fp16 pair below is branch-free and gives c10's bits for every one of the 2^16
+// halves and 2^32 floats (checked exhaustively against c10's conversions; NaN -> 0x7E00).
+AMOS_CPU_INLINE uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+AMOS_CPU_INLINE float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// a if c else b, as bit operations: a ?: between float results stays a branch (the float ops
+// could trap), which keeps the loop scalar
+AMOS_CPU_INLINE uint32_t pick(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
+AMOS_CPU_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;                        // exponent and mantissa
+  uint32_t normal = (em << 13) + (112u << 23);            // exponent bias 15 -> 127
+  normal += pick(em >= 0x7C00u, (128u - 16u) << 23, 0);   // Inf and NaN: exponent all ones
+  normal |= pick(em > 0x7C00u, 0x00400000u, 0);           // a NaN comes out quiet
+  const float sub = static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-8f;  // em * 2^-24, exact
+  return float_of(sign | pick(em < 0x0400u, bits_of(sub), normal));
+}
+
+AMOS_CPU_INLINE uint16_t float_to_half(float f) {
+  const uint32_t u = bits_of(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  // normal halves: drop 13 mantissa bits, rounding to nearest even; from 65520 on, Inf
+  uint32_t normal = (a - (112u << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  normal = pick(normal < 0x7C00u, normal, 0x7C00u);
+  // below 2^-14: |f| + 0.5 rounds |f| to a multiple of 2^-24 (the adder rounds to nearest even)
+  const uint32_t sub = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
+  uint32_t r = pick(a < 0x38800000u, sub, normal);
+  r = pick(a > 0x7F800000u, 0x7E00u, r);  // NaN
+  return static_cast<uint16_t>(sign | r);
+}
+
+template <typename T>
+AMOS_CPU_INLINE float load(T x) {
+  return to_f(x);
+}
+AMOS_CPU_INLINE float load(c10::Half x) { return half_to_float(x.x); }
+
+template <typename T>
+AMOS_CPU_INLINE T store(float x) {
+  if constexpr (std::is_same<T, c10::Half>::value) return c10::Half(float_to_half(x), c10::Half::from_bits());
+  else return from_f<T>(x);
+}
+
 // g -> fp32 as the step sees it (unscaled, clipped), into out
 template <typename TG>
 AMOS_CPU_INLINE void prep_span(const void* g, float* __restrict__ out, int64_t n, float scale, Hyper h) {
   const TG* __restrict__ x = static_cast<const TG*>(g);
-  for (int64_t i = 0; i < n; ++i) out[i] = prep_grad(to_f(x[i]), scale, h);
+  for (int64_t i = 0; i < n; ++i) out[i] = prep_grad(load(x[i]), scale, h);
 }
 
 // §6 for element i: theta (and m)
 template <typename TP, typename TM>
 AMOS_CPU_INLINE void apply_one(TP* __restrict__ p, float g, TM* __restrict__ m, int64_t i, float K, float D,
                                const Hyper& h) {
-  float theta = to_f(p[i]);
+  float theta = load(p[i]);
   float delta = update(theta, g, K, D);
   if constexpr (!std::is_same<TM, void>::value) {
-    float mm = momentum_update(h, to_f(m[i]), delta);
-    m[i] = from_f<TM>(mm);
+    float mm = momentum_update(h, load(m[i]), delta);
+    m[i] = store<TM>(mm);
     delta = mm;  // theta moves by the unrounded m
   }
-  p[i] = from_f<TP>(theta + delta);
+  p[i] = store<TP>(theta + delta);
 }
 
 // n elements sharing K and D

@@ -239,3 +239,20 @@ def test_max_abs_rejects_other_dtypes_naming_the_tensor(dtype):
     xs = [torch.ones(3), torch.ones(4, dtype=dtype)]
     with pytest.raises(RuntimeError, match=r"max_abs: xs\[1\] is (Double|Int); this op takes fp32, bf16 or fp16"):
         torch.ops.amos_fused.max_abs(xs)
+
+
+def test_fp16_params_and_momentum_round_like_torch_for_every_finite_half():
+    # amos_cpu.cpp converts fp16 with its own branch-free code (c10's does not vectorise). With
+    # lr = 0 the update is exactly 0, so theta' = fp16(theta + 0.9 m) and m' = fp16(0.9 m) in fp32:
+    # every finite nonzero fp16 value goes through the kernel's fp16 loads and both roundings.
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    m0 = halves[halves.isfinite() & (halves != 0)]
+    p0 = m0.flip(0)
+    p, m = p0.clone(), m0.clone()
+    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(4))
+    torch.ops.amos_fused.amos_step_([p], [g], [torch.zeros(1)], [torch.zeros(1)], [m], [torch.ones(())], [0.1], 0.0,
+                                    None, None, None, cpp_backend.SCHEDULE_CODE["amos"], 0.999, 2.0**-125, 0.9, 0.0,
+                                    0.25, 0.25, 0.0, 1.0, 0.0)
+    mm = m0.float() * torch.tensor(0.9)
+    assert torch.equal(m.view(torch.int16), mm.half().view(torch.int16))
+    assert torch.equal(p.view(torch.int16), (p0.float() + mm).half().view(torch.int16))
