@@ -442,7 +442,7 @@ __attribute__((target("avx2,f16c"))) void prep_avx2(const void* g, float* out, i
 }
 
 bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool yes = !cpu_generic_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return yes;
 }
 #endif

@@ -18,6 +18,8 @@
 #include <limits>
 #include <vector>
 
+#include "ops.h"  // cpu_generic_forced
+
 // the loops are inlined into each target's entry point, so each is compiled for that target
 #define CHECKS_INLINE inline __attribute__((always_inline))
 
@@ -98,7 +100,7 @@ __attribute__((target("avx2"))) uint32_t piece_avx2(const void* data, at::Scalar
 
 PieceFn piece_fn() {
 #ifdef CHECKS_AVX2
-  static const bool avx2 = __builtin_cpu_supports("avx2");
+  static const bool avx2 = !cpu_generic_forced() && __builtin_cpu_supports("avx2");
   if (avx2) return piece_avx2;
 #endif
   return piece_generic;

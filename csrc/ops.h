@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -36,6 +38,13 @@ inline Dtype dtype_of(const at::Tensor& t) {
 inline float eps0_of(const at::Tensor& p, double eta) {
   double e = std::sqrt(static_cast<double>(p.numel())) * eta * (p.dim() >= 2 ? std::sqrt(2.0) : 1.0);
   return static_cast<float>(e);
+}
+
+// AMOS_FUSED_CPU_ISA=generic: the CPU kernels take their plain x86-64 loops even where the AVX2
+// ones could run, so tests can check that both give the same bits (read once, at first use).
+inline bool cpu_generic_forced() {
+  const char* isa = std::getenv("AMOS_FUSED_CPU_ISA");
+  return isa != nullptr && std::strcmp(isa, "generic") == 0;
 }
 
 void step_cpu(const StepArgs& a);

@@ -1,4 +1,6 @@
 """backend="cpu" (the compiled extension amos_fused._C) against the reference, and the op's contract."""
+import os
+
 import pytest
 import torch
 
@@ -256,3 +258,43 @@ def test_fp16_params_and_momentum_round_like_torch_for_every_finite_half():
     mm = m0.float() * torch.tensor(0.9)
     assert torch.equal(m.view(torch.int16), mm.half().view(torch.int16))
     assert torch.equal(p.view(torch.int16), (p0.float() + mm).half().view(torch.int16))
+
+
+# ---- the plain x86-64 loops (the CPU kernels pick an AVX2 build at run time) ----------------------
+_ISA_SCRIPT = r"""
+import hashlib, torch
+import backend_grid as grid
+from amos_fused import cpp_backend
+h = hashlib.sha256()
+for case in grid.CASES[:16] + [c for c in grid.CASES if "float16" in c.id][:4]:
+    for params, states in grid.run("cpu", case.values[0], device="cpu"):
+        for t in params + [v for s in states for v in s.values() if torch.is_tensor(v)]:
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+gen = torch.Generator().manual_seed(0)
+xs = [torch.randn(n, generator=gen).to(dt) for n in (5, 70001, 300000) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+xs[4][123] = float("nan")
+h.update(cpp_backend.max_abs(xs).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_plain_x86_loops_give_the_bits_of_the_avx2_ones():
+    """AMOS_FUSED_CPU_ISA=generic forces the plain loops; on a machine with AVX2 (CI's) the default
+    run takes the AVX2 ones, so the two digests compare the two builds over a slice of the grid
+    (dtypes, schedules, granularities, momentum, fp16) and max_abs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    digests = []
+    for isa in (None, "generic"):
+        env = {k: v for k, v in os.environ.items() if k != "AMOS_FUSED_CPU_ISA"}
+        if isa:
+            env["AMOS_FUSED_CPU_ISA"] = isa
+        env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+        res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env,
+                             timeout=600, cwd=here)
+        assert res.returncode == 0, res.stderr[-3000:]
+        digests.append(res.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1], "the plain x86-64 loops and the AVX2 ones differ"
