@@ -331,9 +331,11 @@ class Amos(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         by_key = {}
+        shards = distributed.dtensors_possible()
         for group, ps, gs in work:
             for p, g in zip(ps, gs):
-                g = local(g)
+                if shards:
+                    g = local(g)
                 if g.numel():
                     key = (g.device, g.dtype == torch.float64, p.dtype == torch.float64)
                     by_key.setdefault(key, []).append((p, g, group))
@@ -401,7 +403,7 @@ class Amos(torch.optim.Optimizer):
         self._check_pending()
         work = self._collect()
         grad_scale = getattr(self, "grad_scale", None)
-        if any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
+        if distributed.dtensors_possible() and any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
             return self._sharded_step(work, grad_scale, loss)
         calls, devices = [], set()  # per group, (step function, indices or None: all) per device
         for group, params, grads in work:
