@@ -330,12 +330,14 @@ class Amos(torch.optim.Optimizer):
         """
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        by_key = {}
+        by_key, devices = {}, set()
         shards = distributed.dtensors_possible()
         for group, ps, gs in work:
             for p, g in zip(ps, gs):
                 if shards:
                     g = local(g)
+                if found_inf is not None:  # it applies on every device, empty gradients' too
+                    devices.add(g.device)
                 if g.numel():
                     key = (g.device, g.dtype == torch.float64, p.dtype == torch.float64)
                     by_key.setdefault(key, []).append((p, g, group))
@@ -353,7 +355,7 @@ class Amos(torch.optim.Optimizer):
             bad = (~(bound < limit)).any().to(torch.float32)  # NaN compares False: bad too
             flags[device] = torch.maximum(flags[device], bad) if device in flags else bad
         if found_inf is not None:
-            for device in {local(p).device for _, ps, _ in work for p in ps}:
+            for device in devices:
                 inf = found_inf.reshape(()).to(device, torch.float32)
                 flags[device] = torch.maximum(flags[device], inf) if device in flags else inf
         return flags
@@ -504,11 +506,8 @@ _FP32_MAX = torch.finfo(torch.float32).max
 
 def _max_abs(grads, dtype):
     """max|g| of each gradient (NaN if it holds one) as one `dtype` vector on their device."""
-    if grads[0].device.type == "cpu" and dtype == torch.float32 and _cpu_max_abs() is not None:
-        return _cpu_max_abs()(grads)
+    if grads[0].device.type == "cpu" and dtype == torch.float32:
+        from . import cpp_backend  # the extension loads at first use, as in backends.py
+        if cpp_backend.max_abs is not None:
+            return cpp_backend.max_abs(grads)
     return torch.stack(torch._foreach_norm(grads, float("inf"), dtype=dtype))
-
-
-def _cpu_max_abs():
-    from . import cpp_backend
-    return cpp_backend.max_abs
