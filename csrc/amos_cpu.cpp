@@ -30,11 +30,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "ops.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define AMOS_CPU_AVX2 1
-#endif
+#include "ops.h"  // cpu_avx2, AMOS_CPU_AVX2
 // the loops are inlined into each target's entry point, so each is compiled for that target
 #define AMOS_CPU_INLINE inline __attribute__((always_inline))
 
@@ -440,17 +436,12 @@ __attribute__((target("avx2,f16c"))) void prep_avx2(const void* g, float* out, i
                                                     const Hyper& h) {
   prep_span<TG>(g, out, n, scale, h);
 }
-
-bool has_avx2() {
-  static const bool yes = !cpu_generic_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return yes;
-}
 #endif
 
 template <typename TP, typename TM>
 PieceFn piece_fn() {
 #ifdef AMOS_CPU_AVX2
-  if (has_avx2()) return piece_avx2<TP, TM>;
+  if (cpu_avx2()) return piece_avx2<TP, TM>;
 #endif
   return piece_generic<TP, TM>;
 }
@@ -458,7 +449,7 @@ PieceFn piece_fn() {
 template <typename TG>
 PrepFn prep_fn() {
 #ifdef AMOS_CPU_AVX2
-  if (has_avx2()) return prep_avx2<TG>;
+  if (cpu_avx2()) return prep_avx2<TG>;
 #endif
   return prep_generic<TG>;
 }

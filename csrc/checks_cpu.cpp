@@ -18,7 +18,7 @@
 #include <limits>
 #include <vector>
 
-#include "ops.h"  // cpu_generic_forced
+#include "ops.h"  // cpu_avx2, AMOS_CPU_AVX2
 
 // the loops are inlined into each target's entry point, so each is compiled for that target
 #define CHECKS_INLINE inline __attribute__((always_inline))
@@ -90,8 +90,7 @@ uint32_t piece_generic(const void* data, at::ScalarType dtype, int64_t begin, in
   return piece_max_bits(data, dtype, begin, end);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CHECKS_AVX2 1
+#ifdef AMOS_CPU_AVX2
 __attribute__((target("avx2"))) uint32_t piece_avx2(const void* data, at::ScalarType dtype, int64_t begin,
                                                     int64_t end) {
   return piece_max_bits(data, dtype, begin, end);
@@ -99,9 +98,8 @@ __attribute__((target("avx2"))) uint32_t piece_avx2(const void* data, at::Scalar
 #endif
 
 PieceFn piece_fn() {
-#ifdef CHECKS_AVX2
-  static const bool avx2 = !cpu_generic_forced() && __builtin_cpu_supports("avx2");
-  if (avx2) return piece_avx2;
+#ifdef AMOS_CPU_AVX2
+  if (cpu_avx2()) return piece_avx2;
 #endif
   return piece_generic;
 }

@@ -40,12 +40,20 @@ inline float eps0_of(const at::Tensor& p, double eta) {
   return static_cast<float>(e);
 }
 
-// AMOS_FUSED_CPU_ISA=generic: the CPU kernels take their plain x86-64 loops even where the AVX2
-// ones could run, so tests can check that both give the same bits (read once, at first use).
-inline bool cpu_generic_forced() {
-  const char* isa = std::getenv("AMOS_FUSED_CPU_ISA");
-  return isa != nullptr && std::strcmp(isa, "generic") == 0;
+// The CPU kernels (amos_cpu.cpp, checks_cpu.cpp) are built twice where GCC targets x86-64: plain
+// and AVX2+F16C. This picks the build once, at first use: AVX2+F16C when the processor has both,
+// unless AMOS_FUSED_CPU_ISA=generic (tests check that both builds give the same bits).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AMOS_CPU_AVX2 1
+inline bool cpu_avx2() {
+  static const bool yes = [] {
+    const char* isa = std::getenv("AMOS_FUSED_CPU_ISA");
+    const bool generic = isa != nullptr && std::strcmp(isa, "generic") == 0;
+    return !generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
 }
+#endif
 
 void step_cpu(const StepArgs& a);
 #ifdef AMOS_WITH_CUDA
