@@ -1,9 +1,11 @@
 """The one place that chooses how a step is computed.
 
-A backend is a function `step(params, grads, states, group, grad_scale, skip=None)` that applies
-one Amos step (ALGORITHM.md) to the tensors of one param group, with `state["step"]` already t.
-`skip` is None, or the step's verdict as a 0-d fp32 tensor on the device (optimizer.py): the
-fused backends read it in their kernels (no host sync) and change nothing when it is nonzero.
+A backend is a function `step(params, grads, states, group, grad_scale, skip=None, guarded=None)`
+that applies one Amos step (ALGORITHM.md) to the tensors of one param group, with
+`state["step"]` already t. `skip` is None, or the step's verdict as a 0-d fp32 tensor on the
+device (optimizer.py): the fused backends read it in their kernels (no host sync) and change
+nothing when it is nonzero. Every backend guards slices: one whose S_r is not finite keeps its
+parameters and state, and is added to `guarded` (an int64 0-d tensor on the device, or None).
 Each entry of `_BACKENDS` says whether it can run on a device and, if not, why.
 """
 from .reference import reference_step
@@ -11,11 +13,11 @@ from .reference import reference_step
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 
 
-def reference_unless_skipped(params, grads, states, group, grad_scale=None, skip=None):
+def reference_unless_skipped(params, grads, states, group, grad_scale=None, skip=None, guarded=None):
     """The reference step behind a verdict: it reads `skip` on the host (a sync on CUDA), so the
     fused backends use it only for the tensors their kernels do not take (fp64, non-contiguous)."""
     if skip is None or not bool(skip):
-        reference_step(params, grads, states, group, grad_scale)
+        reference_step(params, grads, states, group, grad_scale, guarded)
 
 
 def _reference(device):

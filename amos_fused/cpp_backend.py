@@ -22,7 +22,7 @@ SCHEDULE_CODE = {"amos": 0, "constant": 1, "inverse_time": 2, "inverse_square": 
 
 if _C is not None:
     @torch.library.register_fake("amos_fused::amos_step_")
-    def _amos_step_fake(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, schedule, beta,
+    def _amos_step_fake(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, guarded, schedule, beta,
                         eps, momentum, clip_value, d_coef, c_coef, extra_l2, q, half_life):
         return None
 
@@ -54,13 +54,13 @@ def _kernel_takes(p, state, momentum):
 
 
 @torch.no_grad()
-def fused_step(params, grads, states, group, grad_scale=None, skip=None):
+def fused_step(params, grads, states, group, grad_scale=None, skip=None, guarded=None):
     """One step of a group's tensors on one device (CPU or CUDA) with the compiled kernels."""
     mom = group["momentum"]
     takes = [_kernel_takes(p, st, mom) for p, st in zip(params, states)]
     if not all(takes):
         reference_unless_skipped([p for p, k in zip(params, takes) if not k], [g for g, k in zip(grads, takes) if not k],
-                                 [st for st, k in zip(states, takes) if not k], group, grad_scale, skip)
+                                 [st for st, k in zip(states, takes) if not k], group, grad_scale, skip, guarded)
         params = [p for p, k in zip(params, takes) if k]
         grads = [g for g, k in zip(grads, takes) if k]
         states = [st for st, k in zip(states, takes) if k]
@@ -82,6 +82,6 @@ def fused_step(params, grads, states, group, grad_scale=None, skip=None):
         params, gs, [st["v"] for st in states], [st["b"] for st in states],
         [st["m"] for st in states] if mom > 0 else [], [st["step"] for st in states],
         [float(st["eta"]) for st in states], float(lr), lr_tensor,
-        grad_scale, skip, SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(mom),
+        grad_scale, skip, guarded, SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(mom),
         float(group["clip_value"] or 0.0), float(group["d_coef"]), float(group["c_coef"]),
         float(group["extra_l2"]), float(group["q"]), float(group["half_life"] or 0.0))

@@ -95,12 +95,19 @@ class Amos(torch.optim.Optimizer):
             params came without names); None falls back to the group's ``eta`` rule.
         granularity: ``"row"`` (default), ``"tensor"`` or ``"element"``: the slices of ``v``.
         backend: ``"auto"`` or an explicit backend from ``amos_fused.backends.BACKENDS``.
+        guard: what a non-finite gradient skips. ``"step"`` (default): the whole step, exactly
+            (one extra read of the gradients decides it before anything changes). ``"slice"``:
+            only the slices (rows) whose sum of squares ``S_r`` is not finite keep their
+            parameters and state, the rest of the step goes ahead; no extra read (one pass over
+            the gradients, the byte floor of the fused kernels), counted in ``guarded_slices``.
+            GradScaler's ``found_inf`` skips the whole step in both modes, and DTensor (FSDP2)
+            parameters always skip whole steps (their verdict rides on the step's all-reduce).
         capturable: no host synchronisation at all in ``step()``, so a whole training step can be
             captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device
             (LR schedulers fill it in place, so replays see new values). Needs a fused backend
             ("cuda" or "triton") for CUDA parameters.
 
-    A step is skipped (changes nothing; counted in ``skipped_steps``) when GradScaler's
+    With ``guard="step"``, a step is skipped (changes nothing; counted in ``skipped_steps``) when GradScaler's
     ``found_inf`` is set, or when for some parameter the unscaled, clipped gradient x has
     ``max|x|`` NaN or Inf, or ``C * max|x|**2`` overflows the compute dtype (C: the slice length),
     the bound that guarantees no slice sum S_r = sum x*x can overflow (|x| ~ 1.8e19/sqrt(C) and
@@ -114,7 +121,7 @@ class Amos(torch.optim.Optimizer):
     def __init__(self, params, lr=None, *, schedule="amos", half_life=None, q=1.0, beta=0.999,
                  momentum=0.9, momentum_dtype=None, clip_value=None, d_coef=0.25, c_coef=0.25,
                  extra_l2=0.0, eps=2.0**-125, eta=None, eta_fn=None, granularity="row",
-                 backend="auto", capturable=False):
+                 backend="auto", guard="step", capturable=False):
         defaults = dict(lr=lr, schedule=schedule, half_life=half_life, q=q, beta=beta,
                         momentum=momentum, momentum_dtype=momentum_dtype, clip_value=clip_value,
                         d_coef=d_coef, c_coef=c_coef, extra_l2=extra_l2, eps=eps, eta=eta,
@@ -122,15 +129,21 @@ class Amos(torch.optim.Optimizer):
         backends.check_backend(backend)
         if eta_fn is not None and not callable(eta_fn):
             raise TypeError(f"Amos: eta_fn must be callable as eta_fn(name, param), got {eta_fn!r}")
+        if guard not in GUARDS:
+            raise ValueError(f"Amos: guard={guard!r} is invalid; use 'step' (a non-finite gradient skips the whole "
+                             "step) or 'slice' (only its slices keep their values; one pass, faster)")
         if not isinstance(capturable, bool):
             raise TypeError(f"Amos: capturable must be True or False, got {capturable!r}")
         self.backend = backend
         self.eta_fn = eta_fn
         self.capturable = capturable
+        self.guard = guard
         self._skipped = 0  # skips decided on the host ...
         self._skipped_on = {}  # ... and on each device: 0-d fp32 counters, read by skipped_steps
-        self._pending = None  # (event, pinned flag) of the last CUDA verdict, for the warning
+        self._guarded_on = {}  # device -> 0-d int64 counter the kernels add guarded slices to
+        self._pending = None  # (event, pinned verdict, pinned guarded count, scaled) of the last CUDA step
         self._warned_nonfinite = False
+        self._warned_guarded = False
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
         self._state_ok = {}  # id(param) -> what its state was last checked against (_collect)
         super().__init__(params, defaults)
@@ -144,6 +157,18 @@ class Amos(torch.optim.Optimizer):
     @skipped_steps.setter
     def skipped_steps(self, n):
         self._skipped, self._skipped_on = int(n), {}
+
+    @property
+    def guarded_slices(self):
+        """Slices left unchanged because their S_r was not finite (guard="slice"; always 0 with
+        guard="step", where such a gradient skips the step). Reading it waits for the GPU."""
+        return sum(int(c.item()) for c in self._guarded_on.values())
+
+    @guarded_slices.setter
+    def guarded_slices(self, n):
+        self._guarded_on = {}
+        if n:
+            raise ValueError("Amos.guarded_slices can only be reset to 0")
 
     # ---- groups and eta -------------------------------------------------------------------
     def add_param_group(self, param_group):
@@ -320,13 +345,14 @@ class Amos(torch.optim.Optimizer):
         return work
 
     # ---- the skip verdict -----------------------------------------------------------------
-    def _verdicts(self, work):
+    def _verdicts(self, work, read_grads=True):
         """{device: 0-d fp32 tensor, 1.0 when this step must be skipped}, computed on the device.
 
         The test (class docstring): GradScaler's found_inf, or for some parameter max|x| of its
         unscaled, clipped gradient x NaN/Inf or C * max|x|**2 past the compute dtype's range.
         max|g| per gradient takes one fused read of all gradients (torch._foreach_norm with
         ord=inf on CUDA; the extension's max_abs on the CPU, faster than torch's there).
+        `read_grads=False` (guard="slice"): found_inf only, no read of the gradients.
         """
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -338,7 +364,7 @@ class Amos(torch.optim.Optimizer):
                     g = local(g)
                 if found_inf is not None:  # it applies on every device, empty gradients' too
                     devices.add(g.device)
-                if g.numel():
+                if g.numel() and read_grads:
                     key = (g.device, g.dtype == torch.float64, p.dtype == torch.float64)
                     by_key.setdefault(key, []).append((p, g, group))
         flags = {}
@@ -390,10 +416,11 @@ class Amos(torch.optim.Optimizer):
         """Warn about a skip decided on the GPU at an earlier step, once its verdict has arrived
         (without waiting for it: the warning may come a step late)."""
         if self._pending is not None and self._pending[0].query():
-            event, flag, scaled = self._pending
+            event, flag, count, scaled = self._pending
             self._pending = None
             if flag.item() and not scaled:
                 self._warn_nonfinite()
+            self._check_guarded(int(count.item()))
 
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -421,7 +448,8 @@ class Amos(torch.optim.Optimizer):
         on_device = len(devices) == 1 and (self.capturable or next(iter(devices)).type == "cuda")
         if self.capturable:
             self._check_capturable(work, calls, on_device)
-        flags = self._verdicts(work)
+        flags = self._verdicts(work, read_grads=self.guard == "step")
+        guarded = {d: self._guarded_counter(d) for d in devices}
         skip = None
         if on_device:
             device = next(iter(devices))
@@ -432,8 +460,6 @@ class Amos(torch.optim.Optimizer):
             if counter is None:
                 counter = self._skipped_on[device] = torch.zeros((), dtype=torch.float32, device=device)
             counter.add_(skip)
-            if not self.capturable and device.type == "cuda":
-                self._remember(skip)
             keep = 1.0 - skip
         elif any(bool(f) for f in flags.values()):
             self._count_host_skip()
@@ -451,8 +477,30 @@ class Amos(torch.optim.Optimizer):
                     args = (params, grads, states, group, grad_scale)
                 else:
                     args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
-                fn(*args) if skip is None else fn(*args, skip=skip)
+                counter = guarded[(params if idx is None else [params[i] for i in idx])[0].device]
+                fn(*args, guarded=counter) if skip is None else fn(*args, skip=skip, guarded=counter)
+        if self.capturable:
+            return loss  # nothing read on the host: guarded_slices tells
+        if on_device and skip.device.type == "cuda":
+            self._remember(skip, guarded[skip.device])  # read when it has arrived, by a later step
+        elif all(d.type == "cpu" for d in devices):
+            self._check_guarded(self.guarded_slices)  # CPU counters: read at once (free)
         return loss
+
+    def _guarded_counter(self, device):
+        counter = self._guarded_on.get(device)
+        if counter is None:
+            counter = self._guarded_on[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return counter
+
+    def _check_guarded(self, count):
+        """Warn once, when the guarded slices counted so far (`count`) first become nonzero."""
+        if count and not self._warned_guarded:
+            warnings.warn(f"Amos(guard='slice'): {count} slice(s) had a gradient with NaN or Inf or a sum of "
+                          "squares past the compute dtype's range; they kept their parameters and state, the "
+                          "rest of the step went ahead (counted in optimizer.guarded_slices). This warning is "
+                          "shown once.")
+            self._warned_guarded = True
 
     def _sharded_step(self, work, grad_scale, loss):
         """FSDP2 (DTensor parameters): the reference math with one all-reduce per step, which
@@ -474,13 +522,16 @@ class Amos(torch.optim.Optimizer):
         if not self._found_inf_set():
             self._warn_nonfinite()
 
-    def _remember(self, skip):
-        """Keep a host copy of this step's verdict (arriving asynchronously) for the warning."""
+    def _remember(self, skip, guarded):
+        """Keep host copies of this step's verdict and guarded count (arriving asynchronously)
+        for the warnings."""
         flag = torch.empty((), dtype=torch.float32, pin_memory=True)
         flag.copy_(skip, non_blocking=True)
+        count = torch.empty((), dtype=torch.int64, pin_memory=True)
+        count.copy_(guarded, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending = (event, flag, getattr(self, "found_inf", None) is not None)
+        self._pending = (event, flag, count, getattr(self, "found_inf", None) is not None)
 
     def _check_capturable(self, work, calls, on_device):
         """capturable=True: raise, before anything changes, for a setup that needs the host."""
@@ -500,6 +551,7 @@ class Amos(torch.optim.Optimizer):
                                        "kernels take contiguous fp32/bf16/fp16 parameters only")
 
 
+GUARDS = ("step", "slice")
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FP32_MAX = torch.finfo(torch.float32).max
 

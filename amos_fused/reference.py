@@ -23,8 +23,12 @@ def compute_dtype(param):
 
 
 @torch.no_grad()
-def reference_step(params, grads, states, group, grad_scale=None):
+def reference_step(params, grads, states, group, grad_scale=None, guarded=None):
     """One step for every (param, grad, state) of a group; `state["step"]` is already t.
+
+    A slice whose S_r is not finite (a NaN or Inf gradient, or a sum of squares past the compute
+    dtype's range) is guarded: its parameters and state stay as they were, the closed forms' ||u||
+    leaves it out, and `guarded` (an int64 0-d tensor, or None) counts it (Amos(guard=...)).
 
     In three phases, as the kernels run it (ALGORITHM.md §8). For ordinary tensors they are the
     spec in order. For FSDP2's DTensor parameters each rank runs phase 1 on its own rows, and
@@ -39,7 +43,7 @@ def reference_step(params, grads, states, group, grad_scale=None):
                                                [S for S, _ in reduced], [u for _, u in reduced])
     # 3. finalize and apply, tensor by tensor
     for (p, g, state), S, usq in zip(work, sums, norms):
-        apply_phase(p, g, state, group, grad_scale, S, usq)
+        apply_phase(p, g, state, group, grad_scale, S, usq, guarded)
 
 
 def _grad_slices(p, grad, o, grad_scale):
@@ -78,14 +82,20 @@ def reduce_phase(p, grad, o, grad_scale, v_prev, t):
     usq = None
     if o["schedule"] != "amos" and distributed.norm_spans_ranks(p, o["granularity"]):
         _, r = _second_moment(p, S, v_prev, t, o)  # slices are whole here, so r is final
-        usq = (S * r).sum()
+        usq = _u_norm2(S, r)
     return S, usq
 
 
-def apply_phase(p, grad, state, o, grad_scale, S, usq):
+def _u_norm2(S, r):
+    """||u||**2 = sum of S_r * r_r over the slices that are not guarded (S_r finite)."""
+    return torch.where(torch.isfinite(S), S * r, torch.zeros_like(S)).sum()
+
+
+def apply_phase(p, grad, state, o, grad_scale, S, usq, guarded=None):
     """Phase 3: v, the coefficients K_r, D_r (and b), then the element-wise apply; `state["step"]` is t.
 
     S None: the slices are whole here and phase 1 left them for now (distributed.sharded_step).
+    Slices with S_r not finite keep their old values (guarded; counted in `guarded` if given).
     """
     g = _grad_slices(p, grad, o, grad_scale)  # again: one tensor's converted copy alive at a time
     if S is None:
@@ -97,6 +107,9 @@ def apply_phase(p, grad, state, o, grad_scale, S, usq):
     t = state["step"].to(dev, cd)
     xi = torch.as_tensor(o["lr"], dtype=cd, device=dev)
     v, r = _second_moment(p, S, state["v"], t, o)
+    ok = torch.isfinite(S)  # the guard: everything below is kept where it is False
+    if guarded is not None:
+        guarded.add_((~ok).sum().to(guarded.device))
 
     if o["schedule"] == "amos":  # §4, with the old b
         b = local(state["b"]).to(cd).reshape(-1)
@@ -106,10 +119,10 @@ def apply_phase(p, grad, state, o, grad_scale, S, usq):
         d = 1.0 / (1.0 + o["d_coef"] * alpha.sqrt() * b)
         K = d * alpha * r.sqrt()
         D = d * (gamma / 2.0 + o["extra_l2"])
-        _write(state["b"], b + gamma * (1.0 + b))
+        _write(state["b"], torch.where(ok, b + gamma * (1.0 + b), b))
     else:  # §5: scale separation over the whole (global) tensor
         s = decay(o["schedule"], t, o["half_life"])
-        unorm = (S * r).sum().sqrt() if usq is None else usq.sqrt()
+        unorm = (_u_norm2(S, r) if usq is None else usq).sqrt()
         eps0 = math.sqrt(p.numel()) * state["eta"] * (math.sqrt(2.0) if p.ndim >= 2 else 1.0)
         A = torch.where(unorm > 0, xi * eps0 * s / unorm, torch.zeros_like(unorm))
         K = A * r.sqrt()
@@ -117,12 +130,14 @@ def apply_phase(p, grad, state, o, grad_scale, S, usq):
 
     # §6: the element-wise apply
     delta = -K[:, None] * g - D[:, None] * theta
+    keep = ok[:, None]
     if o["momentum"] > 0:
-        m = o["momentum"] * local(state["m"]).to(cd).reshape(g.shape) + (1.0 - o["momentum"]) * delta
-        _write(state["m"], m)
+        m_old = local(state["m"]).to(cd).reshape(g.shape)
+        m = o["momentum"] * m_old + (1.0 - o["momentum"]) * delta
+        _write(state["m"], torch.where(keep, m, m_old))
         delta = m  # theta moves by the unrounded m; the stored m is rounded to its dtype
-    _write(state["v"], v)
-    _write(p, theta + delta)
+    _write(state["v"], torch.where(ok, v, local(state["v"]).to(cd).reshape(-1)))
+    _write(p, torch.where(keep, theta + delta, theta))
 
 
 def _write(dst, value):

@@ -87,7 +87,7 @@ def _amos_with(step_fn):
     """Amos.step with its backend replaced by `step_fn` (same checks, state and step counter)."""
     calls = []
 
-    def step(params, grads, states, group, grad_scale, skip=None):
+    def step(params, grads, states, group, grad_scale, skip=None, guarded=None):
         calls.append(1)
         if skip is None or not bool(skip):  # on CUDA Amos hands over its verdict as a tensor
             step_fn(params, grads, states, group, grad_scale)

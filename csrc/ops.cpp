@@ -11,6 +11,7 @@ namespace {
 constexpr const char* kSchema =
     "amos_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
     "Tensor(d!)[] ms, Tensor[] steps, float[] etas, float lr, Tensor? lr_tensor, Tensor? grad_scale, Tensor? skip, "
+    "Tensor(e!)? guarded, "
     "int schedule, float beta, float eps, float momentum, float clip_value, float d_coef, "
     "float c_coef, float extra_l2, float q, float half_life) -> ()";
 
@@ -47,7 +48,8 @@ bool is_16_or_32(const at::Tensor& t) {
 StepArgs collect(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs,
                  at::TensorList ms, at::TensorList steps, at::ArrayRef<double> etas, double lr,
                  const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& skip, const Hyper& h) {
+                 const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& guarded,
+                 const Hyper& h) {
   const size_t n = params.size();
   const bool has_m = h.momentum > 0;
   TORCH_CHECK(grads.size() == n && vs.size() == n && bs.size() == n && steps.size() == n &&
@@ -75,6 +77,12 @@ StepArgs collect(at::TensorList params, at::TensorList grads, at::TensorList vs,
   if (skip) {
     check_scalar(*skip, "skip", true);
     a.skip = skip;
+  }
+  if (guarded) {
+    TORCH_CHECK(guarded->numel() == 1 && guarded->scalar_type() == at::kLong && guarded->device() == dev,
+                "amos_fused.amos_step_: guarded must be a one-element int64 tensor on ", dev, ", got ",
+                guarded->scalar_type(), " of shape ", guarded->sizes(), " on ", guarded->device());
+    a.guarded = guarded;
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &v = vs[i], &b = bs[i], &st = steps[i];
@@ -114,10 +122,10 @@ StepArgs collect(at::TensorList params, at::TensorList grads, at::TensorList vs,
 void amos_step(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs,
                at::TensorList ms, at::TensorList steps, at::ArrayRef<double> etas, double lr,
                const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& skip, int64_t schedule, double beta, double eps, double momentum, double clip_value, double d_coef,
+               const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& guarded, int64_t schedule, double beta, double eps, double momentum, double clip_value, double d_coef,
                double c_coef, double extra_l2, double q, double half_life, bool cuda) {
   Hyper h = make_hyper(schedule, beta, eps, momentum, clip_value, d_coef, c_coef, extra_l2, q, half_life);
-  StepArgs a = collect(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, h);
+  StepArgs a = collect(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, guarded, h);
   if (a.params.empty()) return;
   if (!cuda) {
     if (a.skip && a.skip->item<float>() != 0.0f) return;  // a CPU tensor: no wait
@@ -134,9 +142,9 @@ void amos_step(at::TensorList params, at::TensorList grads, at::TensorList vs, a
 void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs,
                    at::TensorList ms, at::TensorList steps, at::ArrayRef<double> etas, double lr,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& skip, int64_t schedule, double beta, double eps, double momentum, double clip_value,
+                   const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& guarded, int64_t schedule, double beta, double eps, double momentum, double clip_value,
                    double d_coef, double c_coef, double extra_l2, double q, double half_life) {
-  amos_step(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, schedule, beta, eps, momentum,
+  amos_step(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, guarded, schedule, beta, eps, momentum,
             clip_value, d_coef, c_coef, extra_l2, q, half_life, false);
 }
 
@@ -144,9 +152,9 @@ void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList v
 void amos_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs,
                     at::TensorList ms, at::TensorList steps, at::ArrayRef<double> etas, double lr,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& skip, int64_t schedule, double beta, double eps, double momentum, double clip_value,
+                    const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& guarded, int64_t schedule, double beta, double eps, double momentum, double clip_value,
                     double d_coef, double c_coef, double extra_l2, double q, double half_life) {
-  amos_step(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, schedule, beta, eps, momentum,
+  amos_step(params, grads, vs, bs, ms, steps, etas, lr, lr_tensor, grad_scale, skip, guarded, schedule, beta, eps, momentum,
             clip_value, d_coef, c_coef, extra_l2, q, half_life, true);
 }
 #endif

@@ -22,6 +22,9 @@ struct StepArgs {
   std::optional<at::Tensor> lr_tensor;    // fp32 0-d
   std::optional<at::Tensor> grad_scale;   // fp32 0-d (GradScaler's scale) or empty
   std::optional<at::Tensor> skip;         // fp32 one element on the params' device: != 0 skips the step
+  std::optional<at::Tensor> guarded;      // int64 one element on the params' device, or empty: the
+                                          // kernels add the number of slices they guarded (left unchanged
+                                          // because their S_r is not finite; ALGORITHM.md, README "guard")
   Hyper h;
 };
 

@@ -11,7 +11,9 @@ Usage in a backend's test file:
 A case is a dict: `shapes` (list of shapes), `dtypes` ((param dtype, grad dtype) per tensor, or one
 pair for all), `options` (Amos keyword options), `scaler` (None, "finite" or "inf": GradScaler's
 fused protocol, grads scaled by 2**10 and `grad_scale`/`found_inf` set as GradScaler does) and
-`steps` (>= 5). Params, grads and every state entry are compared after EVERY step, so a failure
+`steps` (>= 5) and `poison` (True: at steps 2 and 4 some slices of some gradients get NaN, Inf or
+a finite value whose square overflows fp32; for options with guard="slice", where only those slices
+keep their values and `guarded_slices` counts them). Params, grads and every state entry are compared after EVERY step, so a failure
 names the first step that diverged.
 
 Tolerances (per stored dtype, |actual - expected| <= rtol * |expected| + atol):
@@ -54,8 +56,8 @@ MANY_SMALL = [(1 + i % 13,) for i in range(150)] + [(2 + i % 5, 3) for i in rang
 LONG_ROW = [(70000,)]
 
 
-def _case(shapes, options, dtypes=(F32, F32), scaler=None, steps=5, tag=""):
-    return dict(shapes=shapes, options=options, dtypes=dtypes, scaler=scaler, steps=steps, tag=tag)
+def _case(shapes, options, dtypes=(F32, F32), scaler=None, steps=5, tag="", poison=False):
+    return dict(shapes=shapes, options=options, dtypes=dtypes, scaler=scaler, steps=steps, tag=tag, poison=poison)
 
 
 def _cases():
@@ -99,6 +101,25 @@ def _cases():
         if sched == "inverse_time":
             opts["half_life"] = 3
         out.append(_case(MIX, opts, dtypes=(BF16, F16), scaler=scaler, tag=f"scaler-{scaler}-{sched}"))
+    # guard="slice": poisoned slices keep their values, the rest steps (every path of the kernels)
+    for gran, sched, mom in [("row", "amos", 0.9), ("row", "inverse_time", 0.0), ("tensor", "amos", 0.0),
+                             ("tensor", "constant", 0.9), ("element", "amos", 0.9), ("element", "inverse_square", 0.0)]:
+        opts = dict(guard="slice", granularity=gran, schedule=sched, momentum=mom)
+        if sched in ("inverse_time", "inverse_square"):
+            opts["half_life"] = 3
+        out.append(_case(MIX, opts, tag=f"guard-{gran}-{sched}-m{mom}", poison=True))
+    out += [
+        _case(MIX, dict(guard="slice", momentum=0.9, momentum_dtype=BF16, clip_value=0.05), dtypes=(BF16, BF16),
+              tag="guard-bf16-clip", poison=True),
+        _case(MIX, dict(guard="slice", schedule="inverse_time", half_life=3), dtypes=(F16, F16), tag="guard-fp16",
+              poison=True),
+        _case(MANY_SMALL, dict(guard="slice", momentum=0.0), tag="guard-many-small", poison=True),
+        _case(LONG_ROW + [(3, 70001)], dict(guard="slice", momentum=0.9), tag="guard-long-rows-amos", poison=True),
+        _case(LONG_ROW + [(3, 70001)], dict(guard="slice", schedule="inverse_time", half_life=3, momentum=0.0),
+              tag="guard-long-rows-closed", poison=True),
+        _case(MIX, dict(guard="slice", schedule="inverse_time", half_life=3, momentum=0.9), dtypes=(BF16, F16),
+              scaler="inf", tag="guard-scaler-inf", poison=True),
+    ]
     return out
 
 
@@ -130,8 +151,25 @@ def make_grads(case, step, device=DEVICE):
     return grads
 
 
+def poison(grads, step):
+    """Steps 2 and 4: NaN, Inf and (where the dtype holds it) 1e30, whose square overflows fp32,
+    into some slices of some gradients, as the grid's guard="slice" cases need."""
+    if step not in (1, 3):
+        return
+    for i, g in enumerate(grads):
+        if g.numel() == 0 or i % 3 == 2:
+            continue  # some tensors stay clean
+        flat = g.view(-1)
+        huge = float("inf") if g.dtype == F16 else 1e30  # fp16 holds no value whose square overflows fp32
+        bad = (float("nan"), float("inf"), huge)[(i + step) % 3]
+        flat[(7 * i + step) % g.numel()] = bad
+        if g.dim() >= 2 and g.shape[0] > 2:
+            g[-1, -1] = -float("inf")  # a second poisoned row in matrices
+
+
 def run(backend, case, device=DEVICE):
-    """Per-step snapshots [(params, states)] of `steps` steps of Amos with `backend`."""
+    """Per-step snapshots [(params, states)] of `steps` steps of Amos with `backend`; each state
+    dict also holds the optimizer's `guarded_slices` so far."""
     params = make_params(case, device)
     for p in params:
         if hasattr(p, "grad_dtype"):  # torch >= 2.10 insists grad dtype == param dtype unless cleared
@@ -142,6 +180,8 @@ def run(backend, case, device=DEVICE):
     snapshots = []
     for step in range(case["steps"]):
         grads = make_grads(case, step, device)
+        if case.get("poison"):
+            poison(grads, step)
         if case["scaler"]:
             inf = case["scaler"] == "inf" and step == 2
             for g in grads:
@@ -157,8 +197,8 @@ def run(backend, case, device=DEVICE):
             if hasattr(opt, attr):
                 delattr(opt, attr)
         snapshots.append(([p.detach().clone() for p in params],
-                          [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-                           for p in params]))
+                          [{**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()},
+                            "guarded_slices": opt.guarded_slices} for p in params]))
     return snapshots
 
 
@@ -201,8 +241,8 @@ def assert_matches_reference(backend, case, device=DEVICE):
             assert_close(a, e, (rtol, atol), f"{where}: param")
             assert sorted(sa) == sorted(se), f"{where}: state keys {sorted(sa)} != {sorted(se)}"
             for key in se:
-                if key == "eta":
-                    assert sa[key] == se[key], f"{where}: eta {sa[key]} != {se[key]}"
+                if key in ("eta", "guarded_slices"):
+                    assert sa[key] == se[key], f"{where}: {key} {sa[key]} != {se[key]}"
                 elif key == "m":
                     assert_close(sa[key], se[key], _tol(se[key].dtype, pd), f"{where}: state m")
                 else:

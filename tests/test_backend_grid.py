@@ -13,8 +13,8 @@ def _install(monkeypatch, name, fn):
 
 
 def test_grid_catches_a_wrong_coefficient(monkeypatch):
-    def off_by_one_percent(params, grads, states, group, grad_scale):
-        reference_step(params, grads, states, dict(group, d_coef=group["d_coef"] * 1.01), grad_scale)
+    def off_by_one_percent(params, grads, states, group, grad_scale, guarded=None):
+        reference_step(params, grads, states, dict(group, d_coef=group["d_coef"] * 1.01), grad_scale, guarded)
 
     _install(monkeypatch, "wrong_coef", off_by_one_percent)
     case = next(c.values[0] for c in grid.CASES if c.id == "row-amos-m0.0")
@@ -23,9 +23,9 @@ def test_grid_catches_a_wrong_coefficient(monkeypatch):
 
 
 def test_grid_catches_truncating_bf16(monkeypatch):
-    def truncating(params, grads, states, group, grad_scale):
+    def truncating(params, grads, states, group, grad_scale, guarded=None):
         wide = [p.float() for p in params]
-        reference_step(wide, grads, states, group, grad_scale)
+        reference_step(wide, grads, states, group, grad_scale, guarded)
         for p, w in zip(params, wide):  # round toward zero instead of to nearest even
             p.copy_((w.view(torch.int32) & ~0xFFFF).view(torch.float32))
 
