@@ -3,7 +3,9 @@
 On the CPU (CI): the same step runs with the verdict kept on the device. After a first step
 (the warm-up a graph capture needs anyway: it builds the kernels' launch tables from host lists),
 every Python-side read of a tensor's value (`.item()`, `bool()`, `float()`, `.tolist()`) raises
-during the step, so a host sync added later fails here; results equal capturable=False bitwise (same kernels, same
+during the step, and so does every call of an aten op that reads a tensor on the host in some
+torch version (a foreach op with a tensor scalar: torch 2.11's CUDA kernel read it and broke an
+H200 capture), so a host sync added later fails here; results equal capturable=False bitwise (same kernels, same
 tensor lr); a non-finite step is skipped by the kernels themselves, with the step counts unchanged;
 an LR scheduler's in-place update of the tensor lr takes effect.
 On a GPU (skipped here, run by benchmarks/gpu_check.sh): a whole training step (forward,
@@ -14,6 +16,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from amos_fused import Amos
 from test_bad_input import assert_identical, cpu_backends, snapshot
@@ -36,9 +39,26 @@ def set_grads(params, step, bad=False):
         params[0].grad.view(-1)[3] = float("nan")
 
 
+def _reads_on_host(op):
+    """aten ops that read a tensor's value on the host (in some torch version, on some device)."""
+    name = op.name()
+    if name in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::allclose"):
+        return True
+    # foreach ops with a tensor scalar (overload "Tensor"): torch 2.11's CUDA kernels read it on the host
+    return name.startswith("aten::_foreach_") and op._overloadname == "Tensor"
+
+
+class _RefuseHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _reads_on_host(func):
+            raise AssertionError(f"{func} reads a tensor's value on the host during a capturable step")
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def no_host_reads():
-    """Every way Python reads a tensor's value raises inside the block."""
+    """Every way Python reads a tensor's value, and every aten op that reads one on the host,
+    raises inside the block."""
     def refuse(*args, **kwargs):
         raise AssertionError("a tensor's value was read on the host during a capturable step")
 
@@ -47,7 +67,8 @@ def no_host_reads():
     try:
         for n in names:
             setattr(torch.Tensor, n, refuse)
-        yield
+        with _RefuseHostReads():
+            yield
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
@@ -57,6 +78,12 @@ def test_the_guard_catches_a_host_read():
     with pytest.raises(AssertionError, match="read on the host"):
         with no_host_reads():
             bool(torch.ones(()))
+    steps = [torch.zeros(()), torch.zeros(())]
+    with pytest.raises(AssertionError, match="reads a tensor.s value on the host"):
+        with no_host_reads():
+            torch._foreach_add_(steps, torch.ones(()))  # the call that broke capture on torch 2.11
+    with no_host_reads():
+        torch._foreach_add_(steps, [torch.ones(())] * 2)  # what Amos.step does instead
 
 
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "reference"])
