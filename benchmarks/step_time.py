@@ -4,8 +4,10 @@ For every size and row: the median step time after warm-up (CUDA events on GPU, 
 CPU), the bytes per parameter the row must move (bench_common: from its state layout), the
 achieved GB/s, that as a percentage of an in-place streaming op (`a += b` over buffers as large
 as the parameters) measured in the same run, the ratio to torch's fused and foreach AdamW, and
-the bytes of optimizer state. Amos rows call `Amos.step()` as a user does, so they include its
-non-finite-gradient check (one more read of every gradient, not in the minimum bytes).
+the bytes of optimizer state. Amos rows call `Amos.step()` as a user does, so with the default
+guard="step" they include its non-finite-gradient verdict (one more read of every gradient, not
+in the minimum bytes); rows marked "guard=slice" run Amos(guard="slice"), whose kernels guard
+each slice themselves (one pass over the gradients, like AdamW's, which checks nothing).
 
     python benchmarks/step_time.py --device cpu --quick
     python benchmarks/step_time.py --device cuda --json out.json
@@ -37,6 +39,8 @@ FAMILIES = [
     ("inverse_time m=0", dict(schedule="inverse_time", half_life=1000.0, momentum=0.0)),
 ]
 QUICK_COMPILE_FAMILIES = ("amos m=0.9",)
+# also timed with guard="slice" (no verdict read)
+GUARD_SLICE_FAMILIES = ("amos m=0", "amos m=0.9", "amos m=0.9 bf16")
 KERNEL_ONLY_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed without Amos.step around them  # compiling takes tens of seconds per family on 2 cores
 
 BASELINES = ("compile", "adamw", "adafactor", "apex")
@@ -121,6 +125,12 @@ def amos_backend_rows(requested, device, psize, notes):
                 opt = Amos(params, backend=name, **options)
                 return opt.step, opt
             rows.append(Row(f"amos/{name} {label}", "amos", make, nbytes, rule, family=label, backend=name))
+            if label in GUARD_SLICE_FAMILIES:
+                def make_slice(params, name=name, options=options):
+                    opt = Amos(params, backend=name, guard="slice", **options)
+                    return opt.step, opt
+                rows.append(Row(f"amos/{name} {label} guard=slice", "amos", make_slice, nbytes, rule,
+                                family=label, backend=name))
             if device.type == "cuda" and label in KERNEL_ONLY_FAMILIES:
                 rows.append(Row(f"amos/{name} {label} kernels only", "amos", _kernels_only(name, options), nbytes,
                                 rule, family=label, backend=name))
