@@ -63,8 +63,11 @@ def _scalars(group, device):
 
 
 @torch.no_grad()
-def triton_step(params, grads, states, group, grad_scale=None, skip=None):
-    """One Amos step for the tensors of a group on one device (`state["step"]` is already t)."""
+def triton_step(params, grads, states, group, grad_scale=None, skip=None, guarded=None):
+    """One Amos step for the tensors of a group on one device (`state["step"]` is already t).
+
+    Slices whose S_r is not finite keep their values and are added to `guarded` (int64 0-d, or None).
+    """
     momentum = group["momentum"] > 0
     fallback, combos = [], {}
     for p, g, st in zip(params, grads, states):
@@ -79,7 +82,7 @@ def triton_step(params, grads, states, group, grad_scale=None, skip=None):
         combo[1].append(g.contiguous())
         combo[2].append(st)
     if fallback:
-        reference_unless_skipped(*map(list, zip(*fallback)), group, grad_scale, skip)
+        reference_unless_skipped(*map(list, zip(*fallback)), group, grad_scale, skip, guarded)
     if not combos:
         return
     device = next(iter(combos.values()))[0][0].device
@@ -91,17 +94,19 @@ def triton_step(params, grads, states, group, grad_scale=None, skip=None):
     with guard:
         for (pd, gd, md), (ps, gs, sts) in combos.items():
             plan = tables.get_plan(ps, gs, sts, closed, HEURISTIC, momentum)
-            _launch(plan, plan.g_table(gs), sc, group["schedule"], grad_scale, skip,
+            _launch(plan, plan.g_table(gs), sc, group["schedule"], grad_scale, skip, guarded,
                     dict(P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd], M_DTYPE=_TL_DTYPE[md or pd],
                          MOMENTUM=momentum, CLIP=group["clip_value"] is not None))
 
 
-def _launch(plan, g_table, sc, schedule, grad_scale, skip, dtypes):
+def _launch(plan, g_table, sc, schedule, grad_scale, skip, guarded, dtypes):
     h = plan.heuristic
     dummy = plan.tensor_a  # stands for absent pointers (never read)
     lr_ptr = sc["lr_ptr"] if sc["lr_ptr"] is not None else dummy
     scale_ptr = grad_scale if grad_scale is not None else dummy
     skip_ptr = skip if skip is not None else dummy
+    guarded_ptr = guarded if guarded is not None else dummy
+    has_guard = guarded is not None
     sched = K.SCHEDULE_CODE[schedule]
     flags = dict(SCHED=sched, HAS_SCALE=grad_scale is not None, HAS_SKIP=skip is not None, LR_IS_PTR=sc["LR_IS_PTR"],
                  RTNE=K.INTERPRET, **dtypes)
@@ -111,10 +116,11 @@ def _launch(plan, g_table, sc, schedule, grad_scale, skip, dtypes):
         for n_rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles in plan.buckets:
             K._rows_kernel[(ntiles,)](
                 plan.info, plan.finfo, g_table, tiles, slot_i, slot_r, plan.coef_k, plan.coef_d, plan.tensor_a,
-                scale_ptr, skip_ptr,
+                scale_ptr, skip_ptr, guarded_ptr,
                 *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
                 sc["extra_l2"], sc["two_q"], sc["half_life"], sc["momentum"], sc["one_minus_momentum"], sc["clip"],
-                PHASE=phase, ROWS=n_rows, COLB=colb, ONE_BLOCK=one_block, PACKED=packed, num_warps=h.num_warps, **flags)
+                PHASE=phase, ROWS=n_rows, COLB=colb, ONE_BLOCK=one_block, PACKED=packed, HAS_GUARD=has_guard,
+                num_warps=h.num_warps, **flags)
 
     def chunks(phase):
         tiles, ntiles = plan.chunk_tiles
@@ -128,10 +134,10 @@ def _launch(plan, g_table, sc, schedule, grad_scale, skip, dtypes):
         tiles, ntiles = plan.final_tiles
         if ntiles:
             K._split_finalize_kernel[(ntiles,)](
-                plan.info, plan.finfo, tiles, plan.coef_k, plan.coef_d, plan.partial, skip_ptr,
+                plan.info, plan.finfo, tiles, plan.coef_k, plan.coef_d, plan.partial, skip_ptr, guarded_ptr,
                 *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
                 sc["extra_l2"], sc["half_life"], SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"], HAS_SKIP=skip is not None,
-                ROWS=plan.final_rows, KB=plan.kb, num_warps=4)
+                HAS_GUARD=has_guard, ROWS=plan.final_rows, KB=plan.kb, num_warps=4)
 
     fused, reduce, apply = K.FUSED.value, K.REDUCE.value, K.APPLY.value
     if schedule == "amos":

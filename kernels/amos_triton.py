@@ -15,7 +15,12 @@ Kernels:
   the chunk's partial sum of g*g, PHASE 2 applies with the slice's finalized coefficients.
 - `_split_finalize_kernel`: sums a long slice's chunk partials in a fixed order and finalizes.
 - `_norm_kernel`: closed forms: ||u|| per tensor from its slices' S*r, in a fixed order.
-No atomics: every sum has a fixed shape and order, so runs are bitwise reproducible.
+No atomics in the math: every sum has a fixed shape and order, so runs are bitwise reproducible.
+
+The slice guard: a slice whose S_r is not finite keeps theta, m, v and b (masked out of every
+store), adds 0 to ||u||**2, and is counted into `guarded` (an integer atomic add: the count does
+not depend on order). Stages after a finalize learn which slices are guarded from the marker
+GUARDED in `coef_k` (K or sqrt(r) there is never negative otherwise).
 """
 import os
 
@@ -46,6 +51,10 @@ AMOS, CONSTANT, INVERSE_TIME, INVERSE_SQUARE = _constants(4)
 SCHEDULE_CODE = {"amos": 0, "constant": 1, "inverse_time": 2, "inverse_square": 3}
 # phases
 FUSED, REDUCE, APPLY = _constants(3)
+# the largest fp32: S_r <= FLT_MAX is false exactly when S_r is NaN or +Inf
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# coef_k of a guarded slice (K >= 0 and sqrt(r) >= 0, or NaN, for every other slice)
+GUARDED = tl.constexpr(-1.0)
 
 
 @_helper
@@ -127,12 +136,14 @@ def _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR: tl.c
 
 @_helper
 def _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE: tl.constexpr, CLIP: tl.constexpr):
-    """The gradient in fp32: unscaled (GradScaler), then clipped."""
+    """The gradient in fp32: unscaled (GradScaler), then clipped; a NaN stays NaN (as torch.clamp),
+    so that the slice guard sees it."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
     if CLIP:
-        g = tl.minimum(tl.maximum(g, -clip), clip)
+        nan = tl.PropagateNan.ALL
+        g = tl.minimum(tl.maximum(g, -clip, propagate_nan=nan), clip, propagate_nan=nan)
     return g
 
 
@@ -174,19 +185,28 @@ def _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps, c_co
 
 
 @_helper
+def _count_guarded(guarded_ptr, rmask, ok, HAS_GUARD: tl.constexpr):
+    """Adds the live slices that are guarded (rmask and not ok) to the int64 counter."""
+    if HAS_GUARD:
+        n = tl.sum((rmask & (ok == 0)).to(tl.int32), axis=0).to(tl.int64)
+        tl.atomic_add(guarded_ptr, n, mask=n > 0)
+
+
+@_helper
 def _closed_coefs(A, sqrt_r, xi, s, two_q):
     """§5: K = A*sqrt(r), D = xi**2/(2q)*s."""
     return A * sqrt_r, tl.math.div_rn(xi * xi, two_q) * s
 
 
 @triton.jit
-def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, tensor_a, scale_ptr, skip_ptr, lr, lr_ptr,
+def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, tensor_a, scale_ptr, skip_ptr, guarded_ptr,
+                 lr, lr_ptr,
                  beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, two_q, half_life,
                  momentum, one_minus_momentum, clip,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                  SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
-                 HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
-                 ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr, PACKED: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_GUARD: tl.constexpr, CLIP: tl.constexpr,
+                 LR_IS_PTR: tl.constexpr, ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr, PACKED: tl.constexpr,
                  RTNE: tl.constexpr):
     """A program owns ROWS whole slices (slots).
 
@@ -239,6 +259,9 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
                 gb = _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE, CLIP)
                 acc += gb * gb
             S = tl.sum(acc, axis=1)
+        ok = S <= FLT_MAX  # the guard: a slice with S_r NaN or Inf keeps everything
+        _count_guarded(guarded_ptr, rmask, ok, HAS_GUARD)
+        wmask = rmask & ok  # the slices this program writes
         # finalize
         v_old = tl.load(v_ptr + r, mask=rmask, other=0.0)
         b_old = tl.load(b_ptr + r, mask=rmask, other=0.0)
@@ -246,27 +269,28 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
         C_f = tl.load(finfo + i * NFINFO + NCOLS_F)
         v, rr, b, K, D = _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps,
                                    c_coef, d_coef, extra_l2, SCHED)
-        tl.store(v_ptr + r, v, mask=rmask)
+        tl.store(v_ptr + r, v, mask=wmask)
         if SCHED == AMOS:
-            tl.store(b_ptr + r, b, mask=rmask)
-        else:  # per slice: sqrt(r) for the apply, S*r for ||u||
-            tl.store(coef_k + slices, tl.sqrt_rn(rr), mask=rmask)
-            tl.store(coef_d + slices, S * rr, mask=rmask)
+            tl.store(b_ptr + r, b, mask=wmask)
+        else:  # per slice: sqrt(r) for the apply (GUARDED: keep), S*r for ||u|| (0: left out)
+            tl.store(coef_k + slices, tl.where(ok, tl.sqrt_rn(rr), GUARDED), mask=rmask)
+            tl.store(coef_d + slices, tl.where(ok, S * rr, 0.0), mask=rmask)
 
     if PHASE != REDUCE:
         if PHASE == APPLY:
             sqrt_r = tl.load(coef_k + slices, mask=rmask, other=0.0)
+            wmask = rmask & (sqrt_r != GUARDED)
             K, D = _closed_coefs(tl.load(tensor_a + i), sqrt_r, xi, s, two_q)
             D = D + tl.zeros_like(sqrt_r)  # a scalar for one tensor; per slot when packed
         if PHASE == APPLY or not ONE_BLOCK:
             for c0 in range(0, cmax, COLB):
                 offs = base + (c0 + cols)[None, :]
-                mask = rmask[:, None] & ((c0 + cols)[None, :] < C2)
+                mask = wmask[:, None] & ((c0 + cols)[None, :] < C2)
                 gb = _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE, CLIP)  # L2 hit in PHASE 0
                 _apply(p_ptr, m_ptr, offs, mask, gb, K[:, None], D[:, None], momentum, one_minus_momentum,
                        P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
         else:  # one column block: g is still in registers
-            _apply(p_ptr, m_ptr, offs, mask, g, K[:, None], D[:, None], momentum, one_minus_momentum,
+            _apply(p_ptr, m_ptr, offs, mask & ok[:, None], g, K[:, None], D[:, None], momentum, one_minus_momentum,
                    P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
 
 
@@ -277,7 +301,9 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
                   SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, RTNE: tl.constexpr):
-    """Part of one long slice: tile = (tensor, row, first column, chunk index)."""
+    """Part of one long slice: tile = (tensor, row, first column, chunk index).
+
+    PHASE 2 changes nothing in a slice the finalize marked GUARDED."""
     pid = tl.program_id(0).to(tl.int64)
     i = tl.load(tiles + pid * 4)
     row = tl.load(tiles + pid * 4 + 1)
@@ -297,16 +323,18 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
         tl.store(partial + slot, tl.sum(acc, axis=0))
     else:
         slice_id = tl.load(info + i * NINFO + COEF_BASE) + row
+        kc = tl.load(coef_k + slice_id)  # K ("amos") or sqrt(r); GUARDED: keep the slice
         if SCHED == AMOS:
-            K = tl.load(coef_k + slice_id)
+            K = kc
             D = tl.load(coef_d + slice_id)
         else:
             xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, False, False)
-            K, D = _closed_coefs(tl.load(tensor_a + i), tl.load(coef_k + slice_id), xi, s, two_q)
+            K, D = _closed_coefs(tl.load(tensor_a + i), kc, xi, s, two_q)
         p_ptr = _ptr(info, i, P_ADDR, P_DTYPE)
         m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)
+        keep = (tl.zeros((BLOCK,), dtype=tl.float32) + kc) != GUARDED  # a vector: the interpreter needs it
         for c in range(0, CHUNK, BLOCK):
-            mask = (col0 + c + cols) < C
+            mask = ((col0 + c + cols) < C) & keep
             if HAS_SKIP:
                 mask = mask & (tl.load(skip_ptr + tl.zeros_like(cols)) == 0)
             g = _load_g(g_ptr, start + c + cols, mask, scale_ptr, clip, HAS_SCALE, CLIP)
@@ -315,11 +343,12 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
 
 
 @triton.jit
-def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, skip_ptr, lr, lr_ptr,
+def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, skip_ptr, guarded_ptr, lr, lr_ptr,
                            beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, half_life,
-                           SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SKIP: tl.constexpr, ROWS: tl.constexpr,
-                           KB: tl.constexpr):
-    """Long slices: S_r = sum of the row's chunk partials (fixed order), then finalize."""
+                           SCHED: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SKIP: tl.constexpr,
+                           HAS_GUARD: tl.constexpr, ROWS: tl.constexpr, KB: tl.constexpr):
+    """Long slices: S_r = sum of the row's chunk partials (fixed order), then finalize; a guarded
+    slice gets coef_k = GUARDED, which the chunk apply reads."""
     pid = tl.program_id(0).to(tl.int64)
     i = tl.load(tiles + pid * 2)
     row0 = tl.load(tiles + pid * 2 + 1)
@@ -339,21 +368,24 @@ def _split_finalize_kernel(info, finfo, tiles, coef_k, coef_d, partial, skip_ptr
         mask = rmask[:, None] & ((k0 + ks) < nsplit)[None, :]
         acc += tl.load(partial + pbase + rows[:, None] * nsplit + (k0 + ks)[None, :], mask=mask, other=0.0)
     S = tl.sum(acc, axis=1)
+    ok = S <= FLT_MAX  # the guard, as in _rows_kernel
+    _count_guarded(guarded_ptr, rmask, ok, HAS_GUARD)
+    wmask = rmask & ok
     v_old = tl.load(v_ptr + rows, mask=rmask, other=0.0)
     b_old = tl.load(b_ptr + rows, mask=rmask, other=0.0)
     eta = tl.load(finfo + i * NFINFO + ETA)
     C_f = tl.load(finfo + i * NFINFO + NCOLS_F)
     v, r, b, K, D = _finalize(S, v_old, b_old, C_f, eta, xi, bc, beta, one_minus_beta, eps,
                               c_coef, d_coef, extra_l2, SCHED)
-    tl.store(v_ptr + rows, v, mask=rmask)
+    tl.store(v_ptr + rows, v, mask=wmask)
     slices = tl.load(info + i * NINFO + COEF_BASE) + rows
     if SCHED == AMOS:
-        tl.store(b_ptr + rows, b, mask=rmask)
-        tl.store(coef_k + slices, K, mask=rmask)
-        tl.store(coef_d + slices, D, mask=rmask)
+        tl.store(b_ptr + rows, b, mask=wmask)
+        tl.store(coef_k + slices, tl.where(ok, K, GUARDED), mask=rmask)
+        tl.store(coef_d + slices, tl.where(ok, D, 0.0), mask=rmask)
     else:
-        tl.store(coef_k + slices, tl.sqrt_rn(r), mask=rmask)
-        tl.store(coef_d + slices, S * r, mask=rmask)
+        tl.store(coef_k + slices, tl.where(ok, tl.sqrt_rn(r), GUARDED), mask=rmask)
+        tl.store(coef_d + slices, tl.where(ok, S * r, 0.0), mask=rmask)
 
 
 @triton.jit
