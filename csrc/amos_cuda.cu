@@ -18,6 +18,10 @@
 // Every sum has a fixed order (per lane in element order, then fixed shuffle/shared trees, then
 // items in order), so results are deterministic. Per-step scalars (t, lr, grad_scale) are read
 // on the device: no host sync, and the launches can be captured in a CUDA graph.
+// The slice guard (guard="slice"): a slice whose S_r is not finite is left as it was (theta, m,
+// v, b), adds nothing to a closed form's ||u||^2, and is counted in `guarded`. Each path tests S_r
+// where it has it (one branch per slice); the apply launches learn of guarded slices from flags
+// that the reduce stage writes: per item (rows paths) and per long row.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -77,6 +81,7 @@ struct Scalars {
   float lr;
   const float* scale_ptr;  // null: no GradScaler
   const float* skip_ptr;   // null: never skip; else != 0 makes every kernel return at once
+  unsigned long long* guarded_ptr;  // null: no counter; else += the number of guarded slices
 };
 
 // GradScaler's found_inf or Amos' own non-finite check, decided on the device (optimizer.py):
@@ -85,6 +90,19 @@ __device__ __forceinline__ bool skipped(const Scalars& s) { return s.skip_ptr &&
 
 __device__ __forceinline__ float read_lr(const Scalars& s) { return s.lr_ptr ? *s.lr_ptr : s.lr; }
 __device__ __forceinline__ float read_scale(const Scalars& s) { return s.scale_ptr ? *s.scale_ptr : 1.0f; }
+
+// The slice guard: S_r (sum of the squares of the unscaled, clipped g) NaN or +Inf, overflow
+// included. Such a slice keeps theta, m, v and b.
+__device__ __forceinline__ bool guarded_slice(float S) { return !isfinite(S); }
+
+// Adds n to the guarded counter: one atomic per warp, and none when no lane guarded a slice.
+// Every lane of the warp must call it (integer adds: the order does not matter).
+__device__ __forceinline__ void count_guarded(unsigned n, const Scalars& s) {
+  if (s.guarded_ptr == nullptr || !__any_sync(0xffffffffu, n != 0)) return;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
+  if (threadIdx.x % 32 == 0) atomicAdd(s.guarded_ptr, static_cast<unsigned long long>(n));
+}
 
 // ---- loads and stores of 4 consecutive elements (chunk c = elements 4c .. 4c+3 of a span) ----
 template <typename Index>
@@ -220,10 +238,14 @@ __device__ __forceinline__ void apply_span(const TMeta& T, Index off, int64_t n,
 
 // Whole rows: W threads per row. kOnePass ("amos"): reduce, finalize, apply. kReduce (closed
 // forms): S_r, v_r and this item's sum of S_r * r_r. kApply (closed forms): apply.
+// Guard: kOnePass and kReduce test S_r after the group sum (the same value in every lane of the
+// group, so the branch is uniform) and skip the slice; kReduce sets itemG[it] when its item had a
+// guarded row, and kApply, in those items only, sums S_r again (same lanes, same order: the same
+// bits) to skip the same rows. Items without a guarded row cost kApply one flag read per block.
 template <typename Index, int W, int PHASE>
 __global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict__ metas, const Item* __restrict__ items,
                                                         int64_t item0, Hyper h, Scalars sc, float* __restrict__ itemq,
-                                                        const float* __restrict__ tAD) {
+                                                        float* __restrict__ itemG, const float* __restrict__ tAD) {
   if (skipped(sc)) return;
   __shared__ float smem[kWarps];
   const int64_t it = item0 + blockIdx.x;
@@ -234,17 +256,25 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict_
   const float bc = bias_correction(h, t), C = static_cast<float>(T.C);
   const bool vec = T.vec;
   const AmosTensor at = amos_tensor(h, xi, T.eta);
-  float q = 0.0f;  // kReduce: sum of S_r * r_r over the rows this thread leads
+  float q = 0.0f;       // kReduce: sum of S_r * r_r over the rows this thread leads
+  unsigned nguard = 0;  // guarded rows this thread leads
+  const bool recheck = PHASE == kApply && itemG[it] != 0.0f;  // uniform over the block
   // W256: the whole block walks the rows together, so every thread runs the same iterations
   for (int64_t r = item.row0 + group; r < item.row1; r += groups) {
     const Index off = static_cast<Index>(r) * static_cast<Index>(T.C);
     if (PHASE == kApply) {
+      if (recheck && guarded_slice(group_sum<W>(partial_sumsq<Index>(T, off, T.C, lane, W, vec, scale, h), smem)))
+        continue;  // kReduce guarded it (and counted it)
       const float K = closed_slice_K(tAD[2 * item.tensor], inv_vhat(h, T.v[r], bc));
       apply_span<Index>(T, off, T.C, lane, W, vec, K, tAD[2 * item.tensor + 1], scale, h);
       continue;
     }
     float v = T.v[r], b = T.b[r];  // read before the group sum: the leader writes them after it
     const float S = group_sum<W>(partial_sumsq<Index>(T, off, T.C, lane, W, vec, scale, h), smem);
+    if (guarded_slice(S)) {  // v, b (and theta, m) stay; no S_r * r_r
+      nguard += lane == 0;
+      continue;
+    }
     const float rr = second_moment(h, S, C, bc, v);
     if (PHASE == kOnePass) {
       float K, D;
@@ -257,8 +287,10 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict_
   }
   if (PHASE == kReduce) {
     q = block_sum(q, smem);
-    if (threadIdx.x == 0) itemq[it] = q;
+    const bool any = __syncthreads_or(nguard != 0);
+    if (threadIdx.x == 0) itemq[it] = q, itemG[it] = any ? 1.0f : 0.0f;
   }
+  if (PHASE != kApply) count_guarded(nguard, sc);
 }
 
 // Long rows, stage 1: the sum of g*g over one piece.
@@ -281,10 +313,12 @@ __global__ void __launch_bounds__(kThreads) piece_sum_kernel(const TMeta* __rest
   }
 }
 
-// Long rows: one thread per row adds its pieces in order and finalizes the slice.
+// Long rows: one thread per row adds its pieces in order and finalizes the slice. Guard: a row
+// whose S_r is not finite keeps v and b, sets rowG[L] (piece_apply_kernel then leaves all its
+// pieces alone) and is counted; its itemq stays the 0 that piece_sum_kernel wrote.
 __global__ void row_finalize_kernel(const TMeta* __restrict__ metas, const LongRow* __restrict__ rows, int64_t nrows,
                                     int64_t item0, Hyper h, Scalars sc, const float* __restrict__ pieceS,
-                                    float* __restrict__ itemq, float* __restrict__ rowKD) {
+                                    float* __restrict__ itemq, float* __restrict__ rowKD, float* __restrict__ rowG) {
   if (skipped(sc)) return;
   const int64_t L = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (L >= nrows) return;
@@ -294,6 +328,12 @@ __global__ void row_finalize_kernel(const TMeta* __restrict__ metas, const LongR
   const int64_t per_row = (T.C + kPiece - 1) / kPiece;
   float S = 0.0f;
   for (int64_t j = 0; j < per_row; ++j) S += pieceS[lr.item - item0 + j];
+  const bool guard = guarded_slice(S);
+  rowG[L] = guard ? 1.0f : 0.0f;
+  if (guard) {
+    if (sc.guarded_ptr) atomicAdd(sc.guarded_ptr, 1ull);  // rows here have over kPiece elements: few atomics
+    return;
+  }
   float v = T.v[lr.row];
   const float rr = second_moment(h, S, C, bc, v);
   T.v[lr.row] = v;
@@ -321,18 +361,20 @@ __global__ void __launch_bounds__(kThreads) tensor_finalize_kernel(const TMeta* 
   if (threadIdx.x == 0) closed_tensor(h, read_lr(sc), *T.step, T.eps0, unorm2, tAD[2 * blockIdx.x], tAD[2 * blockIdx.x + 1]);
 }
 
-// Long rows, stage 2: apply one piece.
+// Long rows, stage 2: apply one piece (none of a row that row_finalize_kernel guarded).
 template <typename Index>
 __global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __restrict__ metas,
                                                                const Item* __restrict__ items, int64_t item0, Hyper h,
                                                                Scalars sc, const float* __restrict__ rowKD,
+                                                               const float* __restrict__ rowG,
                                                                const float* __restrict__ tAD) {
   if (skipped(sc)) return;
   const Item item = items[item0 + blockIdx.x];
   const TMeta& T = metas[item.tensor];
+  const int64_t L = T.long_row_base + item.row0;
+  if (rowG[L] != 0.0f) return;  // guarded: theta and m stay
   float K, D;
   if (h.schedule == kAmos) {
-    const int64_t L = T.long_row_base + item.row0;
     K = rowKD[2 * L], D = rowKD[2 * L + 1];
   } else {
     K = closed_slice_K(tAD[2 * item.tensor], inv_vhat(h, T.v[item.row0], bias_correction(h, *T.step)));
@@ -345,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __re
 // ---- host: plans (metadata on the device), cached by every pointer and shape -----------------
 struct Plan {
   at::Tensor host, dev;  // metadata bytes: TMeta[nt], Item[ni], LongRow[nl]
-  at::Tensor scratch;    // fp32: itemq[ni], pieceS[long items], rowKD[2 nl], tAD[2 nt]
+  at::Tensor scratch;    // fp32: itemq[ni], pieceS[long items], rowKD[2 nl], tAD[2 nt], itemG[ni], rowG[nl]
   int64_t nt = 0, nl = 0;
   int64_t range[5] = {0, 0, 0, 0, 0};  // items of path k are [range[k], range[k + 1])
   bool idx64 = false;
@@ -356,6 +398,8 @@ struct Plan {
   float* pieceS() const { return itemq() + range[4]; }
   float* rowKD() const { return pieceS() + (range[4] - range[3]); }
   float* tAD() const { return rowKD() + 2 * nl; }
+  float* itemG() const { return tAD() + 2 * nt; }  // 1: the item had a guarded row (closed forms)
+  float* rowG() const { return itemG() + range[4]; }  // 1: the long row is guarded
 };
 
 Path path_of(int64_t C) { return C <= 8 ? kW1 : C <= 1024 ? kW32 : C <= kPiece ? kW256 : kLong; }
@@ -437,7 +481,7 @@ std::shared_ptr<Plan> build_plan(const StepArgs& a) {
   // stream-ordered copy from pinned memory: no host sync, and the allocator keeps the pinned
   // block until the copy has run
   plan->dev = plan->host.to(at::TensorOptions().device(a.params[0].device()).dtype(at::kByte), /*non_blocking=*/true);
-  const int64_t nscratch = ni + (ni - plan->range[3]) + 2 * plan->nl + 2 * nt;
+  const int64_t nscratch = ni + (ni - plan->range[3]) + 2 * plan->nl + 2 * nt + ni + plan->nl;
   plan->scratch = at::empty({std::max<int64_t>(nscratch, 1)}, a.params[0].options().dtype(at::kFloat));
   return plan;
 }
@@ -492,11 +536,11 @@ void launch(const Plan& P, const Hyper& h, const Scalars& sc, cudaStream_t strea
     constexpr int PH = decltype(phase)::value;
     const int64_t* R = P.range;
     if (R[1] > R[0])
-      rows_kernel<Index, 1, PH><<<blocks(R[1] - R[0]), kThreads, 0, stream>>>(P.metas(), P.items(), R[0], h, sc, P.itemq(), P.tAD());
+      rows_kernel<Index, 1, PH><<<blocks(R[1] - R[0]), kThreads, 0, stream>>>(P.metas(), P.items(), R[0], h, sc, P.itemq(), P.itemG(), P.tAD());
     if (R[2] > R[1])
-      rows_kernel<Index, 32, PH><<<blocks(R[2] - R[1]), kThreads, 0, stream>>>(P.metas(), P.items(), R[1], h, sc, P.itemq(), P.tAD());
+      rows_kernel<Index, 32, PH><<<blocks(R[2] - R[1]), kThreads, 0, stream>>>(P.metas(), P.items(), R[1], h, sc, P.itemq(), P.itemG(), P.tAD());
     if (R[3] > R[2])
-      rows_kernel<Index, 256, PH><<<blocks(R[3] - R[2]), kThreads, 0, stream>>>(P.metas(), P.items(), R[2], h, sc, P.itemq(), P.tAD());
+      rows_kernel<Index, 256, PH><<<blocks(R[3] - R[2]), kThreads, 0, stream>>>(P.metas(), P.items(), R[2], h, sc, P.itemq(), P.itemG(), P.tAD());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const int64_t long0 = P.range[3], nlong = P.range[4] - P.range[3];
@@ -506,7 +550,7 @@ void launch(const Plan& P, const Hyper& h, const Scalars& sc, cudaStream_t strea
     piece_sum_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), P.items(), long0, h, sc, P.pieceS(), P.itemq());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     row_finalize_kernel<<<blocks((P.nl + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        P.metas(), P.rows(), P.nl, long0, h, sc, P.pieceS(), P.itemq(), P.rowKD());
+        P.metas(), P.rows(), P.nl, long0, h, sc, P.pieceS(), P.itemq(), P.rowKD(), P.rowG());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (!amos) {
@@ -515,7 +559,7 @@ void launch(const Plan& P, const Hyper& h, const Scalars& sc, cudaStream_t strea
     rows(std::integral_constant<int, kApply>());
   }
   if (nlong) {
-    piece_apply_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), P.items(), long0, h, sc, P.rowKD(), P.tAD());
+    piece_apply_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), P.items(), long0, h, sc, P.rowKD(), P.rowG(), P.tAD());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -538,6 +582,8 @@ void step_cuda(const StepArgs& a) {
   }
   sc.scale_ptr = a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr;
   sc.skip_ptr = a.skip ? a.skip->data_ptr<float>() : nullptr;
+  // int64 counter: adding unsigned 64-bit counts gives the same bits
+  sc.guarded_ptr = a.guarded ? reinterpret_cast<unsigned long long*>(a.guarded->data_ptr<int64_t>()) : nullptr;
   if (plan->idx64) launch<int64_t>(*plan, a.h, sc, stream);
   else launch<int32_t>(*plan, a.h, sc, stream);
   // A plan dropped from the cache frees its buffers; mark them used by this stream so the
