@@ -10,6 +10,11 @@
 //   closed forms, long rows: pass 1 reduces (S_r, then v_r and S_r * r_r per row); between the
 //       passes each tensor gets unorm and its coefficients A, D (and long rows their K_r, D_r);
 //       pass 2 applies.
+// The guard (Amos(guard="slice")): a slice whose S_r is not finite (NaN, Inf, or a sum of finite
+// squares past fp32) is left as it was: no v, b, m or theta update, and ||u||^2 leaves it out. The
+// kernels count such slices into StepArgs::guarded. Rows and long rows decide once per row (pass 2
+// reads pass 1's verdict from a per-row flag); element granularity selects per element, so its
+// loops stay branch-free.
 //
 // Speed: the step is bound by memory traffic, and one core of the small machines this targets
 // reaches its share of DRAM bandwidth only with several streams in flight. So
@@ -107,6 +112,18 @@ AMOS_CPU_INLINE uint32_t pick(bool c, uint32_t a, uint32_t b) {
   return (a & m) | (b & ~m);
 }
 
+// S_r is finite: the guard's test, as bit operations (vectorises; S_r >= 0 or NaN)
+AMOS_CPU_INLINE bool finite_S(float S) { return (bits_of(S) & 0x7F800000u) != 0x7F800000u; }
+
+// the new value where ok, else the old one bit for bit (a guarded slice keeps its storage)
+AMOS_CPU_INLINE float keep_or(bool ok, float a, float b) { return float_of(pick(ok, bits_of(a), bits_of(b))); }
+template <typename T>  // bf16, fp16: their bits
+AMOS_CPU_INLINE T keep_or(bool ok, T a, T b) {
+  T r;
+  r.x = static_cast<uint16_t>(pick(ok, a.x, b.x));
+  return r;
+}
+
 AMOS_CPU_INLINE float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7FFFu;                        // exponent and mantissa
@@ -164,6 +181,22 @@ AMOS_CPU_INLINE void apply_one(TP* __restrict__ p, float g, TM* __restrict__ m, 
   p[i] = store<TP>(theta + delta);
 }
 
+// apply_one where ok; where not, theta and m keep their bits
+template <typename TP, typename TM>
+AMOS_CPU_INLINE void apply_one_if(bool ok, TP* __restrict__ p, float g, TM* __restrict__ m, int64_t i, float K,
+                                  float D, const Hyper& h) {
+  const TP p_old = p[i];
+  const float theta = load(p_old);
+  float delta = update(theta, g, K, D);
+  if constexpr (!std::is_same<TM, void>::value) {
+    const TM m_old = m[i];
+    float mm = momentum_update(h, load(m_old), delta);
+    m[i] = keep_or(ok, store<TM>(mm), m_old);
+    delta = mm;  // theta moves by the unrounded m
+  }
+  p[i] = keep_or(ok, store<TP>(theta + delta), p_old);
+}
+
 // n elements sharing K and D
 template <typename TP, typename TM>
 AMOS_CPU_INLINE void apply_span(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, int64_t n,
@@ -172,38 +205,59 @@ AMOS_CPU_INLINE void apply_span(TP* __restrict__ p, const float* __restrict__ g,
 }
 
 // Element granularity (C = 1), n consecutive slices: S = g*g and the slice math per element
-// (separate functions: __restrict__ on every pointer lets these loops vectorise).
+// (separate functions: __restrict__ on every pointer lets these loops vectorise). Every element is
+// computed and a guarded one (S not finite) keeps its old values: selects, no branches. Each
+// returns the number of guarded elements.
 // "amos": all of it, in one pass.
 template <typename TP, typename TM>
-AMOS_CPU_INLINE void amos_elements(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
-                                   float* __restrict__ v, float* __restrict__ b, int64_t n, float bc, AmosTensor at,
-                                   Hyper h) {
+AMOS_CPU_INLINE int64_t amos_elements(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
+                                      float* __restrict__ v, float* __restrict__ b, int64_t n, float bc,
+                                      AmosTensor at, Hyper h) {
+  int64_t guarded = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float S = g[i] * g[i];
-    const float r = second_moment(h, S, 1.0f, bc, v[i]);
+    const bool ok = finite_S(S);
+    const float v_old = v[i], b_old = b[i];
+    float vi = v_old, bi = b_old;
+    const float r = second_moment(h, S, 1.0f, bc, vi);
     float K, D;
-    amos_slice(h, at, S, 1.0f, r, b[i], K, D);
-    apply_one(p, g[i], m, i, K, D, h);
+    amos_slice(h, at, S, 1.0f, r, bi, K, D);
+    v[i] = keep_or(ok, vi, v_old);
+    b[i] = keep_or(ok, bi, b_old);
+    apply_one_if(ok, p, g[i], m, i, K, D, h);
+    guarded += !ok;
   }
+  return guarded;
 }
 
-// closed forms, pass 1: v_i and the sum of S_i * r_i, in order
+// closed forms, pass 1: v_i and the sum of S_i * r_i, in order (a guarded element adds +0, which
+// changes no bit of the sum: it starts at +0 and adds values >= 0)
 AMOS_CPU_INLINE float closed_elements_reduce(const float* __restrict__ g, float* __restrict__ v, int64_t n, float bc,
-                                             Hyper h) {
+                                             Hyper h, int64_t& guarded) {
   float unorm2 = 0.0f;
+  int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float S = g[i] * g[i];
-    unorm2 += S * second_moment(h, S, 1.0f, bc, v[i]);
+    const bool ok = finite_S(S);
+    const float v_old = v[i];
+    float vi = v_old;
+    const float Sr = S * second_moment(h, S, 1.0f, bc, vi);
+    v[i] = keep_or(ok, vi, v_old);
+    unorm2 += keep_or(ok, Sr, 0.0f);
+    count += !ok;
   }
+  guarded = count;
   return unorm2;
 }
 
-// closed forms, pass 2: K_i = A * sqrt(r_i) from the updated v
+// closed forms, pass 2: K_i = A * sqrt(r_i) from the updated v; pass 1's verdict is S = g*g of
+// the same g again
 template <typename TP, typename TM>
 AMOS_CPU_INLINE void closed_elements_apply(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
                                            const float* __restrict__ v, int64_t n, float bc, float A, float D,
                                            Hyper h) {
-  for (int64_t i = 0; i < n; ++i) apply_one(p, g[i], m, i, closed_slice_K(A, inv_vhat(h, v[i], bc)), D, h);
+  for (int64_t i = 0; i < n; ++i)
+    apply_one_if(finite_S(g[i] * g[i]), p, g[i], m, i, closed_slice_K(A, inv_vhat(h, v[i], bc)), D, h);
 }
 
 // m + i; m stays null without momentum (TM = void)
@@ -261,6 +315,7 @@ struct Tensor {
   AmosTensor at;                  // "amos"
   float A, D;                     // closed forms
   std::vector<float> rowK, rowD;  // long rows ("amos"): K_r, D_r between the passes
+  std::unique_ptr<uint8_t[]> guarded_row;  // rows that pass 2 applies: 1 where pass 1 guarded the row
   int64_t first_piece, end_piece;
   bool g_as_is;  // fp32 g that needs no unscaling or clipping: read in place, not converted
   PrepFn prep;   // else this converts it
@@ -277,7 +332,8 @@ struct Step {
   Hyper h;
   bool amos;
   float scale;
-  float* partial;  // per piece: S (long rows) or sum of S_r * r_r (closed forms)
+  float* partial;     // per piece: S (long rows) or sum of S_r * r_r (closed forms)
+  int64_t* guarded;   // per piece: slices it guarded (long rows: counted between the passes)
 };
 
 // Per-thread buffers of kLongRow floats, allocated on first use, uninitialised: 0 to 3 for g
@@ -317,9 +373,10 @@ struct Loops {
       const int64_t n = pc.row1 - pc.row0;
       const float* g = grad(T, pc.row0, n, s, sc.buf(0));
       if (s.amos)
-        amos_elements(p_at(T, pc.row0), g, m_at(T, pc.row0), T.v + pc.row0, T.b + pc.row0, n, T.bc, T.at, h);
+        s.guarded[k] =
+            amos_elements(p_at(T, pc.row0), g, m_at(T, pc.row0), T.v + pc.row0, T.b + pc.row0, n, T.bc, T.at, h);
       else
-        unorm2 = closed_elements_reduce(g, T.v + pc.row0, n, T.bc, h);
+        unorm2 = closed_elements_reduce(g, T.v + pc.row0, n, T.bc, h, s.guarded[k]);
       s.partial[k] = unorm2;
       return;
     }
@@ -329,18 +386,30 @@ struct Loops {
       const int64_t rows = pc.row1 - pc.row0;
       float* S = sc.buf(kRowSums);
       sumsq_rows(grad(T, pc.row0 * C, rows * C, s, sc.buf(0)), C, rows, S);
-      for (int64_t r = 0; r < rows; ++r) unorm2 += S[r] * second_moment(h, S[r], Cf, T.bc, T.v[pc.row0 + r]);
+      int64_t guarded = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (!finite_S(S[r])) {  // guarded: v kept, left out of ||u||, not applied by pass 2
+          T.guarded_row[pc.row0 + r] = 1;
+          ++guarded;
+          continue;
+        }
+        unorm2 += S[r] * second_moment(h, S[r], Cf, T.bc, T.v[pc.row0 + r]);
+      }
       s.partial[k] = unorm2;
+      s.guarded[k] = guarded;
       return;
     }
     // "amos": S of row r is known when row r is applied, and that loop sums row r + 1. Two such
     // pipelines, over the first and the second half of the piece, run in lockstep: two rows
     // read and two written at a time per core, which keeps more reads in flight than one.
+    // A guarded row (S not finite) is neither finalized nor applied; its pipeline only sums the
+    // next row (sumsq: the same order, so the same S).
     const int64_t rows = pc.row1 - pc.row0;
     const int64_t first[2] = {pc.row0, pc.row0 + rows / 2}, count[2] = {rows / 2, rows - rows / 2};
     const float* g[2];
     float S[2];
     int cur[2] = {0, 0};  // which of a pipeline's two buffers holds its row r
+    int64_t guarded = 0;
     for (int q = 0; q < 2; ++q)
       if (count[q] > 0) {
         g[q] = grad(T, first[q] * C, C, s, sc.buf(2 * q));
@@ -353,17 +422,25 @@ struct Loops {
       for (int q = 0; q < 2; ++q) {
         if (i >= count[q]) continue;
         const int64_t r = first[q] + i;
-        const float rr = second_moment(h, S[q], Cf, T.bc, T.v[r]);
+        const bool ok = finite_S(S[q]);
         RowWork<TP, TM>& x = w[q];
-        amos_slice(h, T.at, S[q], Cf, rr, T.b[r], x.K, x.D);
-        x.p = p_at(T, r * C);
-        x.g = g[q];
-        x.m = m_at(T, r * C);
+        if (ok) {
+          const float rr = second_moment(h, S[q], Cf, T.bc, T.v[r]);
+          amos_slice(h, T.at, S[q], Cf, rr, T.b[r], x.K, x.D);
+          x.p = p_at(T, r * C);
+          x.g = g[q];
+          x.m = m_at(T, r * C);
+        } else {
+          ++guarded;
+        }
         if (i + 1 < count[q]) {
           cur[q] = 1 - cur[q];
           x.gn = g[q] = grad(T, (r + 1) * C, C, s, sc.buf(2 * q + cur[q]));
-          qn[next++] = q;
-        } else {
+          if (ok)
+            qn[next++] = q;
+          else
+            S[q] = sumsq(x.gn, C);
+        } else if (ok) {
           ql[last++] = q;
         }
       }
@@ -378,6 +455,7 @@ struct Loops {
       }
     }
     s.partial[k] = 0.0f;
+    s.guarded[k] = guarded;
   }
 
   // Pass 2: apply where pass 1 could not.
@@ -393,6 +471,7 @@ struct Loops {
     }
     const int64_t n = pc.col1 - pc.col0;
     for (int64_t r = pc.row0; r < pc.row1; ++r) {
+      if (T.guarded_row[r]) continue;  // pass 1 (or between the passes) kept it
       const int64_t off = r * T.C + pc.col0;
       const float* g = grad(T, off, n, s, sc.buf(0));
       if (s.amos)
@@ -521,7 +600,9 @@ void step_cpu(const StepArgs& a) {
         T.rowK.resize(T.R);
         T.rowD.resize(T.R);
       }
-    } else {
+    }
+    if (T.C > kLongRow || (!amos && T.C > 1)) T.guarded_row.reset(new uint8_t[T.R]());  // zeroed
+    if (T.C <= kLongRow) {
       const int64_t rows = std::max<int64_t>(1, kPiece / T.C);
       for (int64_t r = 0; r < T.R; r += rows)
         pieces.push_back({static_cast<int32_t>(i), r, std::min(T.R, r + rows), 0, T.C});
@@ -530,7 +611,8 @@ void step_cpu(const StepArgs& a) {
   }
   const int64_t np = static_cast<int64_t>(pieces.size());
   std::vector<float> partial(np);
-  const Step s{h, amos, scale, partial.data()};
+  std::vector<int64_t> guarded(np, 0);
+  const Step s{h, amos, scale, partial.data(), guarded.data()};
   // a small step runs on the calling thread: waking the pool would cost more than the work
   int64_t total = 0;
   for (const auto& p : a.params) total += p.numel();
@@ -558,6 +640,11 @@ void step_cpu(const StepArgs& a) {
       for (int64_t r = 0; r < T.R; ++r) {
         float S = 0.0f;
         for (int64_t j = 0; j < per_row; ++j) S += partial[T.first_piece + r * per_row + j];
+        if (!finite_S(S)) {  // guarded: v, b kept, left out of ||u||, not applied by pass 2
+          T.guarded_row[r] = 1;
+          ++guarded[T.first_piece + r * per_row];
+          continue;
+        }
         const float rr = second_moment(h, S, C, T.bc, T.v[r]);
         if (amos)
           amos_slice(h, T.at, S, C, rr, T.b[r], T.rowK[r], T.rowD[r]);
@@ -570,6 +657,11 @@ void step_cpu(const StepArgs& a) {
     if (!amos) closed_tensor(h, xi, T.t, T.eps0, unorm2, T.A, T.D);
   }
   if (second_pass) run_pass(2);
+  if (a.guarded) {  // integers: the total does not depend on the order
+    int64_t total_guarded = 0;
+    for (int64_t c : guarded) total_guarded += c;
+    *a.guarded->data_ptr<int64_t>() += total_guarded;
+  }
 }
 
 }  // namespace amos
