@@ -7,6 +7,8 @@ combination it fetches a cached launch plan (kernels/tables.py) and launches:
   chunk-apply launches.
 - closed forms: reduce launches (v, and sqrt(r) and S*r per slice), one `_norm_kernel` launch
   (||u|| per tensor, summed in a fixed order) and apply launches.
+Every kernel guards slices: one whose S_r is not finite keeps theta, m, v and b, and is counted
+into `guarded` with an integer atomic add (kernels/amos_triton.py).
 Every per-step scalar is read on the device (t from state["step"], lr when it is a tensor,
 GradScaler's scale), and nothing is copied to the host, so a step is CUDA-graph capturable once
 the plan exists (warm up one step before capturing).

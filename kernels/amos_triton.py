@@ -142,8 +142,8 @@ def _load_g(g_ptr, offs, mask, scale_ptr, clip, HAS_SCALE: tl.constexpr, CLIP: t
     if HAS_SCALE:
         g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
     if CLIP:
-        nan = tl.PropagateNan.ALL
-        g = tl.minimum(tl.maximum(g, -clip, propagate_nan=nan), clip, propagate_nan=nan)
+        g = tl.minimum(tl.maximum(g, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
+                       propagate_nan=tl.PropagateNan.ALL)
     return g
 
 
@@ -199,15 +199,14 @@ def _closed_coefs(A, sqrt_r, xi, s, two_q):
 
 
 @triton.jit
-def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, tensor_a, scale_ptr, skip_ptr, guarded_ptr,
-                 lr, lr_ptr,
-                 beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, two_q, half_life,
-                 momentum, one_minus_momentum, clip,
+def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, tensor_a, scale_ptr, skip_ptr,
+                 guarded_ptr, lr, lr_ptr, beta, beta_lo, one_minus_beta, eps, c_coef, d_coef, extra_l2, two_q,
+                 half_life, momentum, one_minus_momentum, clip,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                  SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_GUARD: tl.constexpr, CLIP: tl.constexpr,
-                 LR_IS_PTR: tl.constexpr, ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr, PACKED: tl.constexpr,
-                 RTNE: tl.constexpr):
+                 LR_IS_PTR: tl.constexpr, ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                 PACKED: tl.constexpr, RTNE: tl.constexpr):
     """A program owns ROWS whole slices (slots).
 
     tile = (tensor, first row, slot offset, widest slice). Unless PACKED, the slots are ROWS
@@ -290,8 +289,8 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
                 _apply(p_ptr, m_ptr, offs, mask, gb, K[:, None], D[:, None], momentum, one_minus_momentum,
                        P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
         else:  # one column block: g is still in registers
-            _apply(p_ptr, m_ptr, offs, mask & ok[:, None], g, K[:, None], D[:, None], momentum, one_minus_momentum,
-                   P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
+            _apply(p_ptr, m_ptr, offs, mask & ok[:, None], g, K[:, None], D[:, None], momentum,
+                   one_minus_momentum, P_DTYPE, M_DTYPE, MOMENTUM, RTNE)
 
 
 @triton.jit
