@@ -46,6 +46,19 @@ def test_every_kernel_path_with_tiny_blocks(monkeypatch, options):
     grid.assert_matches_reference("triton", case)
 
 
+@pytest.mark.parametrize("options", [
+    dict(schedule="amos", momentum=0.9, granularity="row"),
+    dict(schedule="inverse_time", half_life=2, momentum=0.0, granularity="row"),
+], ids=lambda o: o["schedule"])
+def test_guarded_slices_on_every_kernel_path_with_tiny_blocks(monkeypatch, options):
+    # poisoned at the 2nd and 4th step (backend_grid.poison): split slices carry the guard from
+    # their finalize to their chunk applies, packed programs guard rows of several tensors
+    monkeypatch.setattr(triton_backend, "HEURISTIC", TINY)
+    case = dict(shapes=TINY_SHAPES, options=dict(options, guard="slice"), dtypes=(grid.F32, grid.BF16), scaler=None,
+                steps=4, tag="tiny-guard", poison=True)
+    grid.assert_matches_reference("triton", case)
+
+
 def test_tiny_heuristic_really_splits_and_packs():
     # guards the test above: with TINY the plan has packed tiles, loops and split slices
     params = [torch.zeros(s) for s in TINY_SHAPES if math.prod(s)]
@@ -213,23 +226,26 @@ from triton.compiler import ASTSource
 from amos_fused.kernels import amos_triton as mod
 assert not mod.INTERPRET
 pointers = {"info": "*i64", "g_addrs": "*i64", "tiles": "*i64", "slot_i": "*i64", "slot_r": "*i64",
-            "n_tensors": "i64"}
+            "n_tensors": "i64", "guarded_ptr": "*i64"}
+guard = dict(HAS_SKIP=True, HAS_GUARD=True)  # the skip read and the int64 atomic of guarded slices
 variants = [
     (mod._rows_kernel, dict(P_DTYPE=tl.bfloat16, G_DTYPE=tl.float16, M_DTYPE=tl.bfloat16, SCHED=0, PHASE=0,
                             MOMENTUM=True, HAS_SCALE=True, CLIP=True, LR_IS_PTR=True, ROWS=4, COLB=1024,
-                            ONE_BLOCK=False, PACKED=False, RTNE=False)),
+                            ONE_BLOCK=False, PACKED=False, RTNE=False, **guard)),
     (mod._rows_kernel, dict(P_DTYPE=tl.float32, G_DTYPE=tl.float32, M_DTYPE=tl.float32, SCHED=2, PHASE=2,
                             MOMENTUM=False, HAS_SCALE=False, CLIP=False, LR_IS_PTR=False, ROWS=4096, COLB=1,
-                            ONE_BLOCK=True, PACKED=True, RTNE=False)),
+                            ONE_BLOCK=True, PACKED=True, RTNE=False, **guard)),
     (mod._chunk_kernel, dict(P_DTYPE=tl.float32, G_DTYPE=tl.bfloat16, M_DTYPE=tl.float16, SCHED=3, PHASE=2,
-                             MOMENTUM=True, HAS_SCALE=True, CLIP=True, LR_IS_PTR=False, CHUNK=16384, BLOCK=2048,
-                             RTNE=False)),
-    (mod._split_finalize_kernel, dict(SCHED=0, LR_IS_PTR=True, ROWS=2, KB=4)),
+                             MOMENTUM=True, HAS_SCALE=True, HAS_SKIP=True, CLIP=True, LR_IS_PTR=False, CHUNK=16384,
+                             BLOCK=2048, RTNE=False)),
+    (mod._split_finalize_kernel, dict(SCHED=0, LR_IS_PTR=True, ROWS=2, KB=4, **guard)),
     (mod._norm_kernel, dict(SCHED=1, LR_IS_PTR=False, TB=8, QB=512)),
 ]
 scalars = {"lr", "beta", "beta_lo", "one_minus_beta", "eps", "c_coef", "d_coef", "extra_l2", "two_q",
            "half_life", "momentum", "one_minus_momentum", "clip"}
 for fn, constexprs in variants:
+    missing = [n for n in fn.arg_names if n.isupper() and n not in constexprs]
+    assert not missing, (fn.__name__, "constexprs not set:", missing)
     signature = {n: "constexpr" if n in constexprs else "fp32" if n in scalars else pointers.get(n, "*fp32")
                  for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature,
