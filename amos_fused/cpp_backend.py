@@ -66,22 +66,32 @@ def fused_step(params, grads, states, group, grad_scale=None, skip=None, guarded
         states = [st for st, k in zip(states, takes) if k]
     if not params:
         return
-    device = params[0].device
     # fp64 gradients of other params: the reference computes in fp32 for these params too
     gs = [(g.float() if g.dtype == torch.float64 else g).contiguous() for g in grads]
+    kernel_step(params, gs, [st["v"] for st in states], [st["b"] for st in states],
+                [st["m"] for st in states] if mom > 0 else [], [st["step"] for st in states],
+                [float(st["eta"]) for st in states], group["lr"], option_args(group), grad_scale, skip, guarded)
+
+
+def option_args(group):
+    """The op's arguments from a group's options other than lr (Amos caches them per option values)."""
+    return (SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(group["momentum"]),
+            float(group["clip_value"] or 0.0), float(group["d_coef"]), float(group["c_coef"]),
+            float(group["extra_l2"]), float(group["q"]), float(group["half_life"] or 0.0))
+
+
+def kernel_step(params, gs, vs, bs, ms, steps, etas, lr, options, grad_scale=None, skip=None, guarded=None):
+    """The op on tensors the kernels take (`_kernel_takes`), with contiguous fp32/bf16/fp16
+    gradients `gs`; `ms` is empty without momentum; `options` from `option_args`."""
+    device = params[0].device
     # A tensor lr stays a tensor: the kernels read it (on the device for CUDA: no host sync),
     # and under torch.compile a new value is new data, not a recompilation.
-    lr, lr_tensor = group["lr"], None
+    lr_tensor = None
     if torch.is_tensor(lr):
         lr, lr_tensor = 0.0, lr.detach().to(torch.float32)
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, torch.float32)
     if skip is not None:
         skip = skip.to(device, torch.float32)
-    torch.ops.amos_fused.amos_step_(
-        params, gs, [st["v"] for st in states], [st["b"] for st in states],
-        [st["m"] for st in states] if mom > 0 else [], [st["step"] for st in states],
-        [float(st["eta"]) for st in states], float(lr), lr_tensor,
-        grad_scale, skip, guarded, SCHEDULE_CODE[group["schedule"]], float(group["beta"]), float(group["eps"]), float(mom),
-        float(group["clip_value"] or 0.0), float(group["d_coef"]), float(group["c_coef"]),
-        float(group["extra_l2"]), float(group["q"]), float(group["half_life"] or 0.0))
+    torch.ops.amos_fused.amos_step_(params, gs, vs, bs, ms, steps, etas, float(lr), lr_tensor, grad_scale, skip,
+                                    guarded, *options)

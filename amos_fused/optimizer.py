@@ -1,6 +1,9 @@
 """`Amos`: the torch.optim front end. Checks options, keeps state, hands each group to a backend."""
+import collections
+import itertools
 import math
 import numbers
+import operator
 import warnings
 
 import torch
@@ -30,6 +33,12 @@ def _number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _lr_ok(lr):
+    if torch.is_tensor(lr):
+        return lr.numel() == 1 and lr.is_floating_point()
+    return _number(lr) and lr >= 0
+
+
 def check_options(o, where):
     """Raise ValueError/TypeError naming the option and the fix; `o` is a group (or defaults)."""
 
@@ -39,11 +48,9 @@ def check_options(o, where):
     if o["schedule"] not in SCHEDULES:  # first: an unknown schedule also leaves lr=None unresolved
         bad("schedule", f"use one of {SCHEDULES}")
     lr = o["lr"]
-    if torch.is_tensor(lr):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            bad("lr", "a tensor lr must be a floating-point scalar tensor")
-    elif not (_number(lr) and lr >= 0):
-        bad("lr", "use a finite number >= 0")
+    if not _lr_ok(lr):
+        bad("lr", "a tensor lr must be a floating-point scalar tensor" if torch.is_tensor(lr) else
+            "use a finite number >= 0")
     if o["granularity"] not in GRANULARITIES:
         bad("granularity", f"use one of {GRANULARITIES}")
     if o["schedule"] in DECAYING:
@@ -146,6 +153,7 @@ class Amos(torch.optim.Optimizer):
         self._warned_guarded = False
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
         self._state_ok = {}  # id(param) -> what its state was last checked against (_collect)
+        self._plan = None  # what the last full step found (_Plan), reused while it holds
         super().__init__(params, defaults)
 
     @property
@@ -219,6 +227,7 @@ class Amos(torch.optim.Optimizer):
                  ([group["params"]] if torch.is_tensor(group["params"]) else group["params"])]
         etas = [self._measure_eta(name, p, group) for name, p in zip(names, tensors)]  # may raise: before adding
         super().add_param_group(group)
+        self._plan = None
         for p, eta in zip(tensors, etas):
             self.state[p]["eta"] = eta
 
@@ -267,6 +276,7 @@ class Amos(torch.optim.Optimizer):
         params, bf16 m with fp32 params) and only moves them to the parameter's device.
         """
         self._check_loadable(state_dict)
+        self._plan = None  # the state tensors and groups are replaced
         # torch.distributed.checkpoint saves no state for frozen parameters: they keep their eta
         etas = {p: self.state[p]["eta"] for g in self.param_groups for p in g["params"] if "eta" in self.state[p]}
         super().load_state_dict(state_dict)
@@ -354,27 +364,41 @@ class Amos(torch.optim.Optimizer):
         ord=inf on CUDA; the extension's max_abs on the CPU, faster than torch's there).
         `read_grads=False` (guard="slice"): found_inf only, no read of the gradients.
         """
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        by_key, devices = {}, set()
+        return self._flags(*self._verdict_layout(work, read_grads))
+
+    def _verdict_layout(self, work, read_grads):
+        """(checks, grads, devices): `grads` all of `work`'s gradients in order (local parts of
+        DTensors), `devices` theirs, and per (device, fp64 gradient, fp64 parameter) one check
+        (device, compute dtype, limit, indices into `grads` or None for all, C, clip)."""
+        by_key, devices, flat = {}, set(), []
         shards = distributed.dtensors_possible()
         for group, ps, gs in work:
             for p, g in zip(ps, gs):
                 if shards:
                     g = local(g)
-                if found_inf is not None:  # it applies on every device, empty gradients' too
-                    devices.add(g.device)
+                devices.add(g.device)  # found_inf applies on every device, empty gradients' too
                 if g.numel() and read_grads:
                     key = (g.device, g.dtype == torch.float64, p.dtype == torch.float64)
-                    by_key.setdefault(key, []).append((p, g, group))
-        flags = {}
+                    by_key.setdefault(key, []).append((len(flat), p, group))
+                flat.append(g)
+        checks = []
         for (device, g64, p64), items in by_key.items():
             # read fp64 gradients in fp64; judge against the range the kernels compute in: fp64
             # for fp64 parameters, else fp32 (an fp64 gradient of an fp32 parameter is cast)
             cdt = torch.float64 if g64 or p64 else torch.float32
             limit = math.inf if p64 else _FP32_MAX
-            C, clip = self._bound_vectors(device, cdt, items)
-            x = _max_abs([g for _, g, _ in items], cdt)
+            C, clip = self._bound_vectors(device, cdt, [(p, group) for _, p, group in items])
+            idx = [i for i, _, _ in items]
+            checks.append((device, cdt, limit, None if len(idx) == len(flat) else idx, C, clip))
+        return checks, flat, devices
+
+    def _flags(self, checks, grads, devices):
+        """The verdicts of `_verdict_layout`'s checks on `grads`, and GradScaler's found_inf."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        flags = {}
+        for device, cdt, limit, idx, C, clip in checks:
+            x = _max_abs(grads if idx is None else [grads[i] for i in idx], cdt)
             if grad_scale is not None:
                 x = x / grad_scale.to(device, cdt)
             bound = torch.minimum(x, clip).square() * C
@@ -387,16 +411,17 @@ class Amos(torch.optim.Optimizer):
         return flags
 
     def _bound_vectors(self, device, cdt, items):
-        """The slice lengths C and clip values (inf: none) of `items`, cached on the device: a
-        new tensor from a list would copy from the host at every step (and cannot be captured)."""
-        key = (device, cdt, tuple(id(p) for p, _, _ in items),
-               tuple((g["granularity"], g["clip_value"]) for g in {id(g): g for _, _, g in items}.values()))
+        """The slice lengths C and clip values (inf: none) of `items` ((param, group) pairs), cached
+        on the device: a new tensor from a list would copy from the host at every step (and
+        cannot be captured)."""
+        key = (device, cdt, tuple(id(p) for p, _ in items),
+               tuple((g["granularity"], g["clip_value"]) for g in {id(g): g for _, g in items}.values()))
         hit = self._bound_cache.get(key)
         if hit is None:
             if len(self._bound_cache) > 64:  # param lists change rarely; bound the cache anyway
                 self._bound_cache.clear()
-            C = [float(slice_shape(p.shape, g["granularity"])[1]) for p, _, g in items]
-            clip = [math.inf if g["clip_value"] is None else float(g["clip_value"]) for _, _, g in items]
+            C = [float(slice_shape(p.shape, g["granularity"])[1]) for p, g in items]
+            clip = [math.inf if g["clip_value"] is None else float(g["clip_value"]) for _, g in items]
             hit = self._bound_cache[key] = (torch.tensor(C, dtype=cdt, device=device),
                                             torch.tensor(clip, dtype=cdt, device=device))
         return hit
@@ -430,10 +455,65 @@ class Amos(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_pending()
-        work = self._collect()
+        run = self._planned_run()
+        if run is None:  # the full path: every check, then a plan for the next steps
+            work = self._collect()
+            if distributed.dtensors_possible() and any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
+                return self._sharded_step(work, getattr(self, "grad_scale", None), loss)
+            run = self._full_run(work)
+        # the rest in this frame, as one function: Dynamo splits it at the host reads below
+        flags = self._flags(run.checks, run.grads, run.grad_devices)
+        guarded = {d: self._guarded_counter(d) for d in run.devices}
+        skip = None
+        if run.on_device:
+            device = next(iter(run.devices))
+            skip = flags.get(device)
+            if skip is None:  # no gradient has elements and no scaler: nothing can be wrong
+                skip = torch.zeros((), dtype=torch.float32, device=device)
+            counter = self._skipped_on.get(device)
+            if counter is None:
+                counter = self._skipped_on[device] = torch.zeros((), dtype=torch.float32, device=device)
+            counter.add_(skip)
+            keep = 1.0 - skip
+        elif any(bool(f) for f in flags.values()):
+            self._count_host_skip()
+            return loss
         grad_scale = getattr(self, "grad_scale", None)
-        if distributed.dtensors_possible() and any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
-            return self._sharded_step(work, grad_scale, loss)
+        for group, params, grads, states, group_calls, fused, lists in run.groups:
+            if states is None:
+                states = [self._state_for(p, group) for p in params]
+            steps = lists[3] if lists is not None else [st["step"] for st in states]
+            if steps:
+                if skip is None:
+                    torch._foreach_add_(steps, 1.0)
+                else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
+                    torch._foreach_add_(steps, [keep] * len(steps))
+            if fused is not None:  # planned: the op with the plan's lists, no per-tensor Python
+                counter = guarded[params[0].device]
+                fused.kernel_step(params, [g.contiguous() for g in grads], *lists, group["lr"], fused.options,
+                                  grad_scale, skip, counter)
+                continue
+            for fn, idx in group_calls:
+                if idx is None:
+                    args = (params, grads, states, group, grad_scale)
+                else:
+                    args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
+                counter = guarded[(params if idx is None else [params[i] for i in idx])[0].device]
+                fn(*args, guarded=counter) if skip is None else fn(*args, skip=skip, guarded=counter)
+        if run.fresh:
+            self._plan = _Plan.build(self, run)
+        if self.capturable:
+            return loss  # nothing read on the host: guarded_slices tells
+        if run.on_device and skip.device.type == "cuda":
+            self._remember(skip, guarded[skip.device])  # read when it has arrived, by a later step
+        elif all(d.type == "cpu" for d in run.devices):
+            self._check_guarded(self.guarded_slices)  # CPU counters: read at once (free)
+        return loss
+
+
+    def _full_run(self, work):
+        """The `_Run` of `_collect`'s work: backends resolved and capturable checked (raising
+        before anything changes), states left to `_apply` (created after the verdict)."""
         calls, devices = [], set()  # per group, (step function, indices or None: all) per device
         for group, params, grads in work:
             by_device = {}
@@ -448,44 +528,24 @@ class Amos(torch.optim.Optimizer):
         on_device = len(devices) == 1 and (self.capturable or next(iter(devices)).type == "cuda")
         if self.capturable:
             self._check_capturable(work, calls, on_device)
-        flags = self._verdicts(work, read_grads=self.guard == "step")
-        guarded = {d: self._guarded_counter(d) for d in devices}
-        skip = None
-        if on_device:
-            device = next(iter(devices))
-            skip = flags.get(device)
-            if skip is None:  # no gradient has elements and no scaler: nothing can be wrong
-                skip = torch.zeros((), dtype=torch.float32, device=device)
-            counter = self._skipped_on.get(device)
-            if counter is None:
-                counter = self._skipped_on[device] = torch.zeros((), dtype=torch.float32, device=device)
-            counter.add_(skip)
-            keep = 1.0 - skip
-        elif any(bool(f) for f in flags.values()):
-            self._count_host_skip()
-            return loss
-        for (group, params, grads), group_calls in zip(work, calls):
-            states = [self._state_for(p, group) for p in params]
-            steps = [st["step"] for st in states]
-            if steps:
-                if skip is None:
-                    torch._foreach_add_(steps, 1.0)
-                else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
-                    torch._foreach_add_(steps, [keep] * len(steps))
-            for fn, idx in group_calls:
-                if idx is None:
-                    args = (params, grads, states, group, grad_scale)
-                else:
-                    args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
-                counter = guarded[(params if idx is None else [params[i] for i in idx])[0].device]
-                fn(*args, guarded=counter) if skip is None else fn(*args, skip=skip, guarded=counter)
-        if self.capturable:
-            return loss  # nothing read on the host: guarded_slices tells
-        if on_device and skip.device.type == "cuda":
-            self._remember(skip, guarded[skip.device])  # read when it has arrived, by a later step
-        elif all(d.type == "cpu" for d in devices):
-            self._check_guarded(self.guarded_slices)  # CPU counters: read at once (free)
-        return loss
+        checks, flat, grad_devices = self._verdict_layout(work, read_grads=self.guard == "step")
+        groups = [_GroupRun(group, params, grads, None, group_calls, None, None)
+                  for (group, params, grads), group_calls in zip(work, calls)]
+        # no plan from a traced step: its frames may resume outside Dynamo
+        return _Run(groups, devices, on_device, checks, flat, grad_devices, fresh=not torch.compiler.is_compiling())
+
+    def _planned_run(self):
+        """This step's `_Run` from the plan of an earlier step, or None when anything the plan
+        depends on has changed (or is bad: the full path then raises for it)."""
+        if torch.compiler.is_compiling():  # Dynamo traces the full path (and no guard on the plan)
+            return None
+        plan = getattr(self, "_plan", None)
+        if plan is None:
+            return None
+        try:
+            return plan.run(self)
+        except Exception:  # odd input (a missing key, a strange value): the full path judges it
+            return None
 
     def _guarded_counter(self, device):
         counter = self._guarded_on.get(device)
@@ -563,3 +623,139 @@ def _max_abs(grads, dtype):
         if cpp_backend.max_abs is not None:
             return cpp_backend.max_abs(grads)
     return torch.stack(torch._foreach_norm(grads, float("inf"), dtype=dtype))
+
+
+# ---- the step plan ----------------------------------------------------------------------------
+# One step's work: per group a _GroupRun; `grads` all groups' gradients in order (the verdict
+# reads them), `checks` the verdict's (Amos._verdict_layout), `fresh` when from the full path.
+_Run = collections.namedtuple("_Run", "groups devices on_device checks grads grad_devices fresh")
+# states None: created by _apply; fused/lists: a planned call of the compiled op (_GroupPlan)
+_GroupRun = collections.namedtuple("_GroupRun", "group params grads states calls fused lists")
+_Fused = collections.namedtuple("_Fused", "kernel_step options")
+
+# every option check_options reads but lr (a scheduler changes lr at every step: checked by value)
+_OPTION_KEYS = ("schedule", "granularity", "half_life", "beta", "momentum", "momentum_dtype", "clip_value",
+                "d_coef", "c_coef", "extra_l2", "q", "eps", "eta")
+_options_of = operator.itemgetter(*_OPTION_KEYS)
+_GRAD, _SHAPE, _DTYPE, _DEVICE, _IS_SPARSE = map(operator.attrgetter, ("grad", "shape", "dtype", "device", "is_sparse"))
+_IS_CONTIGUOUS = operator.methodcaller("is_contiguous")
+_V, _B, _STEP, _ETA = map(operator.itemgetter, ("v", "b", "step", "eta"))
+_M = operator.methodcaller("get", "m")
+
+
+def _same(xs, ys):
+    return all(map(operator.is_, xs, ys))
+
+
+def _layout(group):
+    """The options a plan is built on (state shapes, the verdict's vectors, which state exists)."""
+    return group["granularity"], group["clip_value"], group["momentum"] > 0, group["momentum_dtype"]
+
+
+class _Plan:
+    """What the last full step found, kept so the next steps skip its per-tensor Python.
+
+    Valid while nothing it was built from changes, which every step checks: by identity the
+    param groups, their params, the state dicts and the state tensors v and m; the gradients'
+    and parameters' layout (which params have a gradient; sparsity, shapes, dtypes, devices,
+    the parameters' contiguity), which the full path checks or decides with; the options by
+    identity, and if some changed, check_options again (schedulers change lr, some momentum).
+    Otherwise the step takes the full path, which raises for bad input and builds a new plan.
+    """
+
+    def __init__(self, opt, run, groups):
+        self.state_map, self.state_dicts = opt.state, list(opt.state.values())
+        self.mode = (opt.guard, opt.backend, opt.capturable)
+        self.groups = groups
+        self.devices, self.on_device, self.checks, self.grad_devices = (run.devices, run.on_device, run.checks,
+                                                                        run.grad_devices)
+
+    @classmethod
+    def build(cls, opt, run):
+        from . import cpp_backend  # loaded already when a group runs its kernels
+        return cls(opt, run, [_GroupPlan(opt, gi, gr, cpp_backend) for gi, gr in enumerate(run.groups)])
+
+    def run(self, opt):
+        """This step's `_Run`, or None when the plan does not hold any more."""
+        if (opt.state is not self.state_map or len(opt.state) != len(self.state_dicts)
+                or (opt.guard, opt.backend, opt.capturable) != self.mode or len(opt.param_groups) != len(self.groups)
+                or not _same(opt.state.values(), self.state_dicts)):
+            return None
+        groups = []
+        for group, plan in zip(opt.param_groups, self.groups):
+            run = plan.run(group, opt.backend)
+            if run is None:
+                return None
+            groups.append(run)
+        grads = [] if not self.checks else groups[0].grads if len(groups) == 1 else [g for r in groups for g in r.grads]
+        return _Run(groups, self.devices, self.on_device, self.checks, grads, self.grad_devices, fresh=False)
+
+
+class _GroupPlan:
+    """One param group's part of a `_Plan`."""
+
+    def __init__(self, opt, index, run, cpp_backend):
+        group, params = run.group, run.params
+        self.group, self.index = group, index
+        self.all_params = list(group["params"])
+        self.options, self.layout = _options_of(group), _layout(group)
+        with_grad = {id(p) for p in params}
+        self.mask = [id(p) in with_grad for p in self.all_params]
+        self.missing = [not m for m in self.mask]
+        self.some_missing = not all(self.mask)
+        self.params = list(params)
+        self.shapes = [p.shape for p in params]
+        self.devices = [p.device for p in params]
+        self.pdtypes = [p.dtype for p in params]
+        self.gdtypes = [g.dtype for g in run.grads]
+        self.contiguous = [p.is_contiguous() for p in params]
+        self.states = [opt.state[p] for p in params]
+        self.vs, self.ms = [st["v"] for st in self.states], [st.get("m") for st in self.states]
+        self.calls = run.calls
+        self.call_devices = [params[0 if idx is None else idx[0]].device for _, idx in self.calls]
+        self.option_args = cpp_backend.option_args
+        momentum = group["momentum"]
+        # the op called straight from the plan's lists when the kernels take every tensor
+        # (cpp_backend.fused_step's test: m's layout is the optimizer's, fixed while m is)
+        fused = (len(self.calls) == 1 and self.calls[0][0] is cpp_backend.fused_step and params
+                 and torch.float64 not in self.gdtypes
+                 and all(cpp_backend._kernel_takes(p, st, momentum) for p, st in zip(params, self.states)))
+        self.fused = _Fused(cpp_backend.kernel_step, cpp_backend.option_args(group)) if fused else None
+        self.op_ms = self.ms if momentum > 0 else []
+
+    def run(self, group, backend):
+        """This step's `_GroupRun` for `group`, or None when the plan does not hold for it."""
+        plist = group["params"]
+        if group is not self.group or len(plist) != len(self.all_params) or not _same(plist, self.all_params):
+            return None
+        for (fn, _), device in zip(self.calls, self.call_devices):  # a backend can become unavailable
+            if backends.resolve(backend, device) is not fn:
+                return None
+        if not _lr_ok(group["lr"]):
+            return None
+        options = _options_of(group)
+        if not _same(options, self.options):
+            check_options(group, f"Amos param group {self.index}")  # raises for a bad value (the full path again)
+            if _layout(group) != self.layout:
+                return None
+            self.options = options
+            if self.fused is not None:
+                self.fused = self.fused._replace(options=self.option_args(group))
+        grads = list(map(_GRAD, plist))
+        if list(map(operator.is_, grads, itertools.repeat(None))) != self.missing:
+            return None
+        if self.some_missing:
+            grads = list(itertools.compress(grads, self.mask))
+        params = self.params
+        if (any(map(_IS_SPARSE, grads)) or list(map(_SHAPE, grads)) != self.shapes
+                or list(map(_SHAPE, params)) != self.shapes or list(map(_DTYPE, grads)) != self.gdtypes
+                or list(map(_DTYPE, params)) != self.pdtypes or list(map(_DEVICE, grads)) != self.devices
+                or list(map(_DEVICE, params)) != self.devices or list(map(_IS_CONTIGUOUS, params)) != self.contiguous):
+            return None
+        states = self.states
+        if not _same(map(_V, states), self.vs) or not _same(map(_M, states), self.ms):
+            return None
+        if self.fused is None:
+            return _GroupRun(group, params, grads, states, self.calls, None, None)
+        lists = (self.vs, list(map(_B, states)), self.op_ms, list(map(_STEP, states)), list(map(float, map(_ETA, states))))
+        return _GroupRun(group, params, grads, states, self.calls, self.fused, lists)

@@ -1,0 +1,124 @@
+"""Host (Python) time of one `Amos.step` per step, without the kernels' time.
+
+On CUDA a step does not wait for the GPU, so for small models the host time is the step time.
+This measures it on the CPU: the parameter set has a model's tensor COUNT (gpt2-124m: 148
+tensors) with tiny shapes, and by default the fused op `torch.ops.amos_fused.amos_step_` is
+replaced by a Python no-op, so what is left is the Python around it (checks, state lookups,
+list building, the skip verdict's small ops). `--real-op` keeps the op (on tiny tensors).
+torch.optim.AdamW(fused=True) on the same tensors is the host overhead to beat.
+
+    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py --profile 'guard=step m=0.9'
+"""
+import argparse
+import cProfile
+import contextlib
+import os
+import pstats
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+from amos_fused import Amos, cpp_backend  # noqa: E402,F401  (cpp_backend loads the op)
+
+# the tensor counts of bench_common's model sizes, with tiny dimensions
+TINY_SIZES = {
+    "gpt2-124m": bc.gpt2_shapes(8, 12, vocab=64, ctx=16),
+    "gpt2-350m": bc.gpt2_shapes(8, 24, vocab=64, ctx=16),
+}
+
+ROWS = {  # label -> Amos options (None: torch AdamW fused)
+    "guard=step m=0": dict(guard="step", momentum=0.0),
+    "guard=step m=0.9": dict(guard="step", momentum=0.9),
+    "guard=slice m=0": dict(guard="slice", momentum=0.0),
+    "guard=slice m=0.9": dict(guard="slice", momentum=0.9),
+    "guard=step m=0.9 capturable": dict(guard="step", momentum=0.9, capturable=True),
+    "adamw fused": None,
+}
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+@contextlib.contextmanager
+def op_replaced(real):
+    """Replace the fused op by a no-op (attribute of the torch.ops namespace, looked up per call)."""
+    if real:
+        yield
+        return
+    ns = torch.ops.amos_fused
+    saved = ns.amos_step_
+    setattr(ns, "amos_step_", _noop)
+    try:
+        yield
+    finally:
+        setattr(ns, "amos_step_", saved)
+
+
+def make_optimizer(shapes, options):
+    params = bc.make_params(shapes, torch.float32, torch.device("cpu"))
+    if options is None:
+        return torch.optim.AdamW(params, lr=1e-3, fused=True)
+    return Amos(params, backend="cpu", **options)
+
+
+def time_row(shapes, options, steps, repeats, clock):
+    """Median microseconds of one step over `repeats` blocks of `steps` steps (after warm-up)."""
+    opt = make_optimizer(shapes, options)
+    for _ in range(5):
+        opt.step()
+    now = bc.CLOCKS[clock]
+    blocks = []
+    for _ in range(repeats):
+        t0 = now()
+        for _ in range(steps):
+            opt.step()
+        blocks.append((now() - t0) / steps * 1e6)
+    return statistics.median(blocks)
+
+
+def profile_row(shapes, options, steps, top):
+    opt = make_optimizer(shapes, options)
+    for _ in range(5):
+        opt.step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        opt.step()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="gpt2-124m", choices=sorted(TINY_SIZES))
+    ap.add_argument("--steps", type=int, default=200, help="steps per timed block")
+    ap.add_argument("--repeats", type=int, default=7, help="timed blocks (the median is reported)")
+    ap.add_argument("--clock", default="process", choices=sorted(bc.CLOCKS),
+                    help="process (default): this process' CPU time, robust on a shared machine; wall: perf_counter")
+    ap.add_argument("--real-op", action="store_true", help="run the fused op (tiny tensors) instead of a no-op")
+    ap.add_argument("--rows", default=None, help="comma-separated row labels (default: all)")
+    ap.add_argument("--profile", default=None, metavar="ROW", help="cProfile this row instead of timing")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    shapes = TINY_SIZES[args.size]
+    with op_replaced(args.real_op):
+        if args.profile:
+            profile_row(shapes, ROWS[args.profile], args.steps, args.top)
+            return
+        labels = args.rows.split(",") if args.rows else list(ROWS)
+        print(f"{args.size}: {len(shapes)} tensors, fused op {'run' if args.real_op else 'replaced by a no-op'}, {args.clock} clock")
+        print(f"{'row':32s} {'us/step':>9s} {'us/tensor':>10s}")
+        for label in labels:
+            us = time_row(shapes, ROWS[label], args.steps, args.repeats, args.clock)
+            print(f"{label:32s} {us:9.1f} {us / len(shapes):10.2f}")
+
+
+if __name__ == "__main__":
+    main()
