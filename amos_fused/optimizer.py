@@ -510,10 +510,9 @@ class Amos(torch.optim.Optimizer):
             self._check_guarded(self.guarded_slices)  # CPU counters: read at once (free)
         return loss
 
-
     def _full_run(self, work):
         """The `_Run` of `_collect`'s work: backends resolved and capturable checked (raising
-        before anything changes), states left to `_apply` (created after the verdict)."""
+        before anything changes), states left to `step` (created after the verdict)."""
         calls, devices = [], set()  # per group, (step function, indices or None: all) per device
         for group, params, grads in work:
             by_device = {}
@@ -629,7 +628,7 @@ def _max_abs(grads, dtype):
 # One step's work: per group a _GroupRun; `grads` all groups' gradients in order (the verdict
 # reads them), `checks` the verdict's (Amos._verdict_layout), `fresh` when from the full path.
 _Run = collections.namedtuple("_Run", "groups devices on_device checks grads grad_devices fresh")
-# states None: created by _apply; fused/lists: a planned call of the compiled op (_GroupPlan)
+# states None: created by step(); fused/lists: a planned call of the compiled op (_GroupPlan)
 _GroupRun = collections.namedtuple("_GroupRun", "group params grads states calls fused lists")
 _Fused = collections.namedtuple("_Fused", "kernel_step options")
 
@@ -640,7 +639,7 @@ _options_of = operator.itemgetter(*_OPTION_KEYS)
 _GRAD, _SHAPE, _DTYPE, _DEVICE, _IS_SPARSE = map(operator.attrgetter, ("grad", "shape", "dtype", "device", "is_sparse"))
 _IS_CONTIGUOUS = operator.methodcaller("is_contiguous")
 _V, _B, _STEP, _ETA = map(operator.itemgetter, ("v", "b", "step", "eta"))
-_M = operator.methodcaller("get", "m")
+_M, _M_ITEM = operator.methodcaller("get", "m"), operator.itemgetter("m")
 
 
 def _same(xs, ys):
@@ -722,6 +721,15 @@ class _GroupPlan:
                  and all(cpp_backend._kernel_takes(p, st, momentum) for p, st in zip(params, self.states)))
         self.fused = _Fused(cpp_backend.kernel_step, cpp_backend.option_args(group)) if fused else None
         self.op_ms = self.ms if momentum > 0 else []
+        self.ms_kind = "all" if all(m is not None for m in self.ms) else "none" if all(m is None for m in self.ms) else "some"
+
+    def same_ms(self, states):
+        """m unchanged (a new m is checked again, like v), tested the cheapest way for the usual cases."""
+        if self.ms_kind == "all":
+            return _same(map(_M_ITEM, states), self.ms)
+        if self.ms_kind == "none":
+            return not any(map(operator.contains, states, itertools.repeat("m")))
+        return _same(map(_M, states), self.ms)
 
     def run(self, group, backend):
         """This step's `_GroupRun` for `group`, or None when the plan does not hold for it."""
@@ -753,7 +761,7 @@ class _GroupPlan:
                 or list(map(_DEVICE, params)) != self.devices or list(map(_IS_CONTIGUOUS, params)) != self.contiguous):
             return None
         states = self.states
-        if not _same(map(_V, states), self.vs) or not _same(map(_M, states), self.ms):
+        if not _same(map(_V, states), self.vs) or not self.same_ms(states):
             return None
         if self.fused is None:
             return _GroupRun(group, params, grads, states, self.calls, None, None)
