@@ -207,13 +207,13 @@ AMOS_CPU_INLINE void apply_span(TP* __restrict__ p, const float* __restrict__ g,
 // Element granularity (C = 1), n consecutive slices: S = g*g and the slice math per element
 // (separate functions: __restrict__ on every pointer lets these loops vectorise). Every element is
 // computed and a guarded one (S not finite) keeps its old values: selects, no branches. Each
-// returns the number of guarded elements.
+// counts the guarded elements in 32 bits, the lanes' width (n <= kPiece).
 // "amos": all of it, in one pass.
 template <typename TP, typename TM>
 AMOS_CPU_INLINE int64_t amos_elements(TP* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
                                       float* __restrict__ v, float* __restrict__ b, int64_t n, float bc,
                                       AmosTensor at, Hyper h) {
-  int64_t guarded = 0;
+  int32_t guarded = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float S = g[i] * g[i];
     const bool ok = finite_S(S);
@@ -235,7 +235,7 @@ AMOS_CPU_INLINE int64_t amos_elements(TP* __restrict__ p, const float* __restric
 AMOS_CPU_INLINE float closed_elements_reduce(const float* __restrict__ g, float* __restrict__ v, int64_t n, float bc,
                                              Hyper h, int64_t& guarded) {
   float unorm2 = 0.0f;
-  int64_t count = 0;
+  int32_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float S = g[i] * g[i];
     const bool ok = finite_S(S);
