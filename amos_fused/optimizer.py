@@ -721,7 +721,8 @@ class _GroupPlan:
                  and all(cpp_backend._kernel_takes(p, st, momentum) for p, st in zip(params, self.states)))
         self.fused = _Fused(cpp_backend.kernel_step, cpp_backend.option_args(group)) if fused else None
         self.op_ms = self.ms if momentum > 0 else []
-        self.ms_kind = "all" if all(m is not None for m in self.ms) else "none" if all(m is None for m in self.ms) else "some"
+        with_m = sum(m is not None for m in self.ms)
+        self.ms_kind = "all" if with_m == len(self.ms) else "none" if with_m == 0 else "some"
 
     def same_ms(self, states):
         """m unchanged (a new m is checked again, like v), tested the cheapest way for the usual cases."""
@@ -765,5 +766,6 @@ class _GroupPlan:
             return None
         if self.fused is None:
             return _GroupRun(group, params, grads, states, self.calls, None, None)
-        lists = (self.vs, list(map(_B, states)), self.op_ms, list(map(_STEP, states)), list(map(float, map(_ETA, states))))
+        etas = list(map(float, map(_ETA, states)))
+        lists = (self.vs, list(map(_B, states)), self.op_ms, list(map(_STEP, states)), etas)
         return _GroupRun(group, params, grads, states, self.calls, self.fused, lists)
