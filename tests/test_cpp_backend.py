@@ -84,12 +84,13 @@ def _op_args(n=3, momentum=0.9):
     gen = torch.Generator().manual_seed(3)
     params = [torch.randn(4, 5, generator=gen) for _ in range(n)]
     grads = [torch.randn(4, 5, generator=gen) for _ in range(n)]
+    grads[-1][2, 3] = float("nan")  # a guarded row: the op mutates its `guarded` counter too
     vs = [torch.zeros(4) for _ in range(n)]
     bs = [torch.zeros(4) for _ in range(n)]
     ms = [torch.zeros(4, 5) for _ in range(n)] if momentum else []
     steps = [torch.ones(()) for _ in range(n)]
     return (params, grads, vs, bs, ms, steps, [0.3] * n, 0.1, None, torch.tensor(2.0), torch.zeros(()),
-            cpp_backend.SCHEDULE_CODE["amos"], 0.999, 2.0**-125, momentum, 0.5, 0.25, 0.25, 0.0, 1.0, 0.0)
+            torch.zeros((), dtype=torch.int64), cpp_backend.SCHEDULE_CODE["amos"], 0.999, 2.0**-125, momentum, 0.5, 0.25, 0.25, 0.0, 1.0, 0.0)
 
 
 def test_op_passes_torch_library_opcheck():
@@ -99,7 +100,7 @@ def test_op_passes_torch_library_opcheck():
 
 def test_op_traces_under_torch_compile_fullgraph():
     eager, compiled = _op_args(), _op_args()
-    options = eager[6:]  # floats, ints, the grad_scale and skip tensors: the same for both calls
+    options = eager[6:]  # floats, ints, the grad_scale, skip and guarded tensors: the same for both calls
 
     def step(params, grads, vs, bs, ms, steps):
         torch.ops.amos_fused.amos_step_(params, grads, vs, bs, ms, steps, *options)
@@ -111,7 +112,8 @@ def test_op_traces_under_torch_compile_fullgraph():
     got = fn(*compiled[:6])
     assert torch.equal(got, want)
     for a, b in zip(eager[:5], compiled[:5]):  # the mutations of params, v, b, m survive functionalization
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert all(torch.allclose(x, y, rtol=0, atol=0, equal_nan=True) for x, y in zip(a, b))
+    assert int(options[5]) == 2, "the guarded row, counted by the eager and the compiled call"
 
 
 # ---- CUDA (skipped without a GPU; backend="cuda" must then raise, tested above) ----------------
@@ -253,7 +255,8 @@ def test_fp16_params_and_momentum_round_like_torch_for_every_finite_half():
     p, m = p0.clone(), m0.clone()
     g = torch.randn(p.shape, generator=torch.Generator().manual_seed(4))
     torch.ops.amos_fused.amos_step_([p], [g], [torch.zeros(1)], [torch.zeros(1)], [m], [torch.ones(())], [0.1], 0.0,
-                                    None, None, None, cpp_backend.SCHEDULE_CODE["amos"], 0.999, 2.0**-125, 0.9, 0.0,
+                                    None, None, None, None, cpp_backend.SCHEDULE_CODE["amos"], 0.999, 2.0**-125, 0.9,
+                                    0.0,
                                     0.25, 0.25, 0.0, 1.0, 0.0)
     mm = m0.float() * torch.tensor(0.9)
     assert torch.equal(m.view(torch.int16), mm.half().view(torch.int16))
@@ -266,7 +269,8 @@ import hashlib, torch
 import backend_grid as grid
 from amos_fused import cpp_backend
 h = hashlib.sha256()
-for case in grid.CASES[:16] + [c for c in grid.CASES if "float16" in c.id][:4]:
+for case in (grid.CASES[:16] + [c for c in grid.CASES if "float16" in c.id][:4]
+             + [c for c in grid.CASES if c.id.startswith("guard-")]):
     for params, states in grid.run("cpu", case.values[0], device="cpu"):
         for t in params + [v for s in states for v in s.values() if torch.is_tensor(v)]:
             h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
@@ -281,7 +285,7 @@ print(h.hexdigest())
 def test_plain_x86_loops_give_the_bits_of_the_avx2_ones():
     """AMOS_FUSED_CPU_ISA=generic forces the plain loops; on a machine with AVX2 (CI's) the default
     run takes the AVX2 ones, so the two digests compare the two builds over a slice of the grid
-    (dtypes, schedules, granularities, momentum, fp16) and max_abs."""
+    (dtypes, schedules, granularities, momentum, fp16, guarded slices) and max_abs."""
     import subprocess
     import sys
     from pathlib import Path
