@@ -164,7 +164,10 @@ class Amos(torch.optim.Optimizer):
 
     @skipped_steps.setter
     def skipped_steps(self, n):
-        self._skipped, self._skipped_on = int(n), {}
+        # the device counters are zeroed in place: a captured CUDA graph adds into them
+        for counter in self._skipped_on.values():
+            counter.zero_()
+        self._skipped = int(n)
 
     @property
     def guarded_slices(self):
@@ -174,9 +177,10 @@ class Amos(torch.optim.Optimizer):
 
     @guarded_slices.setter
     def guarded_slices(self, n):
-        self._guarded_on = {}
         if n:
             raise ValueError("Amos.guarded_slices can only be reset to 0")
+        for counter in self._guarded_on.values():  # in place: a captured CUDA graph adds into them
+            counter.zero_()
 
     # ---- groups and eta -------------------------------------------------------------------
     def add_param_group(self, param_group):
@@ -189,12 +193,17 @@ class Amos(torch.optim.Optimizer):
             group["lr"] = DEFAULT_LR[group["schedule"]]
         where = f"Amos param group {len(self.param_groups)}"
         check_options(group, where)
-        if self.capturable and not torch.is_tensor(group["lr"]):
-            # a float is baked into a captured graph; a tensor is read at every replay
+        if self.capturable:
+            # a float is baked into a captured graph; a tensor on the device is read at every replay
             first = next((p[1] if isinstance(p, tuple) else p for p in
                           ([group["params"]] if torch.is_tensor(group["params"]) else group["params"])), None)
             device = distributed.local(first).device if first is not None else None
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            if not torch.is_tensor(group["lr"]):
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            elif device is not None and group["lr"].device != device:
+                raise ValueError(f"{where}: lr is a tensor on {group['lr'].device}, the parameters are on {device}; "
+                                 "with capturable=True the kernels read lr on the parameters' device (a captured "
+                                 f"graph would freeze a value read elsewhere): pass a float or a tensor on {device}")
         tensors = [p[1] if isinstance(p, tuple) else p for p in
                    ([group["params"]] if torch.is_tensor(group["params"]) else list(group["params"]))]
         for i, p in enumerate(tensors):

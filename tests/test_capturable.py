@@ -242,3 +242,27 @@ def test_whole_training_step_replays_from_a_cuda_graph(backend):
     torch.cuda.synchronize()
     assert opt.skipped_steps == opt_e.skipped_steps == 1
     assert opt.param_groups[0]["lr"].item() == pytest.approx(0.02 * 0.5 ** (steps // 3))
+
+
+def test_counters_reset_in_place_and_a_tensor_lr_elsewhere_is_refused():
+    """A captured graph holds the counters' and lr's addresses: resetting skipped_steps or
+    guarded_slices must zero the same tensors, and an lr tensor on another device than the
+    parameters (its value would be frozen into the graph) is refused with the fix."""
+    params = make()
+    opt = Amos(params, lr=0.1, backend=cpu_backends()[-1], capturable=True, guard="slice")
+    set_grads(params, 0, bad=True)
+    opt.step()
+    counters = list(opt._skipped_on.values()) + list(opt._guarded_on.values())
+    assert opt.guarded_slices == 1
+    opt.guarded_slices = 0
+    opt.skipped_steps = 0
+    assert opt.guarded_slices == 0 and opt.skipped_steps == 0
+    now = list(opt._skipped_on.values()) + list(opt._guarded_on.values())
+    assert len(now) == len(counters) == 2 and all(a is b for a, b in zip(now, counters))
+    if torch.cuda.is_available():
+        cuda_params = [p.detach().cuda().requires_grad_() for p in make()]
+        with pytest.raises(ValueError, match="lr is a tensor on cpu, the parameters are on cuda"):
+            Amos(cuda_params, lr=torch.tensor(0.1), capturable=True)
+    meta_lr = torch.tensor(0.1, device="meta")
+    with pytest.raises(ValueError, match="lr is a tensor on meta, the parameters are on cpu"):
+        Amos(make(), lr=meta_lr, capturable=True)
