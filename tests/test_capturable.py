@@ -266,3 +266,22 @@ def test_counters_reset_in_place_and_a_tensor_lr_elsewhere_is_refused():
     meta_lr = torch.tensor(0.1, device="meta")
     with pytest.raises(ValueError, match="lr is a tensor on meta, the parameters are on cpu"):
         Amos(make(), lr=meta_lr, capturable=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "reference"])
+def test_capturable_slice_guard_reads_nothing_and_matches(backend):
+    """guard="slice" under capturable=True: the guarded rows and their count stay on the device."""
+    eager, graphable = make(), make()
+    opt_e = Amos(eager, lr=torch.tensor(0.05), backend=backend, guard="slice")
+    opt_c = Amos(graphable, lr=0.05, backend=backend, guard="slice", capturable=True)
+    for step in range(4):
+        set_grads(eager, step, bad=step == 2)
+        set_grads(graphable, step, bad=step == 2)
+        with pytest.warns(UserWarning, match="guard='slice'") if step == 2 else contextlib.nullcontext():
+            opt_e.step()
+        with no_host_reads() if step else contextlib.nullcontext():
+            opt_c.step()
+        for p, q in zip(eager, graphable):
+            assert torch.equal(p, q), f"{backend} step {step}"
+    assert opt_c.guarded_slices == opt_e.guarded_slices == 1
+    assert opt_c.skipped_steps == 0
