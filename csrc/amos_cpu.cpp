@@ -19,8 +19,8 @@
 // Speed: the step is bound by memory traffic, and one core of the small machines this targets
 // reaches its share of DRAM bandwidth only with several streams in flight. So
 //   - whole rows of "amos" are software-pipelined: the loop that applies row r also sums g*g of
-//     row r + 1 (g and theta read at once, like a += b, not one stream at a time), and two such
-//     pipelines, over the two halves of a piece, run in lockstep;
+//     row r + 1 (g and theta read at once, like a += b, not one stream at a time), and asks for
+//     its streams a few cache lines ahead (software prefetch: the hardware's stops at each page);
 //   - loops that only read (the closed forms' pass 1) sum four rows far apart at once;
 //   - the loops are templates of the storage types (no call per element or per row), compiled
 //     for any x86-64 (SSE2) and again for AVX2 + F16C, picked at run time: twice the lanes,
@@ -277,16 +277,18 @@ struct RowWork {
   const float* gn;
 };
 
-// With momentum, the pipeline's loop asks for its streams (gn read; theta and m read, then
+// The pipeline's loop asks for its streams (gn read; theta and, with momentum, m read, then
 // written) kPrefetch elements ahead, a cache line at a time: the hardware's prefetch stops at
-// each 4 KiB page, and five streams cross one every 1024 elements (measured: bf16 m 10% faster).
+// each 4 KiB page, and five streams cross one every 1024 elements (measured: bf16 m 10% faster,
+// m = 0 7%).
 constexpr int64_t kPrefetch = 256;
 template <typename TP, typename TM>
 AMOS_CPU_INLINE void prefetch_block(const RowWork<TP, TM>& w, int64_t i, int64_t n) {
   for (int64_t k = 0; k < n; k += 16) {  // 16 fp32: one 64-byte line; 16-bit types every other step
     __builtin_prefetch(w.gn + i + k + kPrefetch, 0, 3);
     if (k * sizeof(TP) % 64 == 0) __builtin_prefetch(w.p + i + k + kPrefetch, 1, 3);
-    if (k * sizeof(TM) % 64 == 0) __builtin_prefetch(w.m + i + k + kPrefetch, 1, 3);
+    if constexpr (!std::is_same<TM, void>::value)
+      if (k * sizeof(TM) % 64 == 0) __builtin_prefetch(w.m + i + k + kPrefetch, 1, 3);
   }
 }
 
@@ -300,7 +302,7 @@ AMOS_CPU_INLINE void apply_and_sumsq(const RowWork<TP, TM>* w, int64_t n, Hyper 
   for (; i + kBlock <= n; i += kBlock)
     for (int q = 0; q < kPipes; ++q) {
       const float* __restrict__ gn = w[q].gn + i;
-      if constexpr (!std::is_same<TM, void>::value) prefetch_block(w[q], i, kBlock);
+      prefetch_block(w[q], i, kBlock);
       for (int64_t k = 0; k < kBlock; k += 16)
         for (int j = 0; j < 16; ++j) acc[q][j] += gn[k + j] * gn[k + j];
       apply_span(w[q].p + i, w[q].g + i, advance(w[q].m, i), kBlock, w[q].K, w[q].D, h);
@@ -413,12 +415,9 @@ struct Loops {
       s.guarded[k] = guarded;
       return;
     }
-    // With momentum a row has two more streams (m read and written): one pipeline, whose loop
-    // prefetches, keeps DRAM busier than two (measured: two, or four, are slower).
-    if constexpr (std::is_same<TM, void>::value)
-      amos_rows<2>(T, pc, k, s, sc, h);
-    else
-      amos_rows<1>(T, pc, k, s, sc, h);
+    // One pipeline, whose loop prefetches, keeps DRAM busier than two or four (measured: with
+    // momentum two and four are slower; without, one with prefetch is ~7% faster than two without).
+    amos_rows<1>(T, pc, k, s, sc, h);
   }
 
   // "amos" on a piece of whole rows: S of row r is known when row r is applied, and that loop
