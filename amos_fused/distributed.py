@@ -51,12 +51,6 @@ def is_dtensor(t):
     return module is not None and isinstance(t, module.DTensor)
 
 
-def dtensors_possible():
-    """False until torch.distributed.tensor is imported: then no tensor can be a DTensor, and the
-    per-step checks for them can be skipped (they cost a call per parameter and step)."""
-    return "torch.distributed.tensor" in sys.modules
-
-
 def local(t):
     """This rank's part of a DTensor (a view: writing it writes the DTensor); other tensors as they are."""
     return t.to_local() if is_dtensor(t) else t

@@ -380,11 +380,9 @@ class Amos(torch.optim.Optimizer):
         DTensors), `devices` theirs, and per (device, fp64 gradient, fp64 parameter) one check
         (device, compute dtype, limit, indices into `grads` or None for all, C, clip)."""
         by_key, devices, flat = {}, set(), []
-        shards = distributed.dtensors_possible()
         for group, ps, gs in work:
             for p, g in zip(ps, gs):
-                if shards:
-                    g = local(g)
+                g = local(g)
                 devices.add(g.device)  # found_inf applies on every device, empty gradients' too
                 if g.numel() and read_grads:
                     key = (g.device, g.dtype == torch.float64, p.dtype == torch.float64)
@@ -467,7 +465,7 @@ class Amos(torch.optim.Optimizer):
         run = self._planned_run()
         if run is None:  # the full path: every check, then a plan for the next steps
             work = self._collect()
-            if distributed.dtensors_possible() and any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
+            if any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
                 return self._sharded_step(work, getattr(self, "grad_scale", None), loss)
             run = self._full_run(work)
         # the rest in this frame, as one function: Dynamo splits it at the host reads below
