@@ -292,27 +292,24 @@ AMOS_CPU_INLINE void prefetch_block(const RowWork<TP, TM>& w, int64_t i, int64_t
   }
 }
 
-// The pipeline's loop, for kPipes rows in lockstep: applies each row and sets S[q] = sum gn*gn
-// of its next row, all of n elements. Blocks of kBlock elements take turns, each a vectorised loop.
+// The pipeline's loop: applies row w and returns sum gn*gn of its next row, all of n elements.
+// Blocks of kBlock elements, each a vectorised loop; the sum in sumsq's order.
 constexpr int64_t kBlock = 64;
-template <int kPipes, typename TP, typename TM>
-AMOS_CPU_INLINE void apply_and_sumsq(const RowWork<TP, TM>* w, int64_t n, Hyper h, float* S) {
-  float acc[kPipes][16] = {};
+template <typename TP, typename TM>
+AMOS_CPU_INLINE float apply_and_sumsq(const RowWork<TP, TM>& w, int64_t n, Hyper h) {
+  float acc[16] = {};
   int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock)
-    for (int q = 0; q < kPipes; ++q) {
-      const float* __restrict__ gn = w[q].gn + i;
-      prefetch_block(w[q], i, kBlock);
-      for (int64_t k = 0; k < kBlock; k += 16)
-        for (int j = 0; j < 16; ++j) acc[q][j] += gn[k + j] * gn[k + j];
-      apply_span(w[q].p + i, w[q].g + i, advance(w[q].m, i), kBlock, w[q].K, w[q].D, h);
-    }
-  const int64_t rest = n - i;  // < kBlock: lane j of the tail still takes elements j, j + 16, ...
-  for (int q = 0; q < kPipes; ++q) {
-    for (int64_t k = 0; k < rest; ++k) acc[q][k % 16] += w[q].gn[i + k] * w[q].gn[i + k];
-    apply_span(w[q].p + i, w[q].g + i, advance(w[q].m, i), rest, w[q].K, w[q].D, h);
-    S[q] = lanes_total(acc[q]);
+  for (; i + kBlock <= n; i += kBlock) {
+    const float* __restrict__ gn = w.gn + i;
+    prefetch_block(w, i, kBlock);
+    for (int64_t k = 0; k < kBlock; k += 16)
+      for (int j = 0; j < 16; ++j) acc[j] += gn[k + j] * gn[k + j];
+    apply_span(w.p + i, w.g + i, advance(w.m, i), kBlock, w.K, w.D, h);
   }
+  const int64_t rest = n - i;  // < kBlock: lane j of the tail still takes elements j, j + 16, ...
+  for (int64_t k = 0; k < rest; ++k) acc[k % 16] += w.gn[i + k] * w.gn[i + k];
+  apply_span(w.p + i, w.g + i, advance(w.m, i), rest, w.K, w.D, h);
+  return lanes_total(acc);
 }
 
 // called once per span through a pointer: inlined at every use it would multiply the code
@@ -352,9 +349,9 @@ struct Step {
   int64_t* guarded;   // per piece: slices it guarded (long rows: counted between the passes)
 };
 
-// Per-thread buffers of kLongRow floats, allocated on first use, uninitialised: 0 to 3 for g
-// converted to fp32 (each of two pipelines holds rows r and r + 1), kRowSums for a piece's S_r.
-constexpr int kRowSums = 4;
+// Per-thread buffers of kLongRow floats, allocated on first use, uninitialised: 0 and 1 for g
+// converted to fp32 (the row pipeline holds rows r and r + 1), kRowSums for a piece's S_r.
+constexpr int kRowSums = 2;
 struct Scratch {
   std::unique_ptr<float[]> mem;
   float* buf(int k) {
@@ -415,75 +412,42 @@ struct Loops {
       s.guarded[k] = guarded;
       return;
     }
-    // One pipeline, whose loop prefetches, keeps DRAM busier than two or four (measured: with
-    // momentum two and four are slower; without, one with prefetch is ~7% faster than two without).
-    amos_rows<1>(T, pc, k, s, sc, h);
+    amos_rows(T, pc, k, s, sc, h);
   }
 
   // "amos" on a piece of whole rows: S of row r is known when row r is applied, and that loop
-  // sums row r + 1. kPipes such pipelines, over consecutive parts of the piece, run in lockstep:
-  // kPipes rows read and written at a time per core, which keeps more reads in flight than one.
-  // A guarded row (S not finite) is neither finalized nor applied; its pipeline only sums the
+  // sums row r + 1 (g and theta read at once) and prefetches its streams. One such pipeline per
+  // piece keeps DRAM busier than two or four in lockstep (measured: with momentum two and four
+  // are slower; without, one with prefetch is ~7% faster than two without).
+  // A guarded row (S not finite) is neither finalized nor applied; the pipeline only sums the
   // next row (sumsq: the same order, so the same S).
-  template <int kPipes>
   static AMOS_CPU_INLINE void amos_rows(const Tensor& T, const Piece& pc, int64_t k, const Step& s, Scratch& sc,
                                         const Hyper h) {
     const int64_t C = T.C;
     const float Cf = static_cast<float>(C);
-    const int64_t rows = pc.row1 - pc.row0;
-    int64_t first[kPipes], count[kPipes], most = 0;
-    for (int q = 0; q < kPipes; ++q) {
-      first[q] = pc.row0 + rows * q / kPipes;
-      count[q] = pc.row0 + rows * (q + 1) / kPipes - first[q];
-      most = std::max(most, count[q]);
-    }
-    const float* g[kPipes];
-    float S[kPipes];
-    int cur[kPipes] = {};  // which of a pipeline's two buffers holds its row r
+    int cur = 0;  // which of the two buffers holds row r
     int64_t guarded = 0;
-    for (int q = 0; q < kPipes; ++q)
-      if (count[q] > 0) {
-        g[q] = grad(T, first[q] * C, C, s, sc.buf(2 * q));
-        S[q] = sumsq(g[q], C);
+    const float* g = grad(T, pc.row0 * C, C, s, sc.buf(cur));
+    float S = sumsq(g, C);
+    for (int64_t r = pc.row0; r < pc.row1; ++r) {
+      const bool ok = finite_S(S);
+      RowWork<TP, TM> x;
+      if (ok) {
+        const float rr = second_moment(h, S, Cf, T.bc, T.v[r]);
+        amos_slice(h, T.at, S, Cf, rr, T.b[r], x.K, x.D);
+        x.p = p_at(T, r * C);
+        x.g = g;
+        x.m = m_at(T, r * C);
+      } else {
+        ++guarded;
       }
-    for (int64_t i = 0; i < most; ++i) {
-      RowWork<TP, TM> w[kPipes];  // rows with a next row first, then rows that are their pipeline's last
-      float Sn[kPipes];
-      int qn[kPipes], next = 0, last = kPipes;
-      for (int q = 0; q < kPipes; ++q) {
-        if (i >= count[q]) continue;
-        const int64_t r = first[q] + i;
-        const bool ok = finite_S(S[q]);
-        RowWork<TP, TM> x;
-        if (ok) {
-          const float rr = second_moment(h, S[q], Cf, T.bc, T.v[r]);
-          amos_slice(h, T.at, S[q], Cf, rr, T.b[r], x.K, x.D);
-          x.p = p_at(T, r * C);
-          x.g = g[q];
-          x.m = m_at(T, r * C);
-        } else {
-          ++guarded;
-        }
-        if (i + 1 < count[q]) {
-          cur[q] = 1 - cur[q];
-          x.gn = g[q] = grad(T, (r + 1) * C, C, s, sc.buf(2 * q + cur[q]));
-          if (ok) {
-            qn[next] = q;
-            w[next++] = x;
-          } else {
-            S[q] = sumsq(x.gn, C);
-          }
-        } else if (ok) {
-          w[--last] = x;
-        }
+      if (r + 1 < pc.row1) {
+        cur = 1 - cur;
+        x.gn = g = grad(T, (r + 1) * C, C, s, sc.buf(cur));
+        S = ok ? apply_and_sumsq(x, C, h) : sumsq(x.gn, C);
+      } else if (ok) {
+        apply_span(x.p, x.g, x.m, C, x.K, x.D, h);
       }
-      if (next == kPipes) {
-        apply_and_sumsq<kPipes>(w, C, h, S);
-      } else {  // some pipeline ended or skipped a guarded row: the others one by one
-        for (int j = 0; j < next; ++j) apply_and_sumsq<1>(w + j, C, h, Sn + j);
-        for (int j = 0; j < next; ++j) S[qn[j]] = Sn[j];
-      }
-      for (int j = last; j < kPipes; ++j) apply_span(w[j].p, w[j].g, w[j].m, C, w[j].K, w[j].D, h);
     }
     s.partial[k] = 0.0f;
     s.guarded[k] = guarded;
