@@ -34,6 +34,12 @@ def make_opt(params, backend, guard, momentum):
     return Amos(groups, lr=0.05, backend=backend, guard=guard, momentum=momentum)
 
 
+def new_grads(params, gen):
+    """New gradient tensors, as zero_grad(set_to_none=True) and backward() make them."""
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
 def set_grads(params, step, gen):
     for i, p in enumerate(params):
         g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
@@ -118,8 +124,7 @@ def test_later_steps_reuse_the_plan(backend, monkeypatch):
     opt = make_opt(params, backend, "step", 0.9)
     gen = torch.Generator().manual_seed(1)
     for step in range(6):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)  # new tensors, as zero_grad(set_to_none)
+        new_grads(params, gen)
         opt.param_groups[0]["lr"] *= 0.5
         opt.param_groups[step % 2]["momentum"] = 0.9 - 0.1 * step  # options re-checked, the plan kept
         opt.step()
@@ -175,8 +180,7 @@ def test_a_change_takes_the_full_path_and_matches_it(backend, change, full_steps
             opt = make_opt(params, backend, "step", 0.9)
             gen = torch.Generator().manual_seed(1)
             for step in range(4):
-                for p in params:
-                    p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                new_grads(params, gen)
                 if step == 2:
                     change(opt, params)
                 opt.step()
