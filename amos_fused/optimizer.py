@@ -148,7 +148,7 @@ class Amos(torch.optim.Optimizer):
         self._skipped = 0  # skips decided on the host ...
         self._skipped_on = {}  # ... and on each device: 0-d fp32 counters, read by skipped_steps
         self._guarded_on = {}  # device -> 0-d int64 counter the kernels add guarded slices to
-        self._pending = None  # (event, pinned verdict, pinned guarded count, scaled) of the last CUDA step
+        self._pending = None  # (event, pinned verdict or None, pinned guarded count, scaled) of the last CUDA step
         self._warned_nonfinite = False
         self._warned_guarded = False
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
@@ -450,7 +450,7 @@ class Amos(torch.optim.Optimizer):
         if self._pending is not None and self._pending[0].query():
             event, flag, count, scaled = self._pending
             self._pending = None
-            if flag.item() and not scaled:
+            if flag is not None and flag.item() and not scaled:
                 self._warn_nonfinite()
             self._check_guarded(int(count.item()))
 
@@ -471,17 +471,16 @@ class Amos(torch.optim.Optimizer):
         # the rest in this frame, as one function: Dynamo splits it at the host reads below
         flags = self._flags(run.checks, run.grads, run.grad_devices)
         guarded = {d: self._guarded_counter(d) for d in run.devices}
-        skip = None
+        skip = None  # None: nothing to judge (guard="slice" or no gradient elements, and no scaler)
         if run.on_device:
             device = next(iter(run.devices))
             skip = flags.get(device)
-            if skip is None:  # no gradient has elements and no scaler: nothing can be wrong
-                skip = torch.zeros((), dtype=torch.float32, device=device)
-            counter = self._skipped_on.get(device)
-            if counter is None:
-                counter = self._skipped_on[device] = torch.zeros((), dtype=torch.float32, device=device)
-            counter.add_(skip)
-            keep = 1.0 - skip
+            if skip is not None:
+                counter = self._skipped_on.get(device)
+                if counter is None:
+                    counter = self._skipped_on[device] = torch.zeros((), dtype=torch.float32, device=device)
+                counter.add_(skip)
+                keep = 1.0 - skip
         elif any(bool(f) for f in flags.values()):
             self._count_host_skip()
             return loss
@@ -511,8 +510,8 @@ class Amos(torch.optim.Optimizer):
             self._plan = _Plan.build(self, run)
         if self.capturable:
             return loss  # nothing read on the host: guarded_slices tells
-        if run.on_device and skip.device.type == "cuda":
-            self._remember(skip, guarded[skip.device])  # read when it has arrived, by a later step
+        if run.on_device and device.type == "cuda":
+            self._remember(skip, guarded[device])  # read when it has arrived, by a later step
         elif all(d.type == "cpu" for d in run.devices):
             self._check_guarded(self.guarded_slices)  # CPU counters: read at once (free)
         return loss
@@ -591,8 +590,10 @@ class Amos(torch.optim.Optimizer):
     def _remember(self, skip, guarded):
         """Keep host copies of this step's verdict and guarded count (arriving asynchronously)
         for the warnings."""
-        flag = torch.empty((), dtype=torch.float32, pin_memory=True)
-        flag.copy_(skip, non_blocking=True)
+        flag = None
+        if skip is not None:
+            flag = torch.empty((), dtype=torch.float32, pin_memory=True)
+            flag.copy_(skip, non_blocking=True)
         count = torch.empty((), dtype=torch.int64, pin_memory=True)
         count.copy_(guarded, non_blocking=True)
         event = torch.cuda.Event()

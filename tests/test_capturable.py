@@ -251,9 +251,12 @@ def test_counters_reset_in_place_and_a_tensor_lr_elsewhere_is_refused():
     params = make()
     opt = Amos(params, lr=0.1, backend=cpu_backends()[-1], capturable=True, guard="slice")
     set_grads(params, 0, bad=True)
+    opt.step()  # guards a slice
+    opt.found_inf = torch.ones(())  # as GradScaler sets it: a verdict, so a skip counter
     opt.step()
+    del opt.found_inf
     counters = list(opt._skipped_on.values()) + list(opt._guarded_on.values())
-    assert opt.guarded_slices == 1
+    assert opt.guarded_slices == 1 and opt.skipped_steps == 1
     opt.guarded_slices = 0
     opt.skipped_steps = 0
     assert opt.guarded_slices == 0 and opt.skipped_steps == 0
