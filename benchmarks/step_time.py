@@ -131,10 +131,32 @@ def amos_backend_rows(requested, device, psize, notes):
                     return opt.step, opt
                 rows.append(Row(f"amos/{name} {label} guard=slice", "amos", make_slice, nbytes, rule,
                                 family=label, backend=name))
+                if name == "cuda":  # the same without the kernels' L2 prefetches: their A/B in one run
+                    rows.append(Row(f"amos/{name} {label} guard=slice prefetch=off", "amos",
+                                    _without_prefetch(make_slice), nbytes, rule, family=label, backend=name))
             if device.type == "cuda" and label in KERNEL_ONLY_FAMILIES:
                 rows.append(Row(f"amos/{name} {label} kernels only", "amos", _kernels_only(name, options), nbytes,
                                 rule, family=label, backend=name))
     return rows
+
+
+def _without_prefetch(make):
+    """A row's step with AMOS_FUSED_CUDA_PREFETCH=0 (read by the cuda kernels at every step)."""
+    def make_off(params):
+        step, opt = make(params)
+
+        def step_off():
+            old = os.environ.get("AMOS_FUSED_CUDA_PREFETCH")
+            os.environ["AMOS_FUSED_CUDA_PREFETCH"] = "0"
+            try:
+                return step()
+            finally:
+                if old is None:
+                    del os.environ["AMOS_FUSED_CUDA_PREFETCH"]
+                else:
+                    os.environ["AMOS_FUSED_CUDA_PREFETCH"] = old
+        return step_off, opt
+    return make_off
 
 
 def _kernels_only(name, options):

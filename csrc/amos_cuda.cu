@@ -29,6 +29,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <list>
 #include <type_traits>
@@ -82,6 +83,7 @@ struct Scalars {
   const float* scale_ptr;  // null: no GradScaler
   const float* skip_ptr;   // null: never skip; else != 0 makes every kernel return at once
   unsigned long long* guarded_ptr;  // null: no counter; else += the number of guarded slices
+  int32_t prefetch;  // 1: L2 prefetches ahead of the loads (AMOS_FUSED_CUDA_PREFETCH=0 turns them off)
 };
 
 // GradScaler's found_inf or Amos' own non-finite check, decided on the device (optimizer.py):
@@ -163,6 +165,30 @@ __device__ __forceinline__ void st4(void* base, int32_t dt, Index i, int n, bool
 #pragma unroll
   for (int j = 0; j < 4; ++j)
     if (j < n) st1(base, dt, i + j, x[j]);
+}
+
+// ---- L2 prefetch: starts the DRAM reads of a span before its loads need them ----
+// A hint: results never depend on it. It matters where a thread's loads wait on its own stores
+// (apply_span: the compiler cannot move the next chunk's loads above this chunk's stores) and
+// where a group waits at a sum (the one-pass rows): the span's reads are then already under way.
+// sm_90: one bulk (TMA) prefetch issued by lane 0; older GPUs: one prefetch per 128-byte line,
+// dealt to the lanes. The span is widened to 16-byte (bulk) or 128-byte (lines) bounds, which
+// stay inside the pages that hold the span itself.
+__device__ __forceinline__ void prefetch_l2(const void* base, int32_t dt, int64_t i, int64_t n, int lane, int lanes) {
+  if (base == nullptr || n <= 0) return;
+  const int64_t es = dt == kF32 ? 4 : 2;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(i * es);
+  const uintptr_t hi = (a + static_cast<uintptr_t>(n * es) + 15) & ~uintptr_t{15};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (lane == 0) {
+    const uintptr_t lo = a & ~uintptr_t{15};  // spans here are at most kPiece elements: u32 bytes
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(reinterpret_cast<const void*>(lo))),
+                 "r"(static_cast<uint32_t>(hi - lo)));  // no "memory" clobber: it changes no data
+  }
+#else
+  for (uintptr_t x = (a & ~uintptr_t{127}) + 128 * static_cast<uintptr_t>(lane); x < hi; x += 128 * static_cast<uintptr_t>(lanes))
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(reinterpret_cast<const void*>(x))));
+#endif
 }
 
 // ---- deterministic sums ----
@@ -259,9 +285,25 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict_
   float q = 0.0f;       // kReduce: sum of S_r * r_r over the rows this thread leads
   unsigned nguard = 0;  // guarded rows this thread leads
   const bool recheck = PHASE == kApply && itemG[it] != 0.0f;  // uniform over the block
+  // prefetch: kOnePass this row's theta and m (read after the sum) and the next row's g;
+  // kReduce the next row's g; kApply the next row's g, theta and m. Not for W1 (short rows).
+  const bool ahead = W > 1 && sc.prefetch;
   // W256: the whole block walks the rows together, so every thread runs the same iterations
   for (int64_t r = item.row0 + group; r < item.row1; r += groups) {
     const Index off = static_cast<Index>(r) * static_cast<Index>(T.C);
+    if (ahead) {
+      const int64_t here = r * T.C, next = here + groups * T.C;
+      const bool more = r + groups < item.row1;
+      if (PHASE == kOnePass) {
+        prefetch_l2(T.p, T.tp, here, T.C, lane, W);
+        prefetch_l2(T.m, T.tm, here, T.C, lane, W);
+      }
+      if (more) prefetch_l2(T.g, T.tg, next, T.C, lane, W);
+      if (PHASE == kApply && more) {
+        prefetch_l2(T.p, T.tp, next, T.C, lane, W);
+        prefetch_l2(T.m, T.tm, next, T.C, lane, W);
+      }
+    }
     if (PHASE == kApply) {
       if (recheck && guarded_slice(group_sum<W>(partial_sumsq<Index>(T, off, T.C, lane, W, vec, scale, h), smem)))
         continue;  // kReduce guarded it (and counted it)
@@ -381,6 +423,12 @@ __global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __re
     D = tAD[2 * item.tensor + 1];
   }
   const Index off = static_cast<Index>(item.row0) * static_cast<Index>(T.C) + static_cast<Index>(item.col0);
+  if (sc.prefetch) {  // the piece's later chunks: under way while the first ones are applied
+    const int64_t at = item.row0 * T.C + item.col0, n = item.col1 - item.col0;
+    prefetch_l2(T.g, T.tg, at, n, threadIdx.x, kThreads);
+    prefetch_l2(T.p, T.tp, at, n, threadIdx.x, kThreads);
+    prefetch_l2(T.m, T.tm, at, n, threadIdx.x, kThreads);
+  }
   apply_span<Index>(T, off, item.col1 - item.col0, threadIdx.x, kThreads, T.vec, K, D, read_scale(sc), h);
 }
 
@@ -584,6 +632,8 @@ void step_cuda(const StepArgs& a) {
   sc.skip_ptr = a.skip ? a.skip->data_ptr<float>() : nullptr;
   // int64 counter: adding unsigned 64-bit counts gives the same bits
   sc.guarded_ptr = a.guarded ? reinterpret_cast<unsigned long long*>(a.guarded->data_ptr<int64_t>()) : nullptr;
+  const char* prefetch = std::getenv("AMOS_FUSED_CUDA_PREFETCH");  // "0": off (an A/B switch for benchmarks)
+  sc.prefetch = !(prefetch && std::strcmp(prefetch, "0") == 0);
   if (plan->idx64) launch<int64_t>(*plan, a.h, sc, stream);
   else launch<int32_t>(*plan, a.h, sc, stream);
   // A plan dropped from the cache frees its buffers; mark them used by this stream so the

@@ -95,6 +95,22 @@ def test_step_time_tiny_writes_table_json_csv_png(tmp_path, capsys, one_thread):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_prefetch_off_rows_set_the_switch_only_during_their_step(monkeypatch):
+    """The cuda rows' prefetch A/B: the kernels read AMOS_FUSED_CUDA_PREFETCH at every step, so
+    the "prefetch=off" row must set it to "0" while its step runs and restore it after."""
+    step_time = _load("step_time")
+    seen = []
+    make = step_time._without_prefetch(lambda params: (lambda: seen.append(os.environ.get("AMOS_FUSED_CUDA_PREFETCH")), None))
+    for before in (None, "1"):
+        if before is None:
+            monkeypatch.delenv("AMOS_FUSED_CUDA_PREFETCH", raising=False)
+        else:
+            monkeypatch.setenv("AMOS_FUSED_CUDA_PREFETCH", before)
+        step, _ = make([])
+        step()
+        assert seen[-1] == "0" and os.environ.get("AMOS_FUSED_CUDA_PREFETCH") == before
+
+
 def test_step_time_rejects_unknown_backend():
     step_time = _load("step_time")
     with pytest.raises(SystemExit):
