@@ -34,6 +34,14 @@ if max_abs is not None:
     def _max_abs_fake(xs):
         return xs[0].new_empty((len(xs),), dtype=torch.float32)
 
+# steps += 1 for CPU step counters in one call (csrc/steps_cpu.cpp); None when not built
+add_one = getattr(torch.ops.amos_fused, "add_one_", None) if _C is not None else None
+
+if add_one is not None:
+    @torch.library.register_fake("amos_fused::add_one_")
+    def _add_one_fake(steps):
+        return None
+
 
 def unavailable(kind):
     """Why backend=kind ("cpu" or "cuda") cannot run on this machine, or None when it can."""

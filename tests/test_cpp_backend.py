@@ -116,6 +116,34 @@ def test_op_traces_under_torch_compile_fullgraph():
     assert int(options[5]) == 2, "the guarded row, counted by the eager and the compiled call"
 
 
+def test_add_one_advances_cpu_counters_like_an_in_place_add():
+    """The CPU step counters' op: +1 on each (other dtypes through the general add), the version
+    bumped as by add_(1), and it passes opcheck (mutation declared, fake implementation)."""
+    steps = [torch.full((), float(k)) for k in range(5)] + [torch.zeros((), dtype=torch.float64), torch.zeros(1)]
+    want = [s + 1 for s in steps]
+    versions = [s._version for s in steps]
+    cpp_backend.add_one(steps)
+    assert all(torch.equal(s, w) and s.dtype == w.dtype for s, w in zip(steps, want))
+    assert all(s._version > v for s, v in zip(steps, versions))
+    torch.library.opcheck(torch.ops.amos_fused.add_one_.default, ([torch.zeros(()), torch.ones(())],))
+
+
+def test_step_counters_advance_with_or_without_the_op(monkeypatch):
+    """Amos' counters without the op (torch's foreach add, as on CUDA) and with it agree."""
+    runs = []
+    for op in (cpp_backend.add_one, None):
+        monkeypatch.setattr(cpp_backend, "add_one", op)
+        params = [torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(5))]
+        opt = Amos(params, lr=0.1, backend="cpu")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5)
+            opt.step()
+        runs.append([opt.state[p]["step"].item() for p in params] + [p.detach().clone() for p in params])
+    assert runs[0][:2] == runs[1][:2] == [3.0, 3.0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2:], runs[1][2:]))
+
+
 # ---- CUDA (skipped without a GPU; backend="cuda" must then raise, tested above) ----------------
 requires_cuda = pytest.mark.skipif(cpp_backend.unavailable("cuda") is not None,
                                    reason=f"backend='cuda': {cpp_backend.unavailable('cuda')}")
