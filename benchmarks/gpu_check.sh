@@ -8,6 +8,7 @@
 #   summary.txt   device, date, commit, versions, and one line per part (exit code, seconds)
 #   log.txt       the full output of every part, one after the other, each under a header
 #   step_time.{json,csv,png}   the benchmark's results
+#   row_sweep.json             bandwidth by row width, L2 prefetch on and off
 # Parts run in order of importance, each under its own time limit (under 8 minutes at worst in
 # all); a failed part is logged and the script goes on. The exit code is the number of failed
 # parts (0: all ran clean). --dry-run prints what would run and creates the folder, running nothing.
@@ -84,7 +85,7 @@ part() {
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE --durations=5)
 # the tests that run on CUDA tensors (the rest are CPU tests, run by CI)
-CUDA_TESTS=(tests/test_cpp_backend.py tests/test_golden.py tests/test_state_dict.py tests/test_checkpoint.py
+CUDA_TESTS=(tests/test_cpp_backend.py tests/test_golden.py tests/test_state_dict.py tests/test_checkpoint.py tests/test_guard.py
             tests/test_capturable.py tests/test_bad_input.py)
 
 part env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(\"triton\", triton.__version__)'"
@@ -94,6 +95,7 @@ part tests_triton 90 "${PYTEST[@]}" -n 8 tests/test_triton.py
 part step_time 120 "$PY" benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b \
     --backends cuda,triton,adamw --json "$DIR/step_time.json" --csv "$DIR/step_time.csv" \
     --plot "$DIR/step_time.png" --no-progress
+part row_sweep 90 "$PY" benchmarks/row_sweep.py --device cuda --json "$DIR/row_sweep.json"
 part tests_large 60 "${PYTEST[@]}" tests/test_large_tensors.py  # alone: each case holds ~40 GB
 echo "failed_parts: $FAILED" >> "$SUMMARY"
 echo "summary: $SUMMARY"

@@ -111,6 +111,19 @@ def test_prefetch_off_rows_set_the_switch_only_during_their_step(monkeypatch):
         assert seen[-1] == "0" and os.environ.get("AMOS_FUSED_CUDA_PREFETCH") == before
 
 
+def test_row_sweep_tiny_reports_every_width_and_family(tmp_path, capsys, one_thread):
+    row_sweep = _load("row_sweep")
+    out = tmp_path / "sweep.json"
+    row_sweep.main(["--device", "cpu", "--numel", "5000", "--widths", "7,300,70000", "--repeats", "2",
+                    "--warmup", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    got = {(r["C"], r["family"]) for r in data["results"]}
+    assert got == {(c, f) for c in (7, 300, 70000) for f in row_sweep.FAMILIES}
+    assert all(r["ms"] > 0 and r["gb_s"] > 0 and r["prefetch"] == "-" for r in data["results"])
+    assert {r["R"] for r in data["results"] if r["C"] == 70000} == {1}  # numel < C: one row
+    assert "% a+=b" in capsys.readouterr().out
+
+
 def test_step_time_rejects_unknown_backend():
     step_time = _load("step_time")
     with pytest.raises(SystemExit):

@@ -187,3 +187,44 @@ def test_warns_once_and_the_counter_resets():
 def test_bad_guard_names_the_option():
     with pytest.raises(ValueError, match=r"guard='rows' is invalid; use 'step'.*or 'slice'"):
         Amos(_params([(2, 2)]), guard="rows")
+
+
+CUDA_BACKENDS = [b for b in cpu_backends("cuda") if b != "reference"] if torch.cuda.is_available() else []
+
+
+@pytest.mark.skipif(not CUDA_BACKENDS, reason="needs a GPU and a CUDA backend (cuda or triton)")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS or ["none"])
+@pytest.mark.parametrize("guard", ["slice", "step"])
+def test_cuda_step_decides_on_the_device_and_warns_a_step_later(backend, guard):
+    """Amos.step on CUDA tensors: the verdict (guard="step") or the kernels' slice guard
+    (guard="slice", no verdict tensor at all) stay on the device, the counters match the
+    reference on the CPU, the warning comes once the GPU has answered, and the parameters
+    follow the reference (fp32: the grid's tolerance, backend_grid.TOL)."""
+    shapes = [(6, 9), (5,)]
+    ref = _params(shapes)
+    gpu = [p.detach().cuda().requires_grad_() for p in ref]
+    opt_ref = Amos(ref, lr=0.1, backend="reference", guard=guard, momentum=0.9)
+    opt = Amos(gpu, lr=0.1, backend=backend, guard=guard, momentum=0.9)
+    caught = []
+    for step in range(4):
+        grads = _grads(ref, step)
+        if step == 1:
+            grads[0][2, 4] = NAN
+        for p, q, g in zip(ref, gpu, grads):
+            p.grad, q.grad = g, g.cuda()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt.step()
+        caught.append([str(x.message) for x in w])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt_ref.step()
+        torch.cuda.synchronize()  # the next step finds this one's answer
+    assert caught[1] == [] and len(caught[2]) == 1 and caught[3] == [], caught
+    assert ("guard='slice'" in caught[2][0]) == (guard == "slice")
+    assert (opt.guarded_slices, opt.skipped_steps) == (opt_ref.guarded_slices, opt_ref.skipped_steps)
+    assert (opt.guarded_slices, opt.skipped_steps) == ((1, 0) if guard == "slice" else (0, 1))
+    for p, r in zip(gpu, ref):
+        torch.testing.assert_close(p.detach().cpu(), r.detach(), rtol=1e-5, atol=1e-7)
+        for key in ("v", "b", "m", "step"):
+            torch.testing.assert_close(opt.state[p][key].cpu(), opt_ref.state[r][key], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,117 @@
+"""Achieved bandwidth of one fused step by row width: where the kernels lose time, and what the
+cuda kernels' L2 prefetch buys (AMOS_FUSED_CUDA_PREFETCH=0 turns it off), side by side in one run.
+
+For every row width C: one [R, C] parameter of about --numel elements (row granularity, so a
+slice is a row and C picks the kernel path: warp rows up to 1024, block rows up to 8192, longer
+rows in pieces), `Amos(guard="slice").step()` timed (median of --repeats after warm-up; CUDA
+events on GPU), its bytes (bench_common's per-parameter minimum) per second, and that as a
+percentage of `a += b` over as many elements, measured in the same run. Families: amos m=0 (one
+pass), amos m=0.9, inverse_time m=0 (the closed forms' reduce, finalize and apply launches).
+
+    python benchmarks/row_sweep.py --device cuda --json out.json
+    python benchmarks/row_sweep.py --device cpu --numel 100000 --widths 64,4096
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+from amos_fused import Amos  # noqa: E402
+
+WIDTHS = (256, 768, 2048, 3072, 5632, 8192, 32768)
+FAMILIES = {
+    "amos m=0": dict(schedule="amos", momentum=0.0),
+    "amos m=0.9": dict(schedule="amos", momentum=0.9),
+    "inverse_time m=0": dict(schedule="inverse_time", half_life=1000.0, momentum=0.0),
+}
+SWITCH = "AMOS_FUSED_CUDA_PREFETCH"
+
+
+def bytes_per_param(options, psize):
+    if options["momentum"] > 0:
+        return bc.amos_bytes(psize, 4)
+    return bc.amos_bytes(psize, closed_form=options["schedule"] != "amos")
+
+
+def time_row(param, options, backend, prefetch, device, warmup, repeats):
+    """Median seconds of one Amos step on `param` with the prefetch switch set as asked."""
+    opt = Amos([param], backend=backend, guard="slice", **options)
+    old = os.environ.get(SWITCH)
+    os.environ[SWITCH] = "1" if prefetch else "0"
+    try:
+        times, _ = bc.time_steps(opt.step, device, warmup, repeats)
+    finally:
+        if old is None:
+            del os.environ[SWITCH]
+        else:
+            os.environ[SWITCH] = old
+    del opt
+    return bc.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backend", help="Amos backend (default: cuda on GPU, cpu on CPU)")
+    ap.add_argument("--numel", type=int, default=1 << 27, help="elements per parameter (default 2^27)")
+    ap.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="comma-separated row widths C")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    backend = args.backend or ("cuda" if device.type == "cuda" else "cpu")
+    widths = [int(w) for w in args.widths.split(",")]
+    families = args.families.split(",")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or any(w < 1 for w in widths) or args.numel < 1:
+        ap.error(f"unknown families {unknown}" if unknown else "widths and --numel must be positive")
+    # prefetch on and off only where the switch means something
+    switches = (True, False) if backend == "cuda" else (True,)
+
+    roof = bc.stream_bandwidth(args.numel, torch.float32, device, repeats=args.repeats)
+    info = bc.machine_info(device)
+    print(f"{info['gpu'] or info['cpu']}; backend {backend}; a += b over {args.numel} fp32: {roof:.0f} GB/s")
+    print(f"{'C':>6} {'rows':>8} {'family':18} {'prefetch':8} {'ms':>8} {'GB/s':>8} {'% a+=b':>7}")
+    results = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for C in widths:
+        R = max(1, args.numel // C)
+        param = torch.empty(R, C, device=device).normal_(0.0, 0.02, generator=gen)
+        param.grad = torch.empty_like(param).normal_(0.0, 1e-3, generator=gen)
+        start = param.detach().clone()
+        for family in families:
+            options = FAMILIES[family]
+            nbytes = bytes_per_param(options, 4) * param.numel()
+            for prefetch in switches:
+                with torch.no_grad():
+                    param.copy_(start)
+                sec = time_row(param, options, backend, prefetch, device, args.warmup, args.repeats)
+                gbs = nbytes / sec / 1e9
+                label = ("on" if prefetch else "off") if backend == "cuda" else "-"
+                print(f"{C:>6} {R:>8} {family:18} {label:8} {sec * 1e3:8.3f} {gbs:8.0f} {100 * gbs / roof:6.0f}%")
+                results.append(dict(C=C, R=R, family=family, prefetch=label, ms=sec * 1e3, gb_s=gbs,
+                                    pct_stream=100 * gbs / roof))
+        del param, start
+        bc.free_memory(device)
+    if backend == "cuda":
+        for C in widths:
+            for family in families:
+                on, off = ([r["ms"] for r in results if r["C"] == C and r["family"] == family and r["prefetch"] == s]
+                           for s in ("on", "off"))
+                print(f"prefetch off/on time, C={C} {family}: {off[0] / on[0]:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=info, versions=bc.versions(), backend=backend,
+                           numel=args.numel, stream_gb_s=roof, date=bc.now_utc().isoformat(), results=results), f,
+                      indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
