@@ -431,7 +431,7 @@ struct Loops {
     float S = sumsq(g, C);
     for (int64_t r = pc.row0; r < pc.row1; ++r) {
       const bool ok = finite_S(S);
-      RowWork<TP, TM> x;
+      RowWork<TP, TM> x{};  // zeroed: a guarded row leaves K, D, p, g, m unset (and GCC warns)
       if (ok) {
         const float rr = second_moment(h, S, Cf, T.bc, T.v[r]);
         amos_slice(h, T.at, S, Cf, rr, T.b[r], x.K, x.D);
