@@ -598,7 +598,7 @@ class Amos(torch.optim.Optimizer):
         count = torch.empty((), dtype=torch.int64, pin_memory=True)
         count.copy_(guarded, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(guarded.device))  # the copies' stream (not the current device's)
         self._pending = (event, flag, count, getattr(self, "found_inf", None) is not None)
 
     def _check_capturable(self, work, calls, on_device):

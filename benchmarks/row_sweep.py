@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 from amos_fused import Amos  # noqa: E402
 
-WIDTHS = (256, 768, 2048, 3072, 5632, 8192, 32768)
+WIDTHS = (16, 64, 256, 768, 2048, 3072, 5632, 8192, 32768)
 FAMILIES = {
     "amos m=0": dict(schedule="amos", momentum=0.0),
     "amos m=0.9": dict(schedule="amos", momentum=0.9),

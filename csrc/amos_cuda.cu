@@ -174,9 +174,11 @@ __device__ __forceinline__ void st4(void* base, int32_t dt, Index i, int n, bool
 // sm_90: one bulk (TMA) prefetch issued by lane 0; older GPUs: one prefetch per 128-byte line,
 // dealt to the lanes. The span is widened to 16-byte (bulk) or 128-byte (lines) bounds, which
 // stay inside the pages that hold the span itself.
+constexpr int64_t kPrefetchMin = 512;  // bytes: shorter spans are not worth an instruction per row
+
 __device__ __forceinline__ void prefetch_l2(const void* base, int32_t dt, int64_t i, int64_t n, int lane, int lanes) {
-  if (base == nullptr || n <= 0) return;
   const int64_t es = dt == kF32 ? 4 : 2;
+  if (base == nullptr || n * es < kPrefetchMin) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(i * es);
   const uintptr_t hi = (a + static_cast<uintptr_t>(n * es) + 15) & ~uintptr_t{15};
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -215,7 +215,7 @@ def test_cuda_step_decides_on_the_device_and_warns_a_step_later(backend, guard):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             opt.step()
-        caught.append([str(x.message) for x in w])
+        caught.append([str(x.message) for x in w if str(x.message).startswith("Amos")])  # not torch's or triton's
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt_ref.step()
