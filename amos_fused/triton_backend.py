@@ -115,13 +115,13 @@ def _launch(plan, g_table, sc, schedule, grad_scale, skip, guarded, dtypes):
     step_args = (sc["lr"], lr_ptr, sc["beta"], sc["beta_lo"])
 
     def rows(phase):
-        for n_rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles in plan.buckets:
+        for (n_rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles, _, _), vec in zip(plan.buckets, plan.vec):
             K._rows_kernel[(ntiles,)](
                 plan.info, plan.finfo, g_table, tiles, slot_i, slot_r, plan.coef_k, plan.coef_d, plan.tensor_a,
                 scale_ptr, skip_ptr, guarded_ptr,
                 *step_args, sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"],
                 sc["extra_l2"], sc["two_q"], sc["half_life"], sc["momentum"], sc["one_minus_momentum"], sc["clip"],
-                PHASE=phase, ROWS=n_rows, COLB=colb, ONE_BLOCK=one_block, PACKED=packed, HAS_GUARD=has_guard,
+                PHASE=phase, ROWS=n_rows, COLB=colb, ONE_BLOCK=one_block, PACKED=packed, VEC4=vec, HAS_GUARD=has_guard,
                 num_warps=h.num_warps, **flags)
 
     def chunks(phase):

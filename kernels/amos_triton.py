@@ -69,8 +69,19 @@ def _to_out(x, DTYPE: tl.constexpr, RTNE_BY_HAND: tl.constexpr):
 
 
 @_helper
-def _ptr(info, i, col, DTYPE: tl.constexpr):
-    return tl.load(info + i * NINFO + col).to(tl.pointer_type(DTYPE))
+def _ptr(info, i, col, DTYPE: tl.constexpr, VEC4: tl.constexpr = False):
+    return _as_ptr(tl.load(info + i * NINFO + col), DTYPE, VEC4)
+
+
+@_helper
+def _as_ptr(addr, DTYPE: tl.constexpr, VEC4: tl.constexpr):
+    """An int64 address as a DTYPE pointer; VEC4: it is a multiple of 4 elements (the plan checked,
+    tables._aligned4), which with C % 4 == 0 lets the compiler load and store 4 elements at a time
+    (the hint must sit on the pointer: on the integer it is lost in the cast)."""
+    ptr = addr.to(tl.pointer_type(DTYPE))
+    if VEC4:
+        ptr = tl.multiple_of(ptr, DTYPE.primitive_bitwidth // 2)
+    return ptr
 
 
 @_helper
@@ -206,7 +217,7 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
                  SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_GUARD: tl.constexpr, CLIP: tl.constexpr,
                  LR_IS_PTR: tl.constexpr, ROWS: tl.constexpr, COLB: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                 PACKED: tl.constexpr, RTNE: tl.constexpr):
+                 PACKED: tl.constexpr, RTNE: tl.constexpr, VEC4: tl.constexpr = False):
     """A program owns ROWS whole slices (slots).
 
     tile = (tensor, first row, slot offset, widest slice). Unless PACKED, the slots are ROWS
@@ -227,12 +238,14 @@ def _rows_kernel(info, finfo, g_addrs, tiles, slot_i, slot_r, coef_k, coef_d, te
         r = row0 + k
     R = tl.load(info + i * NINFO + NROWS)
     C = tl.load(info + i * NINFO + NCOLS)
+    if VEC4:  # one tensor (not PACKED) whose rows start 4-element aligned: see _as_ptr
+        C = tl.multiple_of(C, 4)
     rmask = (r >= 0) & (r < R)
     if HAS_SKIP:  # a skipped step (found_inf / non-finite gradients, decided on the device) stores nothing
         rmask = rmask & (tl.load(skip_ptr + tl.zeros_like(r)) == 0)  # a vector load: the interpreter needs it
-    p_ptr = _col(_ptr(info, i, P_ADDR, P_DTYPE), PACKED)
-    g_ptr = _col(tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE)), PACKED)
-    m_ptr = _col(_ptr(info, i, M_ADDR, M_DTYPE), PACKED)
+    p_ptr = _col(_ptr(info, i, P_ADDR, P_DTYPE, VEC4), PACKED)
+    g_ptr = _col(_as_ptr(tl.load(g_addrs + i), G_DTYPE, VEC4), PACKED)
+    m_ptr = _col(_ptr(info, i, M_ADDR, M_DTYPE, VEC4), PACKED)
     v_ptr = _ptr(info, i, V_ADDR, tl.float32)
     b_ptr = _ptr(info, i, B_ADDR, tl.float32)
     slices = tl.load(info + i * NINFO + COEF_BASE) + r

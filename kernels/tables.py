@@ -95,25 +95,31 @@ class Plan:
         # owned slices: one launch of `_rows_kernel` per column-block width. Full groups of
         # ROWS rows of one tensor are plain tiles; the other rows (small tensors, remainders)
         # are packed ROWS to a program through the slot tables.
+        # Plain tiles of tensors whose theta and m rows start 4-element aligned (VEC: vector loads
+        # and stores, when the gradients are aligned too: `g_table`) are a launch of their own.
         by_colb = collections.defaultdict(list)
         for i in owned:
             by_colb[min(next_pow2(geometry[i][1]), h.max_colb)].append(i)
-        self.buckets = []
+        aligned = [geometry[i][1] % 4 == 0 and _aligned4(p) and (not momentum or _aligned4(st["m"]))
+                   for i, (p, st) in enumerate(zip(params, states))]
+        self.buckets = []  # (rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles, members, vec_pm)
         for colb, members in sorted(by_colb.items()):
             rows = max(1, min(h.tile // colb, next_pow2(sum(geometry[i][0] for i in members))))
-            tiles, loose_i, loose_r = [], [], []
+            tiles, loose_i, loose_r = {True: [], False: []}, [], []
             for i in members:
                 R, C = geometry[i]
                 full = R // rows
-                tiles += [(i, k * rows, -1, C) for k in range(full)]
+                tiles[aligned[i]] += [(i, k * rows, -1, C) for k in range(full)]
                 if full * rows < R:
                     loose_r.append(torch.arange(full * rows, R, dtype=torch.int64))
                     loose_i.append(torch.full((R - full * rows,), i, dtype=torch.int64))
             one_block = max(geometry[i][1] for i in members) <= colb
             none = self._to_device([0], torch.int64)
-            if tiles:
-                self.buckets.append((rows, colb, one_block, False, self._to_device(tiles, torch.int64), none, none,
-                                     len(tiles)))
+            for vec_pm in (True, False):
+                if tiles[vec_pm]:
+                    these = tuple(sorted({t[0] for t in tiles[vec_pm]}))
+                    self.buckets.append((rows, colb, one_block, False, self._to_device(tiles[vec_pm], torch.int64),
+                                         none, none, len(tiles[vec_pm]), these, vec_pm))
             if loose_r:  # a second launch: its slots' metadata differ, so they are gathered per slot
                 slot_i, slot_r = torch.cat(loose_i), torch.cat(loose_r)
                 pad = -len(slot_r) % rows
@@ -124,7 +130,7 @@ class Plan:
                 packed = [(0, 0, k * rows, c) for k, c in enumerate(cmax)]
                 self.buckets.append((rows, colb, one_block, True, self._to_device(packed, torch.int64),
                                      self._to_device(slot_i, torch.int64), self._to_device(slot_r, torch.int64),
-                                     len(packed)))
+                                     len(packed), (), False))
 
         # split slices: chunk programs, then one finalize program per group of rows
         n_part = 0
@@ -157,6 +163,7 @@ class Plan:
         self.partial = torch.empty(max(n_part, 1), **f32)
         self.tensor_a = torch.empty(self.n, **f32)
         self._g_key, self._g_table = None, None
+        self.vec = [False] * len(self.buckets)  # per bucket: launch with VEC (set by g_table)
 
     def _to_device(self, rows, dtype):
         """A host list (of lists) as a flat device tensor; pinned + non-blocking on CUDA."""
@@ -173,7 +180,16 @@ class Plan:
         key = tuple(g.data_ptr() for g in grads)
         if key != self._g_key:
             self._g_table, self._g_key = self._to_device(list(key), torch.int64), key
+            g_ok = [_aligned4(g) for g in grads]
+            self.vec = [b[9] and all(g_ok[i] for i in b[8]) for b in self.buckets]
         return self._g_table
+
+
+def _aligned4(t):
+    """Whether t's data starts on a multiple of 4 elements (then so does every row of a
+    contiguous t whose rows hold a multiple of 4 elements): the VEC kernels' promise to the
+    compiler. Tensors from torch's allocators are, views into a flat buffer may not be."""
+    return t.data_ptr() % (4 * t.element_size()) == 0
 
 
 _PLANS = collections.OrderedDict()

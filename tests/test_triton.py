@@ -71,6 +71,30 @@ def test_tiny_heuristic_really_splits_and_packs():
     assert plan.norm_tb < plan.n
 
 
+def test_vector_launches_only_for_aligned_rows_and_gradients():
+    """VEC4 promises the compiler that p, g and m rows start on 4 elements: a misaligned tensor
+    (a view one element into a buffer, or rows of 4k+2 elements) goes to a plain launch, and a
+    misaligned gradient turns its launch's VEC4 off until the gradients move again."""
+    buf = torch.zeros(1 + 8 * 12)
+    params = [torch.zeros(8, 12), buf[1:].view(8, 12), torch.zeros(8, 10), torch.zeros(8, 12)]
+    states = [dict(v=torch.zeros(8), b=torch.zeros(8), step=torch.zeros(()), eta=0.5, m=torch.zeros(8, 12))
+              for _ in params]
+    states[2]["m"] = torch.zeros(8, 10)
+    states[3]["m"] = torch.zeros(1 + 96)[1:].view(8, 12)  # theta aligned, m not
+    plan = tables.Plan(params, states, closed=False, heuristic=TINY, momentum=True)
+    plain = [b for b in plan.buckets if not b[3]]
+    assert {b[8]: b[9] for b in plain} == {(0,): True, (1, 2, 3): False}, [(b[8], b[9]) for b in plain]
+    grads = [torch.zeros_like(p) for p in params]
+    plan.g_table(grads)
+    assert [v for b, v in zip(plan.buckets, plan.vec) if b[8] == (0,)] == [True]
+    assert not any(v for b, v in zip(plan.buckets, plan.vec) if b[8] != (0,))
+    gbuf = torch.zeros(1 + 96)
+    plan.g_table([gbuf[1:].view(8, 12)] + grads[1:])  # the aligned tensor's gradient moved, misaligned
+    assert not any(plan.vec)
+    plan.g_table(grads)
+    assert any(plan.vec)
+
+
 def test_bitwise_deterministic():
     case = next(c.values[0] for c in grid.CASES if c.id == "tensor-inverse_time-m0.9")
     first, second = grid.run("triton", case), grid.run("triton", case)
@@ -231,10 +255,13 @@ guard = dict(HAS_SKIP=True, HAS_GUARD=True)  # the skip read and the int64 atomi
 variants = [
     (mod._rows_kernel, dict(P_DTYPE=tl.bfloat16, G_DTYPE=tl.float16, M_DTYPE=tl.bfloat16, SCHED=0, PHASE=0,
                             MOMENTUM=True, HAS_SCALE=True, CLIP=True, LR_IS_PTR=True, ROWS=4, COLB=1024,
-                            ONE_BLOCK=False, PACKED=False, RTNE=False, **guard)),
+                            ONE_BLOCK=False, PACKED=False, RTNE=False, VEC4=True, **guard)),
+    (mod._rows_kernel, dict(P_DTYPE=tl.float32, G_DTYPE=tl.float32, M_DTYPE=tl.float32, SCHED=0, PHASE=0,
+                            MOMENTUM=True, HAS_SCALE=False, CLIP=False, LR_IS_PTR=False, ROWS=4, COLB=1024,
+                            ONE_BLOCK=False, PACKED=False, RTNE=False, VEC4=True, **guard)),
     (mod._rows_kernel, dict(P_DTYPE=tl.float32, G_DTYPE=tl.float32, M_DTYPE=tl.float32, SCHED=2, PHASE=2,
                             MOMENTUM=False, HAS_SCALE=False, CLIP=False, LR_IS_PTR=False, ROWS=4096, COLB=1,
-                            ONE_BLOCK=True, PACKED=True, RTNE=False, **guard)),
+                            ONE_BLOCK=True, PACKED=True, RTNE=False, VEC4=False, **guard)),
     (mod._chunk_kernel, dict(P_DTYPE=tl.float32, G_DTYPE=tl.bfloat16, M_DTYPE=tl.float16, SCHED=3, PHASE=2,
                              MOMENTUM=True, HAS_SCALE=True, HAS_SKIP=True, CLIP=True, LR_IS_PTR=False, CHUNK=16384,
                              BLOCK=2048, RTNE=False)),
@@ -252,7 +279,11 @@ for fn, constexprs in variants:
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     assert "cubin" in compiled.asm, fn.__name__
-    assert compiled.asm["ptx"].count("st.local") == 0, fn.__name__ + " spills registers"
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("st.local") == 0, fn.__name__ + " spills registers"
+    if constexprs.get("VEC4"):  # the alignment hints reach the compiler: 4 elements per load and store
+        wide = ".v4.b32" if constexprs["P_DTYPE"] == tl.float32 else ".v2.b32"
+        assert "ld.global" + wide in ptx and "st.global" + wide in ptx, (fn.__name__, "not vectorised")
     print("compiled", fn.__name__)
 """
 
@@ -270,4 +301,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled") == 5
+    assert res.stdout.count("compiled") == 6
