@@ -8,7 +8,7 @@ events on GPU), its bytes (bench_common's per-parameter minimum) per second, and
 percentage of `a += b` over as many elements, measured in the same run. Families: amos m=0 (one
 pass), amos m=0.9, inverse_time m=0 (the closed forms' reduce, finalize and apply launches).
 
-    python benchmarks/row_sweep.py --device cuda --json out.json
+    python benchmarks/row_sweep.py --device cuda --backends cuda,triton --json out.json
     python benchmarks/row_sweep.py --device cpu --numel 100000 --widths 64,4096
 """
 import argparse
@@ -56,7 +56,7 @@ def time_row(param, options, backend, prefetch, device, warmup, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backend", help="Amos backend (default: cuda on GPU, cpu on CPU)")
+    ap.add_argument("--backends", help="comma-separated Amos backends (default: cuda on GPU, cpu on CPU)")
     ap.add_argument("--numel", type=int, default=1 << 27, help="elements per parameter (default 2^27)")
     ap.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="comma-separated row widths C")
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
@@ -65,19 +65,16 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    backend = args.backend or ("cuda" if device.type == "cuda" else "cpu")
+    names = (args.backends or ("cuda" if device.type == "cuda" else "cpu")).split(",")
     widths = [int(w) for w in args.widths.split(",")]
     families = args.families.split(",")
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or any(w < 1 for w in widths) or args.numel < 1:
         ap.error(f"unknown families {unknown}" if unknown else "widths and --numel must be positive")
-    # prefetch on and off only where the switch means something
-    switches = (True, False) if backend == "cuda" else (True,)
-
     roof = bc.stream_bandwidth(args.numel, torch.float32, device, repeats=args.repeats)
     info = bc.machine_info(device)
-    print(f"{info['gpu'] or info['cpu']}; backend {backend}; a += b over {args.numel} fp32: {roof:.0f} GB/s")
-    print(f"{'C':>6} {'rows':>8} {'family':18} {'prefetch':8} {'ms':>8} {'GB/s':>8} {'% a+=b':>7}")
+    print(f"{info['gpu'] or info['cpu']}; a += b over {args.numel} fp32: {roof:.0f} GB/s")
+    print(f"{'C':>6} {'rows':>8} {'backend':8} {'family':18} {'prefetch':8} {'ms':>8} {'GB/s':>8} {'% a+=b':>7}")
     results = []
     gen = torch.Generator(device=device).manual_seed(0)
     for C in widths:
@@ -88,28 +85,29 @@ def main(argv=None):
         for family in families:
             options = FAMILIES[family]
             nbytes = bytes_per_param(options, 4) * param.numel()
-            for prefetch in switches:
+            # prefetch on and off only where the switch means something
+            for backend, prefetch in [(b, s) for b in names for s in ((True, False) if b == "cuda" else (True,))]:
                 with torch.no_grad():
                     param.copy_(start)
                 sec = time_row(param, options, backend, prefetch, device, args.warmup, args.repeats)
                 gbs = nbytes / sec / 1e9
                 label = ("on" if prefetch else "off") if backend == "cuda" else "-"
-                print(f"{C:>6} {R:>8} {family:18} {label:8} {sec * 1e3:8.3f} {gbs:8.0f} {100 * gbs / roof:6.0f}%")
-                results.append(dict(C=C, R=R, family=family, prefetch=label, ms=sec * 1e3, gb_s=gbs,
-                                    pct_stream=100 * gbs / roof))
+                print(f"{C:>6} {R:>8} {backend:8} {family:18} {label:8} {sec * 1e3:8.3f} {gbs:8.0f} "
+                      f"{100 * gbs / roof:6.0f}%")
+                results.append(dict(C=C, R=R, backend=backend, family=family, prefetch=label, ms=sec * 1e3,
+                                    gb_s=gbs, pct_stream=100 * gbs / roof))
         del param, start
         bc.free_memory(device)
-    if backend == "cuda":
+        if args.json:  # after every width: a run cut short by a time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(dict(device=info, versions=bc.versions(), backends=names, numel=args.numel,
+                               stream_gb_s=roof, date=bc.now_utc().isoformat(), results=results), f, indent=1)
+    if "cuda" in names:
         for C in widths:
             for family in families:
                 on, off = ([r["ms"] for r in results if r["C"] == C and r["family"] == family and r["prefetch"] == s]
                            for s in ("on", "off"))
-                print(f"prefetch off/on time, C={C} {family}: {off[0] / on[0]:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=info, versions=bc.versions(), backend=backend,
-                           numel=args.numel, stream_gb_s=roof, date=bc.now_utc().isoformat(), results=results), f,
-                      indent=1)
+                print(f"cuda prefetch off/on time, C={C} {family}: {off[0] / on[0]:.2f}x")
     return results
 
 
