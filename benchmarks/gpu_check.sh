@@ -11,14 +11,15 @@
 #   row_sweep.json             bandwidth by row width, L2 prefetch on and off
 # Parts run in order of importance, each under its own time limit (11 minutes if every part hit
 # its limit; about 4-5 expected, so a 420 s device call fits; parts write their files as they go,
-# so a call cut short keeps what ran); a failed part is logged and the script goes on. The exit code is the number of failed
-# parts (0: all ran clean). --dry-run prints what would run and creates the folder, running nothing.
+# so a call cut short keeps what ran); a failed part is logged and the script goes on. The exit
+# code is the number of failed parts (0: all ran clean). --dry-run prints what would run and
+# creates the folder, running nothing.
 # Torch and triton must already be installed; TRITON_INTERPRET is unset (compiled kernels).
 # PYTHON overrides the interpreter (default: python3).
 set -u
 
 usage() {
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 DRY=0
