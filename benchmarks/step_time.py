@@ -41,6 +41,8 @@ FAMILIES = [
 QUICK_COMPILE_FAMILIES = ("amos m=0.9",)
 # also timed with guard="slice" (no verdict read)
 GUARD_SLICE_FAMILIES = ("amos m=0", "amos m=0.9", "amos m=0.9 bf16")
+TRITON_COLB_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed with other max_colb (below)
+TRITON_MAX_COLB = (4096,)  # the compiled heuristic has 1024; sm_90 ptxas: 4096 needs fewer registers
 KERNEL_ONLY_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed without Amos.step around them  # compiling takes tens of seconds per family on 2 cores
 
 BASELINES = ("compile", "adamw", "adafactor", "apex")
@@ -134,10 +136,34 @@ def amos_backend_rows(requested, device, psize, notes):
                 if name == "cuda":  # the same without the kernels' L2 prefetches: their A/B in one run
                     rows.append(Row(f"amos/{name} {label} guard=slice prefetch=off", "amos",
                                     _without_prefetch(make_slice), nbytes, rule, family=label, backend=name))
+                if name == "triton" and device.type == "cuda" and label in TRITON_COLB_FAMILIES:
+                    for colb in TRITON_MAX_COLB:  # the heuristic's widest column block, A/B in one run
+                        rows.append(Row(f"amos/{name} {label} guard=slice max_colb={colb}", "amos",
+                                        _with_max_colb(make_slice, colb), nbytes, rule, family=label, backend=name))
             if device.type == "cuda" and label in KERNEL_ONLY_FAMILIES:
                 rows.append(Row(f"amos/{name} {label} kernels only", "amos", _kernels_only(name, options), nbytes,
                                 rule, family=label, backend=name))
     return rows
+
+
+def _with_max_colb(make, colb):
+    """A triton row's step with the heuristic's max_colb set to `colb` while it runs (the plan
+    cache is keyed by the heuristic, so each setting keeps its own plans)."""
+    import dataclasses
+    from amos_fused import triton_backend
+
+    def make_colb(params):
+        step, opt = make(params)
+
+        def step_colb():
+            saved = triton_backend.HEURISTIC
+            triton_backend.HEURISTIC = dataclasses.replace(saved, max_colb=colb)
+            try:
+                return step()
+            finally:
+                triton_backend.HEURISTIC = saved
+        return step_colb, opt
+    return make_colb
 
 
 def _without_prefetch(make):

@@ -111,6 +111,17 @@ def test_prefetch_off_rows_set_the_switch_only_during_their_step(monkeypatch):
         assert seen[-1] == "0" and os.environ.get("AMOS_FUSED_CUDA_PREFETCH") == before
 
 
+def test_max_colb_rows_set_the_heuristic_only_during_their_step():
+    step_time = _load("step_time")
+    from amos_fused import triton_backend
+    before = triton_backend.HEURISTIC
+    seen = []
+    make = step_time._with_max_colb(lambda params: (lambda: seen.append(triton_backend.HEURISTIC.max_colb), None), 4096)
+    step, _ = make([])
+    step()
+    assert seen == [4096] and triton_backend.HEURISTIC is before
+
+
 def test_row_sweep_tiny_reports_every_width_and_family(tmp_path, capsys, one_thread):
     row_sweep = _load("row_sweep")
     out = tmp_path / "sweep.json"
