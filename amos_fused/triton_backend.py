@@ -130,7 +130,7 @@ def _launch(plan, g_table, sc, schedule, grad_scale, skip, guarded, dtypes):
             K._chunk_kernel[(ntiles,)](
                 plan.info, g_table, tiles, plan.coef_k, plan.coef_d, plan.partial, plan.tensor_a, scale_ptr, skip_ptr,
                 *step_args, sc["two_q"], sc["half_life"], sc["momentum"], sc["one_minus_momentum"], sc["clip"],
-                PHASE=phase, CHUNK=h.chunk, BLOCK=h.block, num_warps=h.num_warps, **flags)
+                PHASE=phase, CHUNK=h.chunk, BLOCK=h.block, VEC4=plan.chunk_vec, num_warps=h.num_warps, **flags)
 
     def split_finalize():
         tiles, ntiles = plan.final_tiles

@@ -312,7 +312,7 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                   SCHED: tl.constexpr, PHASE: tl.constexpr, MOMENTUM: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr, LR_IS_PTR: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, RTNE: tl.constexpr):
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, RTNE: tl.constexpr, VEC4: tl.constexpr = False):
     """Part of one long slice: tile = (tensor, row, first column, chunk index).
 
     PHASE 2 changes nothing in a slice the finalize marked GUARDED."""
@@ -321,7 +321,10 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
     row = tl.load(tiles + pid * 4 + 1)
     col0 = tl.load(tiles + pid * 4 + 2)
     C = tl.load(info + i * NINFO + NCOLS)
-    g_ptr = tl.load(g_addrs + i).to(tl.pointer_type(G_DTYPE))
+    if VEC4:  # every split tensor's rows start 4-element aligned (see _as_ptr); chunks are CHUNK apart
+        C = tl.multiple_of(C, 4)
+        col0 = tl.multiple_of(col0, 4)
+    g_ptr = _as_ptr(tl.load(g_addrs + i), G_DTYPE, VEC4)
     start = row * C + col0
     cols = tl.arange(0, BLOCK).to(tl.int64)
     if PHASE == REDUCE:
@@ -342,13 +345,13 @@ def _chunk_kernel(info, g_addrs, tiles, coef_k, coef_d, partial, tensor_a, scale
         else:
             xi, bc, s = _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR, SCHED, False, False)
             K, D = _closed_coefs(tl.load(tensor_a + i), kc, xi, s, two_q)
-        p_ptr = _ptr(info, i, P_ADDR, P_DTYPE)
-        m_ptr = _ptr(info, i, M_ADDR, M_DTYPE)
+        p_ptr = _ptr(info, i, P_ADDR, P_DTYPE, VEC4)
+        m_ptr = _ptr(info, i, M_ADDR, M_DTYPE, VEC4)
         keep = (tl.zeros((BLOCK,), dtype=tl.float32) + kc) != GUARDED  # a vector: the interpreter needs it
+        if HAS_SKIP:  # reduced to one value, so that the mask stays uniform over vectors (VEC4)
+            keep = keep & (tl.max(tl.load(skip_ptr + tl.zeros_like(cols)), axis=0) == 0)
         for c in range(0, CHUNK, BLOCK):
             mask = ((col0 + c + cols) < C) & keep
-            if HAS_SKIP:
-                mask = mask & (tl.load(skip_ptr + tl.zeros_like(cols)) == 0)
             g = _load_g(g_ptr, start + c + cols, mask, scale_ptr, clip, HAS_SCALE, CLIP)
             _apply(p_ptr, m_ptr, start + c + cols, mask, g, K, D, momentum, one_minus_momentum,
                    P_DTYPE, M_DTYPE, MOMENTUM, RTNE)

@@ -151,6 +151,8 @@ class Plan:
                 final_tiles += [(i, row0) for row0 in range(0, R, self.final_rows)]
             self.kb = min(1024, next_pow2(max(nsplits)))
         self.chunk_tiles = (self._to_device(chunk_tiles, torch.int64), len(chunk_tiles))
+        self.split = tuple(split)
+        self.chunk_vec_pm = bool(split) and all(aligned[i] for i in split) and h.chunk % 4 == 0
         self.final_tiles = (self._to_device(final_tiles, torch.int64), len(final_tiles))
         self.norm_tb = min(h.norm_tensors, next_pow2(self.n))
         self.norm_qb = max(1, min(h.tile // self.norm_tb, next_pow2(max(R for R, _ in geometry))))
@@ -163,7 +165,8 @@ class Plan:
         self.partial = torch.empty(max(n_part, 1), **f32)
         self.tensor_a = torch.empty(self.n, **f32)
         self._g_key, self._g_table = None, None
-        self.vec = [False] * len(self.buckets)  # per bucket: launch with VEC (set by g_table)
+        self.vec = [False] * len(self.buckets)  # per bucket: launch with VEC4 (set by g_table)
+        self.chunk_vec = False  # the same for the chunk launches
 
     def _to_device(self, rows, dtype):
         """A host list (of lists) as a flat device tensor; pinned + non-blocking on CUDA."""
@@ -182,6 +185,7 @@ class Plan:
             self._g_table, self._g_key = self._to_device(list(key), torch.int64), key
             g_ok = [_aligned4(g) for g in grads]
             self.vec = [b[9] and all(g_ok[i] for i in b[8]) for b in self.buckets]
+            self.chunk_vec = self.chunk_vec_pm and all(g_ok[i] for i in self.split)
         return self._g_table
 
 

@@ -76,23 +76,25 @@ def test_vector_launches_only_for_aligned_rows_and_gradients():
     (a view one element into a buffer, or rows of 4k+2 elements) goes to a plain launch, and a
     misaligned gradient turns its launch's VEC4 off until the gradients move again."""
     buf = torch.zeros(1 + 8 * 12)
-    params = [torch.zeros(8, 12), buf[1:].view(8, 12), torch.zeros(8, 10), torch.zeros(8, 12)]
-    states = [dict(v=torch.zeros(8), b=torch.zeros(8), step=torch.zeros(()), eta=0.5, m=torch.zeros(8, 12))
-              for _ in params]
-    states[2]["m"] = torch.zeros(8, 10)
+    params = [torch.zeros(8, 12), buf[1:].view(8, 12), torch.zeros(8, 10), torch.zeros(8, 12), torch.zeros(2, 48)]
+    states = [dict(v=torch.zeros(p.shape[0]), b=torch.zeros(p.shape[0]), step=torch.zeros(()), eta=0.5,
+                   m=torch.zeros(p.shape)) for p in params]
     states[3]["m"] = torch.zeros(1 + 96)[1:].view(8, 12)  # theta aligned, m not
     plan = tables.Plan(params, states, closed=False, heuristic=TINY, momentum=True)
     plain = [b for b in plan.buckets if not b[3]]
     assert {b[8]: b[9] for b in plain} == {(0,): True, (1, 2, 3): False}, [(b[8], b[9]) for b in plain]
+    assert plan.split == (4,) and plan.chunk_vec_pm  # rows of 48 > TINY.long_row: chunk launches
     grads = [torch.zeros_like(p) for p in params]
     plan.g_table(grads)
-    assert [v for b, v in zip(plan.buckets, plan.vec) if b[8] == (0,)] == [True]
+    assert [v for b, v in zip(plan.buckets, plan.vec) if b[8] == (0,)] == [True] and plan.chunk_vec
     assert not any(v for b, v in zip(plan.buckets, plan.vec) if b[8] != (0,))
     gbuf = torch.zeros(1 + 96)
     plan.g_table([gbuf[1:].view(8, 12)] + grads[1:])  # the aligned tensor's gradient moved, misaligned
-    assert not any(plan.vec)
-    plan.g_table(grads)
-    assert any(plan.vec)
+    assert not any(plan.vec) and plan.chunk_vec
+    plan.g_table(grads[:4] + [torch.zeros(1 + 96)[1:].view(2, 48)])
+    assert any(plan.vec) and not plan.chunk_vec
+    states[4]["m"] = torch.zeros(1 + 96)[1:].view(2, 48)
+    assert not tables.Plan(params, states, closed=False, heuristic=TINY, momentum=True).chunk_vec_pm
 
 
 def test_bitwise_deterministic():
@@ -264,7 +266,7 @@ variants = [
                             ONE_BLOCK=True, PACKED=True, RTNE=False, VEC4=False, **guard)),
     (mod._chunk_kernel, dict(P_DTYPE=tl.float32, G_DTYPE=tl.bfloat16, M_DTYPE=tl.float16, SCHED=3, PHASE=2,
                              MOMENTUM=True, HAS_SCALE=True, HAS_SKIP=True, CLIP=True, LR_IS_PTR=False, CHUNK=16384,
-                             BLOCK=2048, RTNE=False)),
+                             BLOCK=2048, RTNE=False, VEC4=True)),
     (mod._split_finalize_kernel, dict(SCHED=0, LR_IS_PTR=True, ROWS=2, KB=4, **guard)),
     (mod._norm_kernel, dict(SCHED=1, LR_IS_PTR=False, TB=8, QB=512)),
 ]
