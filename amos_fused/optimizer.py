@@ -513,7 +513,7 @@ class Amos(torch.optim.Optimizer):
             return loss  # nothing read on the host: guarded_slices tells
         if run.on_device and device.type == "cuda":
             self._remember(skip, guarded[device])  # read when it has arrived, by a later step
-        elif all(d.type == "cpu" for d in run.devices):
+        elif all_cpu:
             self._check_guarded(self.guarded_slices)  # CPU counters: read at once (free)
         return loss
 
