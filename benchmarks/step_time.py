@@ -338,6 +338,26 @@ def run_size(size, args, device, dtype, warmup, repeats, notes, progress):
     return results, info
 
 
+def verdicts(results):
+    """Per size and amos family, the one-pass (guard="slice") row of each backend as x fused
+    AdamW's speed (above 1: faster), and the fastest backend: the lines a GPU run is read for
+    (issue 4's target: cuda >= 2x for amos m=0; "auto" tries the fastest first)."""
+    lines = []
+    for size in dict.fromkeys(r["size"] for r in results):
+        rows = {r["row"]: r for r in results if r["size"] == size}
+        base = rows.get("adamw fused")
+        if base is None:
+            continue
+        for family in GUARD_SLICE_FAMILIES:
+            speed = {r["backend"]: base["median_ms"] / r["median_ms"] for name, r in rows.items()
+                     if r["group"] == "amos" and name == f"amos/{r['backend']} {family} guard=slice"}
+            if speed:
+                best = max(speed, key=speed.get)
+                lines.append(f"{size} {family} guard=slice, x fused AdamW speed: "
+                             + ", ".join(f"{b} {x:.2f}" for b, x in speed.items()) + f"; fastest {best}")
+    return lines
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -472,6 +492,8 @@ def main(argv=None):
           f"({meta['machine']['cpu_cores']} cores, {meta['machine']['torch_threads']} torch threads), torch {meta['versions']['torch']}, {args.dtype}, {meta['date']}"
           + f", timer: {meta['clock']}" + (f", {args.note}" if args.note else ""))
     print(markdown(results, sizes_info))
+    for line in verdicts(results):
+        print(f"verdict: {line}")
     for note in notes:
         print(f"note: {note}")
 
@@ -482,7 +504,7 @@ def main(argv=None):
         paths = {k: v or f"{stem}.{'png' if k == 'plot' else k}" for k, v in paths.items()}
     if paths["json"]:
         with open(paths["json"], "w") as f:
-            json.dump(dict(meta, sizes=sizes_info, rows=results), f, indent=1)
+            json.dump(dict(meta, sizes=sizes_info, rows=results, verdicts=verdicts(results)), f, indent=1)
     if paths["csv"]:
         write_csv(paths["csv"], results, meta)
     if paths["plot"]:

@@ -111,6 +111,19 @@ def test_prefetch_off_rows_set_the_switch_only_during_their_step(monkeypatch):
         assert seen[-1] == "0" and os.environ.get("AMOS_FUSED_CUDA_PREFETCH") == before
 
 
+def test_verdicts_compare_each_backends_one_pass_row_with_fused_adamw():
+    step_time = _load("step_time")
+
+    def row(name, ms, backend=None, group="amos"):
+        return dict(size="s", row=name, median_ms=ms, backend=backend, group=group)
+    results = [row("adamw fused", 10.0, "fused", "adamw"), row("amos/cuda amos m=0 guard=slice", 4.0, "cuda"),
+               row("amos/triton amos m=0 guard=slice", 5.0, "triton"), row("amos/cuda amos m=0", 8.0, "cuda"),
+               row("amos/cuda amos m=0 guard=slice prefetch=off", 2.0, "cuda")]
+    assert step_time.verdicts(results) == [
+        "s amos m=0 guard=slice, x fused AdamW speed: cuda 2.50, triton 2.00; fastest cuda"]
+    assert step_time.verdicts(results[1:]) == []  # no AdamW row: nothing to compare with
+
+
 def test_max_colb_rows_set_the_heuristic_only_during_their_step():
     step_time = _load("step_time")
     from amos_fused import triton_backend
