@@ -477,16 +477,24 @@ def main(argv=None):
         (lambda it, **kw: tqdm(it, file=sys.stderr, **kw))
 
     date = bc.now_utc()
+    paths = dict(json=args.json, csv=args.csv, plot=args.plot)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"step_time_{device.type}_{date:%Y-%m-%d}")
+        paths = {k: v or f"{stem}.{'png' if k == 'plot' else k}" for k, v in paths.items()}
     notes, results, sizes_info = [], [], {}
-    for size in sizes:
-        res, info = run_size(size, args, device, dtype, warmup, repeats, notes, progress)
-        results += res
-        sizes_info[size] = info
     meta = dict(date=date.isoformat(timespec="seconds"), device=str(device), dtype=args.dtype,
                 machine=bc.machine_info(device), versions=bc.versions(), note=args.note,
                 argv=sys.argv[1:] if argv is None else list(argv), warmup=warmup, repeats=repeats,
                 amos_backends=list(backends.BACKENDS), notes=notes,
                 clock="cuda events" if gpu else args.clock)
+    for size in sizes:
+        res, info = run_size(size, args, device, dtype, warmup, repeats, notes, progress)
+        results += res
+        sizes_info[size] = info
+        if paths["json"]:  # after every size: a run cut short by a time limit keeps what it measured
+            with open(paths["json"], "w") as f:
+                json.dump(dict(meta, sizes=sizes_info, rows=results, verdicts=verdicts(results)), f, indent=1)
 
     print(f"# Optimizer step time: {meta['machine']['gpu'] or meta['machine']['cpu']} "
           f"({meta['machine']['cpu_cores']} cores, {meta['machine']['torch_threads']} torch threads), torch {meta['versions']['torch']}, {args.dtype}, {meta['date']}"
@@ -497,14 +505,6 @@ def main(argv=None):
     for note in notes:
         print(f"note: {note}")
 
-    paths = dict(json=args.json, csv=args.csv, plot=args.plot)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"step_time_{device.type}_{date:%Y-%m-%d}")
-        paths = {k: v or f"{stem}.{'png' if k == 'plot' else k}" for k, v in paths.items()}
-    if paths["json"]:
-        with open(paths["json"], "w") as f:
-            json.dump(dict(meta, sizes=sizes_info, rows=results, verdicts=verdicts(results)), f, indent=1)
     if paths["csv"]:
         write_csv(paths["csv"], results, meta)
     if paths["plot"]:
