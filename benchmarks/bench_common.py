@@ -3,6 +3,7 @@
 Parameter sets are lists of tensor shapes in PyTorch's layout (nn.Linear weight is (out, in)),
 so no nn.Module is needed: the optimizers only see tensors and their gradients.
 """
+import contextlib
 import datetime
 import gc
 import math
@@ -93,6 +94,23 @@ def free_memory(device):
 
 
 # ---- timing ---------------------------------------------------------------------------------
+
+
+PREFETCH_SWITCH = "AMOS_FUSED_CUDA_PREFETCH"  # "0": the cuda kernels skip their L2 prefetches
+
+
+@contextlib.contextmanager
+def cuda_prefetch(on):
+    """The cuda kernels' L2 prefetch on or off inside the block (they read the switch every step)."""
+    old = os.environ.get(PREFETCH_SWITCH)
+    os.environ[PREFETCH_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[PREFETCH_SWITCH]
+        else:
+            os.environ[PREFETCH_SWITCH] = old
 
 
 def synchronize(device):

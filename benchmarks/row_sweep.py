@@ -28,7 +28,6 @@ FAMILIES = {
     "amos m=0.9": dict(schedule="amos", momentum=0.9),
     "inverse_time m=0": dict(schedule="inverse_time", half_life=1000.0, momentum=0.0),
 }
-SWITCH = "AMOS_FUSED_CUDA_PREFETCH"
 
 
 def bytes_per_param(options, psize):
@@ -40,15 +39,8 @@ def bytes_per_param(options, psize):
 def time_row(param, options, backend, prefetch, device, warmup, repeats):
     """Median seconds of one Amos step on `param` with the prefetch switch set as asked."""
     opt = Amos([param], backend=backend, guard="slice", **options)
-    old = os.environ.get(SWITCH)
-    os.environ[SWITCH] = "1" if prefetch else "0"
-    try:
+    with bc.cuda_prefetch(prefetch):
         times, _ = bc.time_steps(opt.step, device, warmup, repeats)
-    finally:
-        if old is None:
-            del os.environ[SWITCH]
-        else:
-            os.environ[SWITCH] = old
     del opt
     return bc.median(times)
 

@@ -172,15 +172,8 @@ def _without_prefetch(make):
         step, opt = make(params)
 
         def step_off():
-            old = os.environ.get("AMOS_FUSED_CUDA_PREFETCH")
-            os.environ["AMOS_FUSED_CUDA_PREFETCH"] = "0"
-            try:
+            with bc.cuda_prefetch(False):
                 return step()
-            finally:
-                if old is None:
-                    del os.environ["AMOS_FUSED_CUDA_PREFETCH"]
-                else:
-                    os.environ["AMOS_FUSED_CUDA_PREFETCH"] = old
         return step_off, opt
     return make_off
 
