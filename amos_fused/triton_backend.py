@@ -115,7 +115,7 @@ def _launch(plan, g_table, sc, schedule, grad_scale, skip, guarded, dtypes):
     step_args = (sc["lr"], lr_ptr, sc["beta"], sc["beta_lo"])
 
     def rows(phase):
-        for (n_rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles, _, _), vec in zip(plan.buckets, plan.vec):
+        for n_rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles, vec in plan.buckets:
             K._rows_kernel[(ntiles,)](
                 plan.info, plan.finfo, g_table, tiles, slot_i, slot_r, plan.coef_k, plan.coef_d, plan.tensor_a,
                 scale_ptr, skip_ptr, guarded_ptr,

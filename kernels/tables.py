@@ -17,6 +17,10 @@ step while it times configurations):
   slices (biases, norm gains, scalars, remainders) are packed ROWS to a program, so thousands
   of small tensors take a few programs, not one each. `long_row` bounds the bytes of g a
   program re-reads in its apply walk, so that second read stays in L2.
+- Tensors whose theta, m and gradient rows all start on 4 elements get launches of their own
+  with VEC4 (the kernels tell the compiler, which then loads and stores 4 elements at a time);
+  a gradient's alignment is part of the plan's key, so a misaligned one (a view into a flat
+  buffer) only moves its own tensor to a plain launch.
 - Longer slices (a big 1-D tensor, `"tensor"` granularity) are split into chunks of `chunk`
   columns (one program each, walking `block`-wide vectors): partial sums, a fixed-order sum per
   slice, then the apply; no atomics, so results do not depend on scheduling.
@@ -62,7 +66,7 @@ def next_pow2(x):
 class Plan:
     """Tables and scratch for one (device, dtype-combination) set of tensors."""
 
-    def __init__(self, params, states, closed, heuristic, momentum):
+    def __init__(self, params, grads, states, closed, heuristic, momentum):
         self.device = params[0].device
         self.p_dtype, self.n = params[0].dtype, len(params)
         self.m_dtype = states[0]["m"].dtype if momentum else None
@@ -95,14 +99,15 @@ class Plan:
         # owned slices: one launch of `_rows_kernel` per column-block width. Full groups of
         # ROWS rows of one tensor are plain tiles; the other rows (small tensors, remainders)
         # are packed ROWS to a program through the slot tables.
-        # Plain tiles of tensors whose theta and m rows start 4-element aligned (VEC: vector loads
-        # and stores, when the gradients are aligned too: `g_table`) are a launch of their own.
+        # Plain tiles of tensors whose theta, m and gradient rows start 4-element aligned are a
+        # launch of their own, with VEC4 (vector loads and stores). Gradients enter the plan's key
+        # by their alignment only (`plan_key`), so gradients that move but stay aligned reuse it.
         by_colb = collections.defaultdict(list)
         for i in owned:
             by_colb[min(next_pow2(geometry[i][1]), h.max_colb)].append(i)
-        aligned = [geometry[i][1] % 4 == 0 and _aligned4(p) and (not momentum or _aligned4(st["m"]))
-                   for i, (p, st) in enumerate(zip(params, states))]
-        self.buckets = []  # (rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles, members, vec_pm)
+        aligned = [geometry[i][1] % 4 == 0 and _aligned4(p) and _aligned4(g) and (not momentum or _aligned4(st["m"]))
+                   for i, (p, g, st) in enumerate(zip(params, grads, states))]
+        self.buckets = []  # (rows, colb, one_block, packed, tiles, slot_i, slot_r, ntiles, vec)
         for colb, members in sorted(by_colb.items()):
             rows = max(1, min(h.tile // colb, next_pow2(sum(geometry[i][0] for i in members))))
             tiles, loose_i, loose_r = {True: [], False: []}, [], []
@@ -115,11 +120,10 @@ class Plan:
                     loose_i.append(torch.full((R - full * rows,), i, dtype=torch.int64))
             one_block = max(geometry[i][1] for i in members) <= colb
             none = self._to_device([0], torch.int64)
-            for vec_pm in (True, False):
-                if tiles[vec_pm]:
-                    these = tuple(sorted({t[0] for t in tiles[vec_pm]}))
-                    self.buckets.append((rows, colb, one_block, False, self._to_device(tiles[vec_pm], torch.int64),
-                                         none, none, len(tiles[vec_pm]), these, vec_pm))
+            for vec in (True, False):
+                if tiles[vec]:
+                    self.buckets.append((rows, colb, one_block, False, self._to_device(tiles[vec], torch.int64),
+                                         none, none, len(tiles[vec]), vec))
             if loose_r:  # a second launch: its slots' metadata differ, so they are gathered per slot
                 slot_i, slot_r = torch.cat(loose_i), torch.cat(loose_r)
                 pad = -len(slot_r) % rows
@@ -130,7 +134,7 @@ class Plan:
                 packed = [(0, 0, k * rows, c) for k, c in enumerate(cmax)]
                 self.buckets.append((rows, colb, one_block, True, self._to_device(packed, torch.int64),
                                      self._to_device(slot_i, torch.int64), self._to_device(slot_r, torch.int64),
-                                     len(packed), (), False))
+                                     len(packed), False))
 
         # split slices: chunk programs, then one finalize program per group of rows
         n_part = 0
@@ -151,8 +155,7 @@ class Plan:
                 final_tiles += [(i, row0) for row0 in range(0, R, self.final_rows)]
             self.kb = min(1024, next_pow2(max(nsplits)))
         self.chunk_tiles = (self._to_device(chunk_tiles, torch.int64), len(chunk_tiles))
-        self.split = tuple(split)
-        self.chunk_vec_pm = bool(split) and all(aligned[i] for i in split) and h.chunk % 4 == 0
+        self.chunk_vec = bool(split) and all(aligned[i] for i in split) and h.chunk % 4 == 0
         self.final_tiles = (self._to_device(final_tiles, torch.int64), len(final_tiles))
         self.norm_tb = min(h.norm_tensors, next_pow2(self.n))
         self.norm_qb = max(1, min(h.tile // self.norm_tb, next_pow2(max(R for R, _ in geometry))))
@@ -165,8 +168,6 @@ class Plan:
         self.partial = torch.empty(max(n_part, 1), **f32)
         self.tensor_a = torch.empty(self.n, **f32)
         self._g_key, self._g_table = None, None
-        self.vec = [False] * len(self.buckets)  # per bucket: launch with VEC4 (set by g_table)
-        self.chunk_vec = False  # the same for the chunk launches
 
     def _to_device(self, rows, dtype):
         """A host list (of lists) as a flat device tensor; pinned + non-blocking on CUDA."""
@@ -183,9 +184,6 @@ class Plan:
         key = tuple(g.data_ptr() for g in grads)
         if key != self._g_key:
             self._g_table, self._g_key = self._to_device(list(key), torch.int64), key
-            g_ok = [_aligned4(g) for g in grads]
-            self.vec = [b[9] and all(g_ok[i] for i in b[8]) for b in self.buckets]
-            self.chunk_vec = self.chunk_vec_pm and all(g_ok[i] for i in self.split)
         return self._g_table
 
 
@@ -201,9 +199,11 @@ _MAX_PLANS = 32
 
 
 def plan_key(params, grads, states, closed, heuristic, momentum):
-    """Everything a plan's tables depend on; gradients enter only through their dtype."""
+    """Everything a plan's tables depend on; gradients enter only through their dtype and
+    alignment (their addresses are `g_table`'s)."""
     per_tensor = tuple(
-        (p.data_ptr(), tuple(p.shape), p.dtype, g.dtype, st["v"].data_ptr(), st["v"].numel(), st["b"].data_ptr(),
+        (p.data_ptr(), tuple(p.shape), p.dtype, g.dtype, _aligned4(g), st["v"].data_ptr(), st["v"].numel(),
+         st["b"].data_ptr(),
          st["step"].data_ptr(), st["eta"]) + ((st["m"].data_ptr(), st["m"].dtype) if momentum else ())
         for p, g, st in zip(params, grads, states))
     return (per_tensor, closed, heuristic, momentum, params[0].device)
@@ -214,7 +214,7 @@ def get_plan(params, grads, states, closed, heuristic, momentum):
     key = plan_key(params, grads, states, closed, heuristic, momentum)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = Plan(params, states, closed, heuristic, momentum)
+        plan = _PLANS[key] = Plan(params, grads, states, closed, heuristic, momentum)
         while len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
     else:

@@ -64,7 +64,7 @@ def test_tiny_heuristic_really_splits_and_packs():
     params = [torch.zeros(s) for s in TINY_SHAPES if math.prod(s)]
     states = [dict(v=torch.zeros(s[0] if len(s) >= 2 else 1), b=torch.zeros(1), step=torch.zeros(()), eta=0.5)
               for s in (p.shape for p in params)]
-    plan = tables.Plan(params, states, closed=True, heuristic=TINY, momentum=False)
+    plan = tables.Plan(params, params, states, closed=True, heuristic=TINY, momentum=False)
     assert plan.chunk_tiles[1] > 0 and plan.kb > 1  # split slices, several chunks per slice
     assert any(not one_block for _, _, one_block, *_ in plan.buckets)
     assert any(packed for _, _, _, packed, *_ in plan.buckets) and any(not b[3] for b in plan.buckets)
@@ -73,28 +73,31 @@ def test_tiny_heuristic_really_splits_and_packs():
 
 def test_vector_launches_only_for_aligned_rows_and_gradients():
     """VEC4 promises the compiler that p, g and m rows start on 4 elements: a misaligned tensor
-    (a view one element into a buffer, or rows of 4k+2 elements) goes to a plain launch, and a
-    misaligned gradient turns its launch's VEC4 off until the gradients move again."""
+    (a view one element into a buffer, or rows of 4k+2 elements) goes to a plain launch; gradients
+    enter the plan's key by their alignment, so a misaligned one gets a plan of its own in which
+    only its tensor leaves the vector launch."""
     buf = torch.zeros(1 + 8 * 12)
     params = [torch.zeros(8, 12), buf[1:].view(8, 12), torch.zeros(8, 10), torch.zeros(8, 12), torch.zeros(2, 48)]
     states = [dict(v=torch.zeros(p.shape[0]), b=torch.zeros(p.shape[0]), step=torch.zeros(()), eta=0.5,
                    m=torch.zeros(p.shape)) for p in params]
     states[3]["m"] = torch.zeros(1 + 96)[1:].view(8, 12)  # theta aligned, m not
-    plan = tables.Plan(params, states, closed=False, heuristic=TINY, momentum=True)
-    plain = [b for b in plan.buckets if not b[3]]
-    assert {b[8]: b[9] for b in plain} == {(0,): True, (1, 2, 3): False}, [(b[8], b[9]) for b in plain]
-    assert plan.split == (4,) and plan.chunk_vec_pm  # rows of 48 > TINY.long_row: chunk launches
     grads = [torch.zeros_like(p) for p in params]
-    plan.g_table(grads)
-    assert [v for b, v in zip(plan.buckets, plan.vec) if b[8] == (0,)] == [True] and plan.chunk_vec
-    assert not any(v for b, v in zip(plan.buckets, plan.vec) if b[8] != (0,))
-    gbuf = torch.zeros(1 + 96)
-    plan.g_table([gbuf[1:].view(8, 12)] + grads[1:])  # the aligned tensor's gradient moved, misaligned
-    assert not any(plan.vec) and plan.chunk_vec
-    plan.g_table(grads[:4] + [torch.zeros(1 + 96)[1:].view(2, 48)])
-    assert any(plan.vec) and not plan.chunk_vec
+
+    def vector_tensors(plan):  # the tensors of the VEC4 launches
+        return sorted({int(t) for b in plan.buckets if b[8] for t in b[4].view(-1, 4)[:, 0]})
+
+    def plan_for(grads):
+        return tables.get_plan(params, grads, states, closed=False, heuristic=TINY, momentum=True)
+    plan = plan_for(grads)
+    assert vector_tensors(plan) == [0] and plan.chunk_vec  # rows of 48 > TINY.long_row: chunk launches
+    assert plan_for([torch.zeros_like(p) for p in params]) is plan  # moved, still aligned: the same plan
+    misaligned = torch.zeros(1 + 96)[1:].view(8, 12)
+    other = plan_for([misaligned] + grads[1:])
+    assert other is not plan and vector_tensors(other) == [] and other.chunk_vec
+    other = plan_for(grads[:4] + [torch.zeros(1 + 96)[1:].view(2, 48)])
+    assert vector_tensors(other) == [0] and not other.chunk_vec
     states[4]["m"] = torch.zeros(1 + 96)[1:].view(2, 48)
-    assert not tables.Plan(params, states, closed=False, heuristic=TINY, momentum=True).chunk_vec_pm
+    assert not plan_for(grads).chunk_vec
 
 
 @pytest.mark.parametrize("schedule", ["amos", "inverse_time"])
@@ -112,10 +115,8 @@ def test_misaligned_views_beside_aligned_tensors_match_the_reference(monkeypatch
         out.copy_(x)
         return out
 
-    # a misaligned gradient turns off its whole launch (tensors 0 and 2 share one: test above),
-    # so here only the split tensor 6 has one
-    shapes = [(8, 12), (8, 12), (8, 10), (8, 12), (2, 48), (2, 48), (2, 48)]
-    p_off, g_off, m_off = [0, 1, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 1, 0, 0]
+    shapes = [(8, 12), (8, 12), (8, 12), (8, 12), (2, 48), (2, 48), (2, 48)]
+    p_off, g_off, m_off = [0, 1, 0, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 1], [0, 0, 0, 1, 1, 0, 0]
     init = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
     runs = {}
     for backend in ("triton", "reference"):
@@ -135,7 +136,8 @@ def test_misaligned_views_beside_aligned_tensors_match_the_reference(monkeypatch
         runs[backend] = ([p.detach().cpu() for p in params], [opt.state[p]["m"].cpu() for p in params])
         if backend == "triton":  # the last plan used: aligned and misaligned launches side by side
             plan = next(reversed(tables._PLANS.values()))
-            assert any(plan.vec) and not all(plan.vec) and plan.split == (4, 5, 6) and not plan.chunk_vec
+            vec = [b[8] for b in plan.buckets]
+            assert any(vec) and not all(vec) and not plan.chunk_vec
     rtol, atol = grid.TOL[grid.F32]
     for name, got, want in (("param", runs["triton"][0], runs["reference"][0]), ("m", runs["triton"][1], runs["reference"][1])):
         for k, (a, e) in enumerate(zip(got, want)):
