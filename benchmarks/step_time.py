@@ -146,36 +146,39 @@ def amos_backend_rows(requested, device, psize, notes):
     return rows
 
 
-def _with_max_colb(make, colb):
-    """A triton row's step with the heuristic's max_colb set to `colb` while it runs (the plan
-    cache is keyed by the heuristic, so each setting keeps its own plans)."""
-    import dataclasses
-    from amos_fused import triton_backend
-
-    def make_colb(params):
+def _inside(make, context):
+    """Row `make` with every step run inside `context()` (a context manager)."""
+    def make_inside(params):
         step, opt = make(params)
 
-        def step_colb():
-            saved = triton_backend.HEURISTIC
-            triton_backend.HEURISTIC = dataclasses.replace(saved, max_colb=colb)
-            try:
+        def step_inside():
+            with context():
                 return step()
-            finally:
-                triton_backend.HEURISTIC = saved
-        return step_colb, opt
-    return make_colb
+        return step_inside, opt
+    return make_inside
+
+
+@contextlib.contextmanager
+def _max_colb(colb):
+    """The triton heuristic's max_colb set to `colb` inside the block (the plan cache is keyed by
+    the heuristic, so each setting keeps its own plans)."""
+    import dataclasses
+    from amos_fused import triton_backend
+    saved = triton_backend.HEURISTIC
+    triton_backend.HEURISTIC = dataclasses.replace(saved, max_colb=colb)
+    try:
+        yield
+    finally:
+        triton_backend.HEURISTIC = saved
+
+
+def _with_max_colb(make, colb):
+    return _inside(make, lambda: _max_colb(colb))
 
 
 def _without_prefetch(make):
     """A row's step with AMOS_FUSED_CUDA_PREFETCH=0 (read by the cuda kernels at every step)."""
-    def make_off(params):
-        step, opt = make(params)
-
-        def step_off():
-            with bc.cuda_prefetch(False):
-                return step()
-        return step_off, opt
-    return make_off
+    return _inside(make, lambda: bc.cuda_prefetch(False))
 
 
 def _kernels_only(name, options):

@@ -117,17 +117,26 @@ class CountFullSteps:
         monkeypatch.setattr(Amos, "_collect", counting)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_later_steps_reuse_the_plan(backend, monkeypatch):
-    full = CountFullSteps(monkeypatch)
+def train(backend, steps, edit):
+    """`steps` steps on fresh params, new gradients each; edit(step, opt, params) before each step."""
     params = make_params()
     opt = make_opt(params, backend, "step", 0.9)
     gen = torch.Generator().manual_seed(1)
-    for step in range(6):
+    for step in range(steps):
         new_grads(params, gen)
+        edit(step, opt, params)
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_later_steps_reuse_the_plan(backend, monkeypatch):
+    full = CountFullSteps(monkeypatch)
+
+    def schedule(step, opt, params):
         opt.param_groups[0]["lr"] *= 0.5
         opt.param_groups[step % 2]["momentum"] = 0.9 - 0.1 * step  # options re-checked, the plan kept
-        opt.step()
+    opt, _ = train(backend, 6, schedule)
     assert full.n == 1
     assert opt._plan is not None
 
@@ -176,14 +185,7 @@ def test_a_change_takes_the_full_path_and_matches_it(backend, change, full_steps
             if not planned:
                 m.setattr(Amos, "_planned_run", lambda self: None)
             full = CountFullSteps(m)
-            params = make_params()
-            opt = make_opt(params, backend, "step", 0.9)
-            gen = torch.Generator().manual_seed(1)
-            for step in range(4):
-                new_grads(params, gen)
-                if step == 2:
-                    change(opt, params)
-                opt.step()
+            opt, params = train(backend, 4, lambda step, opt, params: change(opt, params) if step == 2 else None)
             state = [dict(opt.state[p]) for p in params]
             return [p.detach().clone() for p in params], state, full.n
 
