@@ -10,16 +10,16 @@
 #   step_time.{json,csv,png}   the benchmark's results
 #   row_sweep.json             bandwidth by row width, L2 prefetch on and off
 # Parts run in order of importance, each under its own time limit (12 minutes if every part hit
-# its limit; about 4-5 expected, so a 420 s device call fits; parts write their files as they go,
-# so a call cut short keeps what ran); a failed part is logged and the script goes on. The exit
-# code is the number of failed parts (0: all ran clean). --dry-run prints what would run and
-# creates the folder, running nothing.
+# its limit; an estimated 4-5, from 150 s measured on 2026-11-28 before parts were added, so a
+# 420 s device call should fit; the benchmarks write their files as they go, so a call cut short
+# keeps what ran); a failed part is logged and the script goes on. The exit code is the number of
+# failed parts (0: all ran clean). --dry-run prints what would run and creates the folder.
 # Torch and triton must already be installed; TRITON_INTERPRET is unset (compiled kernels).
 # PYTHON overrides the interpreter (default: python3).
 set -u
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 DRY=0
