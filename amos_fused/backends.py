@@ -8,6 +8,9 @@ nothing when it is nonzero. Every backend guards slices: one whose S_r is not fi
 parameters and state, and is added to `guarded` (an int64 0-d tensor on the device, or None).
 Each entry of `_BACKENDS` says whether it can run on a device and, if not, why.
 """
+import collections
+
+from . import reference
 from .reference import reference_step
 
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
@@ -83,3 +86,23 @@ def resolve(name, device):
     if fn is None:
         raise RuntimeError(f"backend={name!r} cannot run on {device}: {why}. Use backend='auto' or 'reference'.")
     return fn
+
+
+# The two-phase protocol of sharded tensors (distributed.py): phase 1 `sums(grads, rows, group,
+# grad_scale, dtype)` -> flat S_r of every local slice; phase 3 `apply(params, grads, ms, rows, S,
+# K, D, group, grad_scale, skip)` with the finalized coefficients. Each backend has both.
+TwoPhase = collections.namedtuple("TwoPhase", "sums apply")
+REFERENCE_TWO_PHASE = TwoPhase(reference.two_phase_sums, reference.two_phase_apply)
+
+
+def two_phase(step_fn, param, grad):
+    """The two-phase ops of the backend whose one-pass step is `step_fn`, for the local tensors
+    `param` and `grad` (the reference's for tensors that backend's kernels do not take)."""
+    if step_fn is reference_unless_skipped:
+        return REFERENCE_TWO_PHASE
+    from . import cpp_backend
+    if step_fn is cpp_backend.fused_step:
+        return cpp_backend.TWO_PHASE if cpp_backend.takes(param, grad) else REFERENCE_TWO_PHASE
+    from . import triton_backend
+    ops = getattr(triton_backend, "TWO_PHASE", None)
+    return ops if ops is not None and triton_backend.takes(param, grad) else REFERENCE_TWO_PHASE

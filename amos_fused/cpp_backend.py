@@ -10,6 +10,7 @@ parameters (the kernels compute in fp32) and non-contiguous parameters or moment
 """
 import torch
 
+from . import backends
 from .backends import reference_unless_skipped
 
 try:
@@ -103,3 +104,44 @@ def kernel_step(params, gs, vs, bs, ms, steps, etas, lr, options, grad_scale=Non
         skip = skip.to(device, torch.float32)
     torch.ops.amos_fused.amos_step_(params, gs, vs, bs, ms, steps, etas, float(lr), lr_tensor, grad_scale, skip,
                                     guarded, *options)
+
+
+# ---- the two-phase protocol of sharded tensors (backends.TwoPhase, csrc/two_phase.cpp) ----------
+
+def takes(param, grad):
+    """Whether the two-phase ops take this local parameter (and its gradient, cast if fp64)."""
+    return _C is not None and param.dtype != torch.float64 and param.is_contiguous()
+
+
+def _grads(grads):
+    return [(g.float() if g.dtype == torch.float64 else g).contiguous() for g in grads]
+
+
+def _scalar(x, device):
+    return None if x is None else x.detach().reshape(()).to(device, torch.float32)
+
+
+def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
+    gs = _grads(grads)
+    return torch.ops.amos_fused.two_phase_sums(gs, list(rows), _scalar(grad_scale, gs[0].device),
+                                               float(group["clip_value"] or 0.0))
+
+
+def two_phase_apply(params, grads, ms, rows, S, K, D, group, grad_scale=None, skip=None):
+    device = params[0].device
+    f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
+    torch.ops.amos_fused.two_phase_apply_(params, _grads(grads), ms, list(rows), f32(S), f32(K), f32(D),
+                                          _scalar(grad_scale, device), _scalar(skip, device),
+                                          float(group["momentum"]), float(group["clip_value"] or 0.0))
+
+
+TWO_PHASE = backends.TwoPhase(two_phase_sums, two_phase_apply)
+
+if _C is not None:
+    @torch.library.register_fake("amos_fused::two_phase_sums")
+    def _two_phase_sums_fake(grads, rows, grad_scale, clip_value):
+        return grads[0].new_empty((sum(rows),), dtype=torch.float32)
+
+    @torch.library.register_fake("amos_fused::two_phase_apply_")
+    def _two_phase_apply_fake(params, grads, ms, rows, S, K, D, grad_scale, skip, momentum, clip_value):
+        return None

@@ -1,46 +1,51 @@
-"""FSDP2 / DTensor parameters: Amos' statistics over the global tensor from each rank's shard.
+"""DTensor parameters (FSDP2, HSDP, tensor parallel, FSDP2 + TP): Amos' statistics over the
+global tensor, from each rank's local shard, through the fused kernels.
 
-Under FSDP2 (`torch.distributed.fsdp.fully_shard`) every parameter is a DTensor split on dim 0
-(`Shard(0)`, uneven splits allowed) over a 1-D device mesh, and the optimizer sees each rank's
-rows. Amos' statistics are sums over slices (ALGORITHM.md §1, §3, §5):
-  - a row of a matrix (granularity "row", ndim >= 2) lives whole on one rank: S_r is local;
-  - an element ("element") is local;
-  - a slice that spans ranks (granularity "tensor", or a 1-D parameter under "row": R = 1) has
-    a partial S on each rank;
-  - the closed-form ||u|| sums over all slices of a tensor, so it spans ranks whenever the tensor
-    does; with local slices each rank holds a partial sum of S_r * r_r.
+A DTensor parameter lives on a device mesh; on each mesh dimension it is Replicate, or split along
+one of its dims (Shard(d), or _StridedShard(d), which FSDP2 produces on top of tensor parallel).
+Amos' statistics are sums over slices (ALGORITHM.md §1, §3, §5). Per parameter (`Layout`):
+  - S_r is PARTIAL over a mesh dimension that splits a slice: under "row" (ndim >= 2), a
+    dimension splitting dim d >= 1 (RowwiseParallel's Shard(1)); under "tensor", or for a 1-D
+    parameter under "row" (one slice), every splitting dimension;
+  - the closed forms' ||u||**2 = sum of S_r * r_r (given the complete S_r) is partial over a
+    dimension splitting the slices among ranks: dim 0 under "row" (FSDP2, ColwiseParallel's
+    Shard(0)), every splitting dimension under "element".
+A parameter with nothing partial ("amos" on rows whole on their rank, the common FSDP2 case)
+takes its backend's one-pass kernel on the local shard, with no extra traffic. The others take
+the two-phase path (`ShardedStep`):
+  1. reduce: the backend's `two_phase_sums` writes S_r of every local slice of a bucket of
+     tensors into one flat vector (one kernel call);
+  2. complete: one all-reduce per mesh dimension (process group) that needs one, carrying every
+     partial statistic of every param group and the skip flag; closed forms' partial ||u||**2 go
+     out once their S_r are complete (`_schedule` orders the rounds so that one per dimension
+     suffices for every placement torch produces);
+  3. finalize (reference.py's functions, on the flat vectors: v, r, K_r, D_r and b) and apply
+     (the backend's `two_phase_apply`, one kernel call per bucket).
+Ranks must agree on skips: with guard="step" (or a GradScaler) the flag, this rank's verdict on
+its local gradients, rides on the rounds (a flag-only all-reduce on a splitting dimension that has
+no statistics), so every rank skips alike. With guard="slice" and no GradScaler nothing is
+decided on a rank alone: a slice with a non-finite complete S_r is guarded on every rank holding
+it. On CPU tensors the verdict is read on the host; on CUDA (or with capturable=True) it stays on
+the device and the kernels read it.
 
-What is communicated per optimizer step (`sharded_step`): ONE all-reduce (sum) of one flat
-vector, whatever the number of param groups and parameters. It holds one scalar per partial
-statistic above (S of each spanning slice, ||u||**2 of each sharded closed-form tensor; rows of
-dim-0 shards add nothing) and one skip flag: 4 bytes each (8 with fp64 parameters), so a few
-hundred bytes for a model with a few hundred sharded tensors. The flag (this rank's verdict on
-its local gradients, or GradScaler's found_inf) makes every rank skip together, and a total that
-is not finite skips the step too; a skipped step changes nothing and creates no state. Each rank
-then finalizes and applies its own shards. The step reads the verdict on the host once (after
-the all-reduce). With parameters on several process groups (not FSDP2's case) each group gets
-its own all-reduce. Outside the step, the default eta is measured over the global tensor
-(`mean_square`: one all-reduce per matrix, at construction).
-
-State under sharding (shapes are global; each rank holds its part; see `new_slice_state`):
-  - "m": a DTensor like the parameter (Shard(0));
-  - "v", "b" of local slices: under "row", a (R,) DTensor split like the parameter's rows;
-    under "element", a DTensor with the parameter's shape (a flat (n,) DTensor would be split
-    by torch.chunk over n elements, not along the parameter's rows);
-  - "v", "b" of a spanning slice: a plain (1,) tensor, the same on every rank (each rank
-    updates it from the same all-reduced S);
-  - "step": a plain 0-d tensor; "eta": a float.
+State under sharding (shapes global; each rank holds its part):
+  - "m": a DTensor like the parameter;
+  - "v", "b" under "row" (ndim >= 2): an (R,) DTensor placed like the parameter's rows (dim-0
+    placements kept, others Replicate) when some placement splits rows, else a plain (R,) tensor
+    (the same on every rank); one slice ("tensor", 1-D): a plain (1,) tensor; "element": a
+    DTensor like the parameter when it is split, else a plain (n,) tensor;
+  - "step": a plain 0-d tensor; "eta": a float, measured over the global tensor (`mean_squares`).
 torch.distributed.checkpoint (DCP) saves the DTensors sharded and the plain tensors once.
-
-Supported: DTensors with placement Shard(0) or Replicate on a 1-D mesh (FSDP2, and DTensors
-that are not sharded). Not supported, with a clear error: other placements (tensor parallel
-Shard(1), HSDP's 2-D meshes); DeepSpeed ZeRO and FSDP1 flat parameters (see README).
+Not supported, with a clear error at construction: Partial placements (a parameter is never a
+pending sum), DeepSpeed ZeRO and FSDP1 flat parameters (see README).
 """
+import collections
 import sys
 
 import torch
 import torch.distributed as dist
 
+from . import reference
 from .slices import slice_shape
 
 
@@ -52,159 +57,119 @@ def is_dtensor(t):
 
 
 def local(t):
-    """This rank's part of a DTensor (a view: writing it writes the DTensor); other tensors as they are."""
+    """This rank's part of a DTensor (under no_grad the DTensor's own local tensor: writing it
+    writes the DTensor); other tensors as they are."""
     return t.to_local() if is_dtensor(t) else t
 
 
-def is_sharded(p):
-    """True when `p` is a DTensor split on dim 0 over more than one rank."""
+# ---- placements -----------------------------------------------------------------------------------
+
+def _split_dims(p):
+    """[(mesh dim, tensor dim)] of every mesh dimension of size > 1 that splits `p`."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    out = []
+    for i, pl in enumerate(p.placements):
+        if isinstance(pl, Replicate):
+            continue
+        if not isinstance(pl, (Shard, _StridedShard)):
+            raise NotImplementedError(
+                f"Amos: a DTensor parameter of shape {tuple(p.shape)} has placements {tuple(p.placements)}; "
+                f"{pl} on mesh dimension {i} is not supported (a parameter must be Shard, _StridedShard or "
+                "Replicate on every mesh dimension: redistribute it, e.g. p.redistribute(placements=[Replicate()])")
+        if p.device_mesh.size(i) > 1:
+            out.append((i, pl.dim % max(p.ndim, 1)))
+    return out
+
+
+def check_placements(p):
+    """Raise now (at construction) for a DTensor placement Amos cannot step."""
+    if is_dtensor(p):
+        _split_dims(p)
+
+
+Layout = collections.namedtuple("Layout", "sum_groups norm_groups split_groups rows C")
+# sum_groups: process groups over which S_r of the local slices is partial
+# norm_groups: ... over which the closed forms' ||u||**2 is partial once S_r is complete
+# split_groups: every group splitting the tensor (its ranks must agree on a skip)
+# rows: local slices; C: the global slice length
+
+
+def layout(p, granularity):
+    """The `Layout` of parameter `p` stepped with `granularity` (plain tensors: nothing split)."""
+    R, C = slice_shape(p.shape, granularity)
     if not is_dtensor(p):
-        return False
-    mesh, placements = p.device_mesh, p.placements
-    if mesh.ndim != 1 or not (placements[0].is_replicate() or placements[0].is_shard(0)):
-        raise NotImplementedError(
-            f"Amos: a DTensor parameter of shape {tuple(p.shape)} has placements {tuple(placements)} on a "
-            f"{mesh.ndim}-D mesh; Amos supports Shard(0) (FSDP2's fully_shard) or Replicate on a 1-D mesh. "
-            "Shard such parameters on dim 0 (fully_shard's default) or use DDP")
-    return placements[0].is_shard(0) and mesh.size() > 1
-
-
-def spans_ranks(p, granularity):
-    """True when the slices of `p` (R = 1) are split across ranks; rows of dim-0 shards never are."""
-    return is_sharded(p) and (granularity == "tensor" or (granularity == "row" and p.ndim <= 1))
-
-
-def norm_spans_ranks(p, granularity):
-    """True when `p`'s slices are local but the closed-form ||u|| (a sum over them) is not."""
-    return is_sharded(p) and not spans_ranks(p, granularity)
-
-
-def local_slice_shape(p, granularity):
-    """(R, C) of this rank's part of `p`: its slices, or the parts of its one spanning slice."""
-    if not is_sharded(p):
-        return slice_shape(p.shape, granularity)
+        return Layout((), (), (), R, C)
+    one_slice = granularity == "tensor" or (granularity == "row" and p.ndim <= 1)
+    sums, norms, splits = [], [], []
+    for mesh_dim, dim in _split_dims(p):
+        group = p.device_mesh.get_group(mesh_dim)
+        splits.append(group)
+        if one_slice:
+            sums.append(group)
+        elif granularity == "element" or dim == 0:
+            norms.append(group)
+        else:
+            sums.append(group)
     n = local(p).numel()
-    if spans_ranks(p, granularity):
-        return 1, n
-    _, C = slice_shape(p.shape, granularity)
-    return n // C, C
+    rows = 1 if one_slice else n if granularity == "element" else local(p).shape[0] if p.ndim else 1
+    return Layout(tuple(sums), tuple(norms), tuple(splits), rows, C)
+
+
+def _rows_split(p):
+    """The placements of an (R,) tensor holding one entry per row of `p` (dim-0 splits kept), or
+    None when no placement splits rows."""
+    from torch.distributed.tensor import Replicate
+
+    kept = [pl if getattr(pl, "dim", None) == 0 and not pl.is_replicate() else Replicate() for pl in p.placements]
+    return kept if any(not pl.is_replicate() for pl in kept) else None
 
 
 def slice_state_shape(p, granularity):
     """The (global) shape of `v` and `b` for `p`; see the module docstring."""
-    if is_sharded(p) and granularity == "element":
+    if is_dtensor(p) and granularity == "element" and _split_dims(p):
         return tuple(p.shape)
     return (slice_shape(p.shape, granularity)[0],)
 
 
 def new_slice_state(p, granularity, dtype):
-    """Zeros for `v` or `b` of `p`, sharded like `p`'s slices (module docstring)."""
+    """Zeros for `v` or `b` of `p`, placed like `p`'s slices (module docstring)."""
     R, _ = slice_shape(p.shape, granularity)
     device = local(p).device
-    if not is_sharded(p) or spans_ranks(p, granularity):
-        return torch.zeros(R, dtype=dtype, device=device)
+    if not is_dtensor(p) or granularity == "tensor" or (granularity == "row" and p.ndim <= 1):
+        return torch.zeros(R, dtype=dtype, device=device)  # plain tensors, or one slice: the same on every rank
     if granularity == "element":
-        return torch.zeros_like(p, dtype=dtype)
-    from torch.distributed.tensor import DTensor, Shard
+        return torch.zeros_like(p, dtype=dtype) if _split_dims(p) else torch.zeros(R, dtype=dtype, device=device)
+    placements = _rows_split(p)
+    if placements is None:
+        return torch.zeros(R, dtype=dtype, device=device)
+    from torch.distributed.tensor import DTensor
 
     rows = local(p).shape[0]
-    return DTensor.from_local(torch.zeros(rows, dtype=dtype, device=device), p.device_mesh, [Shard(0)],
+    return DTensor.from_local(torch.zeros(rows, dtype=dtype, device=device), p.device_mesh, placements,
                               run_check=False, shape=(R,), stride=(1,))
 
 
-def _group(p):
-    return p.device_mesh.get_group()
+# ---- eta ------------------------------------------------------------------------------------------
 
-
-def complete_sums(params, granularities, sums, norms, skip=None):
-    """Phase 2: sum the partial statistics over ranks, with the skip flag, in one all-reduce.
-
-    params[i] steps with granularities[i]; `sums[i]` is S of its local slices, `norms[i]` the
-    local part of its ||u||**2 or None. The entries that are partial (S of a spanning slice,
-    ||u||**2 of a sharded tensor) and `skip` (this rank's 0-d flag, 1.0 = skip, or None) go into
-    one flat vector (fp32, fp64 if any entry is) per process group, all-reduced by sum: under
-    FSDP2 every parameter shares one mesh, so one collective per step. With `skip`, a group of
-    sharded parameters communicates even when nothing of it is partial, since ranks must agree.
-
-    Returns the completed (sums, norms) and `skipped`: with `skip`, True when some rank flagged
-    or a completed entry is not finite (every rank holds the same totals, so every rank decides
-    alike); False without `skip`. Without sharded parameters nothing is communicated.
-    """
-    sums, norms = list(sums), list(norms)
-    slots = {}  # process group -> (device, [(list, index)] of the partial entries it completes)
-    for i, (p, granularity) in enumerate(zip(params, granularities)):
-        if spans_ranks(p, granularity):
-            entry = (sums, i)
-        elif norms[i] is not None and norm_spans_ranks(p, granularity):
-            entry = (norms, i)
-        elif skip is not None and is_sharded(p):
-            entry = None  # nothing partial, but its ranks must agree on the skip
-        else:
-            continue
-        _, entries = slots.setdefault(_group(p), (local(p).device, []))
-        if entry is not None:
-            entries.append(entry)
-    verdicts = []
-    for pg, (device, entries) in slots.items():
-        parts = [values[i].reshape(-1) for values, i in entries] + ([] if skip is None else [skip.reshape(1)])
-        wide = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
-        flat = torch.cat([x.to(device, wide) for x in parts])
+def mean_squares(params):
+    """Mean of p*p over each global tensor, in fp64 (the default eta is its square root): local sums,
+    then one all-reduce per process group that splits some of them."""
+    sums = [local(p).detach().double().square().sum() for p in params]
+    if not sums:
+        return []
+    groups = {}  # process group -> indices of the sums it completes
+    for i, p in enumerate(params):
+        if is_dtensor(p):
+            for mesh_dim, _ in _split_dims(p):
+                groups.setdefault(p.device_mesh.get_group(mesh_dim), []).append(i)
+    for pg, idx in groups.items():
+        flat = torch.stack([sums[i] for i in idx])
         dist.all_reduce(flat, group=pg)
-        if skip is not None:
-            verdicts.append((flat[-1] > 0) | ~flat.isfinite().all())
-        for (values, i), total in zip(entries, flat.split([x.numel() for x in parts])):
-            values[i] = total.to(values[i].dtype).reshape(values[i].shape)
-    if skip is None:
-        return sums, norms, False
-    if not verdicts:  # nothing sharded: this rank decides alone
-        verdicts.append(skip.reshape(()) > 0)
-    return sums, norms, bool(torch.stack([x.to(verdicts[0].device) for x in verdicts]).any())
-
-
-@torch.no_grad()
-def sharded_step(optimizer, work, grad_scale, skip):
-    """One Amos step for an optimizer holding DTensor parameters, with one all-reduce.
-
-    `work`: (group, params, grads) for every param group (params with a gradient; DTensors and
-    plain tensors); `grad_scale`: GradScaler's scale or None; `skip`: this rank's verdict, a 0-d
-    float tensor (1.0 = a local gradient is non-finite or GradScaler found inf). Phase 1 runs
-    for the tensors with a partial statistic, changing nothing (it reads t as step + 1);
-    phase 2 is one all-reduce of every group's partial statistics and the flag; only when no
-    rank skips is the state created, the step counted and phase 3 applied (it reduces the
-    tensors whose slices are whole on this rank, skipped by phase 1). Returns True when the step was skipped
-    (on every rank alike).
-    """
-    from . import reference  # reference.py imports this module: import it when first needed
-
-    todo = [(group, p, g) for group, params, grads in work for p, g in zip(params, grads) if p.numel()]
-    reduced = []
-    for group, p, g in todo:
-        if not (spans_ranks(p, group["granularity"]) or
-                (group["schedule"] != "amos" and norm_spans_ranks(p, group["granularity"]))):
-            reduced.append((None, None))  # nothing partial: phase 3 reduces it, after the decision
-            continue
-        state = optimizer.state.get(p, {})  # .get: a skipped first step must create no state
-        t = state["step"] + 1 if "step" in state else 1.0
-        reduced.append(reference.reduce_phase(p, g, group, grad_scale, state.get("v"), t))
-    sums, norms, skipped = complete_sums([p for _, p, _ in todo], [group["granularity"] for group, _, _ in todo],
-                                         [S for S, _ in reduced], [u for _, u in reduced], skip)
-    if skipped:
-        return True
-    for group, params, _ in work:
-        for p in params:
-            optimizer._state_for(p, group)["step"] += 1
-    for (group, p, g), S, usq in zip(todo, sums, norms):
-        reference.apply_phase(p, g, optimizer.state[p], group, grad_scale, S, usq)
-    return False
-
-
-def mean_square(p):
-    """Mean of p*p over the global tensor, in fp64 (the default eta is its square root)."""
-    if not is_sharded(p):
-        return local(p).detach().double().square().mean().item()
-    total = local(p).detach().double().square().sum()
-    dist.all_reduce(total, group=_group(p))
-    return total.item() / p.numel()
+        for i, total in zip(idx, flat):
+            sums[i] = total
+    return [float(s) / p.numel() if p.numel() else 0.0 for s, p in zip(sums, params)]
 
 
 def init_state(optimizer):
@@ -220,3 +185,286 @@ def init_state(optimizer):
         for p in group["params"]:
             if p.requires_grad:
                 optimizer._state_for(p, group)
+
+
+# ---- the sharded step -------------------------------------------------------------------------------
+
+def _local_grad(p, g):
+    """This rank's part of `p`'s gradient, placed like `p` (a gradient torch left Partial, or placed
+    otherwise, is redistributed first)."""
+    if not is_dtensor(g):
+        return g
+    if g.placements != p.placements:
+        g = g.redistribute(p.device_mesh, p.placements)
+    return g._local_tensor if not torch.is_grad_enabled() else g.to_local()
+
+
+class _Bucket:
+    """Two-phase tensors of one param group that share a backend's ops and a compute dtype."""
+
+    def __init__(self, group, ops, dtype, entries, params, layouts, device):
+        self.group, self.ops, self.dtype, self.device = group, ops, dtype, device
+        self.entries = entries  # indices into the plan's params
+        self.layouts = layouts
+        self.global_sizes = [(p.numel(), p.ndim) for p in params]  # the closed forms' eps0
+        self.rows = [lay.rows for lay in layouts]
+        self.offsets = [0]
+        for R in self.rows:
+            self.offsets.append(self.offsets[-1] + R)
+        n = self.offsets[-1]
+        entry_of = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor(self.rows, dtype=torch.long))
+        self.entry_of = entry_of.to(device)  # slice -> entry
+        self.C = torch.tensor([float(lay.C) for lay in layouts], dtype=dtype)[entry_of].to(device)
+        self.n = n
+        self.closed = group["schedule"] != "amos"
+
+    def slice_positions(self, which):
+        """Positions in the flat vector of the slices of the entries `which` (positions in `entries`)."""
+        idx = [i for e in which for i in range(self.offsets[e], self.offsets[e + 1])]
+        return torch.tensor(idx, dtype=torch.long, device=self.device)
+
+
+Round = collections.namedtuple("Round", "group sums norms ready flag")
+# sums: [(bucket, slice positions)]; norms: [(bucket, entry positions)] of ||u||**2 to complete;
+# ready: [(bucket, entry positions)] whose local ||u||**2 is computed before this round
+
+
+def _schedule(buckets, flag_groups):
+    """The all-reduce rounds of one step: per process group, the partial S_r, the partial ||u||**2
+    whose S_r are complete by then, and the skip flag. Groups that complete slice sums go first,
+    so every placement torch produces needs one round per group."""
+    need_S = {(b, e): list(lay.sum_groups) for b, bk in enumerate(buckets) for e, lay in enumerate(bk.layouts)}
+    need_N = {(b, e): list(lay.norm_groups) for b, bk in enumerate(buckets) for e, lay in enumerate(bk.layouts)
+              if bk.closed}
+    order = []
+    for groups in list(need_S.values()) + list(need_N.values()) + [list(flag_groups)]:
+        for g in groups:
+            if g not in order:
+                order.append(g)
+    order.sort(key=lambda g: not any(g in gs for gs in need_S.values()))  # stable: slice-sum groups first
+    flag_left = set(flag_groups)
+    computed = set()  # (b, e) whose local ||u||**2 exists
+    rounds = []
+    while any(need_S.values()) or any(need_N.values()) or flag_left:
+        progressed = False
+        for g in order:
+            sums = [(b, e) for (b, e), gs in need_S.items() if g in gs]
+            ready = [k for k, gs in need_N.items() if not need_S[k] and k not in computed and gs]
+            norms = [k for k, gs in need_N.items() if not need_S[k] and g in gs]
+            if not sums and not norms and g not in flag_left:
+                continue
+            rounds.append((g, sums, norms, [k for k in ready if k in norms], g in flag_groups))
+            computed.update(k for k in ready if k in norms)
+            for k in sums:
+                need_S[k].remove(g)
+            for k in norms:
+                need_N[k].remove(g)
+            flag_left.discard(g)
+            progressed = True
+        if not progressed:  # cannot happen: every pending entry names a group of `order`
+            raise RuntimeError("Amos: no all-reduce schedule for these placements")
+
+    def by_bucket(keys, positions):
+        out = collections.defaultdict(list)
+        for b, e in keys:
+            out[b].append(e)
+        return [(b, positions(b, es)) for b, es in sorted(out.items())]
+
+    slices = lambda b, es: buckets[b].slice_positions(es)  # noqa: E731
+    entries = lambda b, es: torch.tensor(es, dtype=torch.long, device=buckets[b].device)  # noqa: E731
+    return [Round(g, by_bucket(s, slices), by_bucket(n, entries), by_bucket(r, entries), f)
+            for g, s, n, r, f in rounds]
+
+
+def _plan_key(optimizer, work):
+    return (optimizer.backend, optimizer.guard, optimizer.capturable,
+            tuple((id(group), group["schedule"], group["granularity"], group["momentum"] > 0,
+                   group["momentum_dtype"], tuple(map(id, params)),
+                   tuple(g.dtype for g in grads)) for group, params, grads in work))
+
+
+class ShardedStep:
+    """What one optimizer's sharded steps reuse: layouts, buckets, the all-reduce schedule; rebuilt
+    when the param groups, their parameters with gradients or the options it depends on change."""
+
+    def __init__(self, optimizer, work):
+        from . import backends
+
+        self.key = _plan_key(optimizer, work)
+        devices = {local(p).device for _, params, _ in work for p in params}
+        if len(devices) != 1:
+            raise RuntimeError(f"Amos: DTensor parameters must all have their local shards on one device, not on "
+                               f"{sorted(map(str, devices))}")
+        self.device = devices.pop()
+        self.params = [p for _, params, _ in work for p in params]
+        self.groups = []  # per group: (group, one-pass [(step fn, param positions)], two-phase bucket indices)
+        self.buckets = []
+        pos = 0
+        split_groups = []
+        fn = backends.resolve(optimizer.backend, self.device)
+        for group, params, grads in work:
+            onepass, twophase = collections.defaultdict(list), collections.defaultdict(list)
+            for p, g in zip(params, grads):
+                lay = layout(p, group["granularity"])
+                for pg in lay.split_groups:
+                    if pg not in split_groups:
+                        split_groups.append(pg)
+                if not lay.sum_groups and not (group["schedule"] != "amos" and lay.norm_groups):
+                    onepass[fn].append(pos)
+                else:
+                    ops = backends.two_phase(fn, local(p), _local_grad(p, g))
+                    twophase[(ops, reference.compute_dtype(p))].append((pos, p, lay))
+                pos += 1
+            bucket_ids = []
+            for (ops, dtype), items in twophase.items():
+                bucket_ids.append(len(self.buckets))
+                self.buckets.append(_Bucket(group, ops, dtype, [i for i, _, _ in items], [p for _, p, _ in items],
+                                            [lay for _, _, lay in items], self.device))
+            self.groups.append((group, list(onepass.items()), bucket_ids))
+        self.split_groups = split_groups
+        self.flag_needed = optimizer.guard == "step"
+        self.rounds = {flag: _schedule(self.buckets, split_groups if flag else ()) for flag in (False, True)}
+        self.states = None  # local views of the state tensors, made at the first step that has state
+
+    def local_states(self, optimizer):
+        """Per parameter {v, b, m, step, eta} with this rank's parts, cached while the state tensors stay."""
+        states = [optimizer.state[p] for p in self.params]
+        if self.states is not None and all(st.get("v") is v and st.get("m") is m
+                                           for st, (v, m) in zip(states, self.state_ids)):
+            return self.states
+        self.state_ids = [(st.get("v"), st.get("m")) for st in states]
+        self.states = [{k: (local(x) if torch.is_tensor(x) else x) for k, x in st.items()} for st in states]
+        return self.states
+
+
+def sharded_step(optimizer, work, grad_scale):
+    """One Amos step for an optimizer holding DTensor parameters (module docstring). `work`:
+    (group, params, grads) per param group, params with a gradient. Returns True when the step
+    was skipped (decided on the host, every rank alike)."""
+    plan = optimizer._sharded
+    if plan is None or plan.key != _plan_key(optimizer, work):
+        plan = optimizer._sharded = ShardedStep(optimizer, work)
+    grads = [_local_grad(p, g) for (_, params, gs) in work for p, g in zip(params, gs)]
+    device = plan.device
+    on_device = optimizer.capturable or device.type == "cuda"
+
+    # this rank's verdict: GradScaler's found_inf, and with guard="step" its gradients' bound
+    found_inf = getattr(optimizer, "found_inf", None)
+    flag = None
+    if plan.flag_needed or found_inf is not None or grad_scale is not None:
+        flags = optimizer._verdicts(work, read_grads=plan.flag_needed)
+        flag = torch.zeros((), dtype=torch.float32, device=device)
+        for f in flags.values():
+            flag = torch.maximum(flag, f.to(device))
+
+    # 1. reduce: S_r of the two-phase tensors' local slices (changes nothing)
+    sums = [bk.ops.sums([grads[i] for i in bk.entries], bk.rows, bk.group, grad_scale, bk.dtype)
+            if bk.n else torch.zeros(0, dtype=bk.dtype, device=device) for bk in plan.buckets]
+    norms = [torch.zeros(len(bk.entries), dtype=bk.dtype, device=device) if bk.closed else None
+             for bk in plan.buckets]
+
+    # 2. complete: the rounds of all-reduce (partial sums, partial norms, the flag)
+    for rnd in plan.rounds[flag is not None]:
+        for b, entries in rnd.ready:
+            bk = plan.buckets[b]
+            v_prev, t = _before_step(optimizer, plan, bk)
+            norms[b][entries] = _norms(bk, sums[b], v_prev, t)[entries]
+        parts = [sums[b][pos] for b, pos in rnd.sums] + [norms[b][pos] for b, pos in rnd.norms]
+        if rnd.flag:
+            parts.append(flag.reshape(1))
+        wide = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
+        flat = torch.cat([x.to(wide) for x in parts])
+        dist.all_reduce(flat, group=rnd.group)
+        at = 0
+        for b, pos in rnd.sums:
+            sums[b][pos] = flat[at:at + len(pos)].to(sums[b].dtype)
+            at += len(pos)
+        for b, pos in rnd.norms:
+            norms[b][pos] = flat[at:at + len(pos)].to(norms[b].dtype)
+            at += len(pos)
+        if rnd.flag:
+            flag = flat[-1].to(torch.float32)
+
+    # the verdict, the same on every rank
+    skip = None
+    if flag is not None:
+        if not on_device:
+            if bool(flag > 0):
+                return True
+        else:
+            skip = (flag > 0).to(torch.float32)
+            optimizer._count_device_skip(skip)
+    for group, params, _ in work:
+        for p in params:
+            optimizer._state_for(p, group)
+    states = plan.local_states(optimizer)
+    optimizer._advance_steps([st["step"] for st in states], skip, device)
+    guarded = optimizer._guarded_counter(device)
+
+    # 3. finalize and apply
+    locals_ = [local(p) for p in plan.params]
+    for group, onepass, bucket_ids in plan.groups:
+        for fn, idx in onepass:
+            args = ([locals_[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
+            fn(*args, guarded=guarded) if skip is None else fn(*args, skip=skip, guarded=guarded)
+        for b in bucket_ids:
+            bk = plan.buckets[b]
+            if bk.n:
+                _finalize_apply(bk, sums[b], norms[b], [locals_[i] for i in bk.entries],
+                                [grads[i] for i in bk.entries], [states[i] for i in bk.entries], grad_scale, skip,
+                                guarded)
+    return False
+
+
+def _before_step(optimizer, plan, bk):
+    """(v before this step, t of this step) of a bucket's slices, as phase 2 needs them: the step
+    counters have not moved yet, and a parameter's first step has no state yet (v = 0, t = 1)."""
+    vs, ts = [], []
+    for i, R in zip(bk.entries, bk.rows):
+        st = optimizer.state[plan.params[i]]
+        if "v" in st:
+            vs.append(local(st["v"]).reshape(-1).to(bk.dtype))
+            ts.append(st["step"].to(bk.device, bk.dtype) + 1)
+        else:
+            vs.append(torch.zeros(R, dtype=bk.dtype, device=bk.device))
+            ts.append(torch.ones((), dtype=bk.dtype, device=bk.device))
+    return torch.cat(vs), torch.stack(ts)[bk.entry_of]
+
+
+def _norms(bk, S, v_prev, t):
+    """The local ||u||**2 of each tensor of a closed-form bucket from its complete S_r."""
+    _, r = reference.second_moment(S, v_prev, t, bk.C, bk.group)
+    terms = torch.where(torch.isfinite(S), S * r, torch.zeros_like(S))
+    return torch.zeros(len(bk.entries), dtype=S.dtype, device=S.device).index_add_(0, bk.entry_of, terms)
+
+
+def _finalize_apply(bk, S, norms, params, grads, states, grad_scale, skip, guarded):
+    """Phase 3 of a bucket: reference.py's finalize on the flat vectors, then the backend's apply."""
+    o, cd = bk.group, bk.dtype
+    vs = [st["v"].reshape(-1) for st in states]
+    v_prev = torch.cat(vs)
+    t = torch.stack([st["step"] for st in states]).to(cd)[bk.entry_of]
+    xi = reference.lr_of(o, cd, bk.device)
+    v, r = reference.second_moment(S, v_prev, t, bk.C, o)
+    ok = torch.isfinite(S)
+    bad = (~ok).sum()
+    if skip is not None:
+        bad = bad * (skip == 0)
+        ok = ok & (skip == 0)
+    guarded.add_(bad.to(guarded.device))
+    if o["schedule"] == "amos":
+        bs = [st["b"].reshape(-1) for st in states]
+        b = torch.cat(bs)
+        eta = torch.tensor([float(st["eta"]) for st in states], dtype=cd, device=bk.device)[bk.entry_of]
+        K, D, b_new = reference.amos_coefficients(S, r, b, xi, eta, bk.C, o)
+        torch._foreach_copy_(bs, list(torch.where(ok, b_new, b).split(bk.rows)))
+    else:
+        local_sq = _norms(bk, S, v_prev, t)
+        has_rounds = torch.tensor([bool(lay.norm_groups) for lay in bk.layouts], device=bk.device)
+        unorm2 = torch.where(has_rounds, norms, local_sq)[bk.entry_of]
+        eps0 = torch.tensor([reference.eps0(n, ndim, float(st["eta"])) for (n, ndim), st in
+                             zip(bk.global_sizes, states)], dtype=cd, device=bk.device)[bk.entry_of]
+        K, D = reference.closed_coefficients(r, unorm2, xi, t, eps0, o)
+    torch._foreach_copy_(vs, list(torch.where(ok, v, v_prev).split(bk.rows)))
+    ms = [st["m"] for st in states] if o["momentum"] > 0 else []
+    bk.ops.apply(params, grads, ms, bk.rows, S, K, D, o, grad_scale, skip)

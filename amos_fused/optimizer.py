@@ -9,7 +9,6 @@ import warnings
 import torch
 
 from . import backends, distributed
-from .distributed import local
 from .reference import compute_dtype
 from .schedules import CLOSED_FORMS, DECAYING
 from .slices import GRANULARITIES, default_eta, slice_shape
@@ -154,6 +153,7 @@ class Amos(torch.optim.Optimizer):
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
         self._state_ok = {}  # id(param) -> what its state was last checked against (_collect)
         self._plan = None  # what the last full step found (_Plan), reused while it holds
+        self._sharded = None  # the DTensor parameters' step plan (distributed.ShardedStep)
         super().__init__(params, defaults)
 
     @property
@@ -224,30 +224,33 @@ class Amos(torch.optim.Optimizer):
                 raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is already in this or an earlier "
                                  "param group; list every parameter once (tied weights are one tensor)")
             seen.add(id(p))
-        for i, p in enumerate(tensors):
-            distributed.is_sharded(p)  # raises now for DTensor placements Amos cannot step
-            if distributed.is_dtensor(p) and self.backend not in ("auto", "reference"):
-                raise ValueError(f"{where}: params[{i}] is a DTensor (FSDP2); backend={self.backend!r} steps plain "
-                                 "tensors only: use backend='auto' or 'reference' (DTensors run the reference path)")
+        for p in tensors:
+            distributed.check_placements(p)  # raises now for DTensor placements Amos cannot step
         if self.backend != "auto":
             for p in tensors:
                 backends.resolve(self.backend, p.device)  # raises now, with the reason
         names = [p[0] if isinstance(p, tuple) else None for p in
                  ([group["params"]] if torch.is_tensor(group["params"]) else group["params"])]
-        etas = [self._measure_eta(name, p, group) for name, p in zip(names, tensors)]  # may raise: before adding
+        etas = self._measure_etas(names, tensors, group)  # may raise: before adding
         super().add_param_group(group)
         self._plan = None
         for p, eta in zip(tensors, etas):
             self.state[p]["eta"] = eta
 
-    def _measure_eta(self, name, p, group):
-        eta = self.eta_fn(name, p) if self.eta_fn is not None else None
-        if eta is None:
-            eta = group["eta"] if group["eta"] is not None else default_eta(p)
-        if not (_number(eta) and eta > 0):
-            raise ValueError(f"Amos: eta for parameter {name or tuple(p.shape)} is {eta!r}; "
-                             "eta_fn and eta must give a number > 0")
-        return float(eta)
+    def _measure_etas(self, names, params, group):
+        """eta of each parameter: eta_fn's, else the group's, else the default rule, which measures
+        the matrices' mean squares (over the global tensor: one all-reduce per process group)."""
+        etas = [self.eta_fn(name, p) if self.eta_fn is not None else None for name, p in zip(names, params)]
+        etas = [group["eta"] if eta is None else eta for eta in etas]
+        measure = [i for i, (eta, p) in enumerate(zip(etas, params)) if eta is None and p.ndim >= 2]
+        for i, ms in zip(measure, distributed.mean_squares([params[i] for i in measure])):
+            etas[i] = default_eta(params[i].shape, ms)
+        etas = [default_eta(p.shape, None) if eta is None else eta for eta, p in zip(etas, params)]
+        for name, p, eta in zip(names, params, etas):
+            if not (_number(eta) and eta > 0):
+                raise ValueError(f"Amos: eta for parameter {name or tuple(p.shape)} is {eta!r}; "
+                                 "eta_fn and eta must give a number > 0")
+        return [float(eta) for eta in etas]
 
     # ---- state ----------------------------------------------------------------------------
     def _state_for(self, p, group):
@@ -382,7 +385,7 @@ class Amos(torch.optim.Optimizer):
         by_key, devices, flat = {}, set(), []
         for group, ps, gs in work:
             for p, g in zip(ps, gs):
-                g = local(g)
+                g = distributed.local(g)
                 devices.add(g.device)  # found_inf applies on every device, empty gradients' too
                 if g.numel() and read_grads:
                     key = (g.device, g.dtype == torch.float64, p.dtype == torch.float64)
@@ -569,19 +572,28 @@ class Amos(torch.optim.Optimizer):
             self._warned_guarded = True
 
     def _sharded_step(self, work, grad_scale, loss):
-        """FSDP2 (DTensor parameters): the reference math with one all-reduce per step, which
-        also carries every rank's verdict, so all ranks skip alike (distributed.sharded_step)."""
-        if self.capturable:
-            raise RuntimeError("Amos(capturable=True): DTensor (FSDP2) parameters are stepped with an all-reduce "
-                               "whose verdict is read on the host; use capturable=False")
-        flags = self._verdicts(work)
-        device = next(local(p).device for _, ps, _ in work for p in ps)
-        skip = torch.zeros((), dtype=torch.float32, device=device)
-        for flag in flags.values():
-            skip = torch.maximum(skip, flag.to(device))
-        if distributed.sharded_step(self, work, grad_scale, skip):
+        """DTensor parameters (FSDP2, HSDP, tensor parallel): the fused kernels on the local shards,
+        with one all-reduce per process group that needs one, which also carries every rank's
+        verdict, so all ranks skip alike (distributed.sharded_step)."""
+        if any(ps for _, ps, _ in work) and distributed.sharded_step(self, work, grad_scale):
             self._count_host_skip()
         return loss
+
+    def _count_device_skip(self, skip):
+        """Count a verdict decided on the device (0-d fp32, 1.0 = skipped) without reading it."""
+        counter = self._skipped_on.get(skip.device)
+        if counter is None:
+            counter = self._skipped_on[skip.device] = torch.zeros((), dtype=torch.float32, device=skip.device)
+        counter.add_(skip)
+
+    def _advance_steps(self, steps, skip, device):
+        """steps += 1, or += 1 - skip for a verdict on the device."""
+        if not steps:
+            return
+        if skip is None:
+            _add_one(steps, device.type == "cpu")
+        else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
+            torch._foreach_add_(steps, [1.0 - skip] * len(steps))
 
     def _count_host_skip(self):
         self._skipped += 1

@@ -1,19 +1,22 @@
-"""The reference step: ALGORITHM.md §3-§6 in plain PyTorch, tensor by tensor in three phases.
+"""The reference step: ALGORITHM.md §3-§6 in plain PyTorch, the oracle of every fused backend.
 
-The phases (reduce S_r; complete sums over ranks; finalize and apply) are the spec in order for
-ordinary tensors, and let FSDP2's DTensor parameters get global statistics (distributed.py).
+It reads like the spec and favours obviousness over speed. The math is written once, as
+functions of per-slice vectors, in the spec's order:
+  reduce    `slice_sums`                       S_r = sum over slice r of g*g
+  finalize  `second_moment`, `amos_coefficients` / `closed_coefficients` (with `u_norm2`)
+  apply     `apply_update`                     theta (and m) from K_r, D_r
+`reference_step` runs them tensor by tensor. The same functions finalize the slices of sharded
+tensors over flat vectors of many tensors' slices at once (distributed.py), so a sharded step
+computes each slice's coefficients with exactly these operations.
 
-This is the oracle every fused backend is tested against, so it reads like the spec and
-favours obviousness over speed. Math runs in fp32 whatever the storage dtype (fp64 for fp64
-parameters); `v` and `b` are fp32 (fp64 for fp64 parameters); `theta`, `g` and `m` are stored
-back with round-to-nearest-even.
+Math runs in fp32 whatever the storage dtype (fp64 for fp64 parameters); `v` and `b` are fp32
+(fp64 for fp64 parameters); `theta`, `g` and `m` are stored back with round-to-nearest-even.
+A slice whose S_r is not finite is guarded: its parameters and state keep their values.
 """
 import math
 
 import torch
 
-from . import distributed
-from .distributed import local
 from .schedules import decay
 from .slices import slice_shape
 
@@ -22,34 +25,11 @@ def compute_dtype(param):
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-@torch.no_grad()
-def reference_step(params, grads, states, group, grad_scale=None, guarded=None):
-    """One step for every (param, grad, state) of a group; `state["step"]` is already t.
+# ---- the math, on per-slice vectors --------------------------------------------------------------
 
-    A slice whose S_r is not finite (a NaN or Inf gradient, or a sum of squares past the compute
-    dtype's range) is guarded: its parameters and state stay as they were, the closed forms' ||u||
-    leaves it out, and `guarded` (an int64 0-d tensor, or None) counts it (Amos(guard=...)).
-
-    In three phases, as the kernels run it (ALGORITHM.md §8). For ordinary tensors they are the
-    spec in order. For FSDP2's DTensor parameters each rank runs phase 1 on its own rows, and
-    phase 2 completes the sums whose slices span ranks with one all-reduce (distributed.py;
-    Amos.step runs DTensors through `distributed.sharded_step`, which also agrees on skips).
-    """
-    work = [(p, g, s) for p, g, s in zip(params, grads, states) if p.numel()]
-    # 1. reduce: S_r of every local slice; for sharded closed-form tensors, the local ||u||**2
-    reduced = [reduce_phase(p, g, group, grad_scale, s["v"], s["step"]) for p, g, s in work]
-    # 2. complete the partial sums over ranks (nothing to do for tensors that are not sharded)
-    sums, norms, _ = distributed.complete_sums([p for p, _, _ in work], [group["granularity"]] * len(work),
-                                               [S for S, _ in reduced], [u for _, u in reduced])
-    # 3. finalize and apply, tensor by tensor
-    for (p, g, state), S, usq in zip(work, sums, norms):
-        apply_phase(p, g, state, group, grad_scale, S, usq, guarded)
-
-
-def _grad_slices(p, grad, o, grad_scale):
-    """This rank's gradient as [R, C] slices in the compute dtype: unscaled first, then clipped."""
-    R, C = distributed.local_slice_shape(p, o["granularity"])
-    g = local(grad).to(compute_dtype(p)).reshape(R, C)
+def grad_slices(grad, R, dtype, o, grad_scale=None):
+    """The gradient as [R, C] slices in `dtype`: unscaled first (GradScaler), then clipped."""
+    g = grad.to(dtype).reshape(R, -1)
     if grad_scale is not None:  # GradScaler's fused protocol: unscale first, then clip
         g = g / grad_scale.to(g.device, g.dtype)
     if o["clip_value"] is not None:
@@ -57,90 +37,149 @@ def _grad_slices(p, grad, o, grad_scale):
     return g
 
 
-def _second_moment(p, S, v_prev, t, o):
-    """§3: v_r and r_r = 1 / v_hat_r from the complete S_r, the previous v (None: zero) and step t."""
-    cd, C = S.dtype, slice_shape(p.shape, o["granularity"])[1]
-    t = torch.as_tensor(t).to(S.device, cd)
-    beta = o["beta"]
+def slice_sums(g):
+    """§3, the one reduction: S_r = sum of g*g over each row of `g` ([R, C])."""
+    return (g * g).sum(dim=1)
+
+
+def bias_correction(t, beta, dtype):
     # 1 - beta**t cancels: fp32(0.999) is off by 1.3e-8, i.e. by 1.3e-5 of bc, which would reach
     # r, K, gamma and b (tests/test_golden.py); so form it in fp64 and round once.
-    bc = (1.0 - beta ** t.double()).to(cd)
-    v_prev = 0.0 if v_prev is None else local(v_prev).to(cd).reshape(-1)
+    return (1.0 - beta ** torch.as_tensor(t).double()).to(dtype)
+
+
+def second_moment(S, v_prev, t, C, o):
+    """§3: (v_r, r_r = 1 / v_hat_r) from the complete S_r, the previous v (None: zero), step t
+    and slice length C (`t` and `C` are numbers, 0-d tensors or per-slice vectors)."""
+    beta = o["beta"]
+    bc = bias_correction(torch.as_tensor(t, device=S.device), beta, S.dtype)
+    v_prev = 0.0 if v_prev is None else v_prev.to(S.dtype).reshape(-1)
     v = beta * v_prev + (1.0 - beta) * S / C
-    r = bc / v.clamp_min(o["eps"])
-    return v, r
+    return v, bc / v.clamp_min(o["eps"])
 
 
-def reduce_phase(p, grad, o, grad_scale, v_prev, t):
-    """Phase 1: (S, local ||u||**2 or None); S = the one reduction, sum of g*g over each slice.
-
-    `v_prev` is state "v" before this step (None before the first) and `t` this step's count: the
-    phase changes nothing, so a step can still be skipped after it (distributed.sharded_step).
-    """
-    g = _grad_slices(p, grad, o, grad_scale)
-    S = (g * g).sum(dim=1)
-    usq = None
-    if o["schedule"] != "amos" and distributed.norm_spans_ranks(p, o["granularity"]):
-        _, r = _second_moment(p, S, v_prev, t, o)  # slices are whole here, so r is final
-        usq = _u_norm2(S, r)
-    return S, usq
+def amos_coefficients(S, r, b, xi, eta, C, o):
+    """§4, the official rule with the OLD b: (K_r, D_r, new b_r). `eta` and `C` are numbers or
+    per-slice vectors, `xi` the lr as a 0-d tensor in the compute dtype."""
+    alpha = xi * eta
+    c = torch.rsqrt(1.0 + o["c_coef"] * xi.sqrt() * b)
+    gamma = c * xi**2 * r * S / C
+    d = 1.0 / (1.0 + o["d_coef"] * alpha.sqrt() * b)
+    K = d * alpha * r.sqrt()
+    D = d * (gamma / 2.0 + o["extra_l2"])
+    return K, D, b + gamma * (1.0 + b)
 
 
-def _u_norm2(S, r):
+def u_norm2(S, r):
     """||u||**2 = sum of S_r * r_r over the slices that are not guarded (S_r finite)."""
     return torch.where(torch.isfinite(S), S * r, torch.zeros_like(S)).sum()
 
 
-def apply_phase(p, grad, state, o, grad_scale, S, usq, guarded=None):
-    """Phase 3: v, the coefficients K_r, D_r (and b), then the element-wise apply; `state["step"]` is t.
+def eps0(numel, ndim, eta):
+    """§5: ||theta_0 - theta*|| of a tensor of `numel` elements and `ndim` dimensions (a Python float)."""
+    return math.sqrt(numel) * eta * (math.sqrt(2.0) if ndim >= 2 else 1.0)
 
-    S None: the slices are whole here and phase 1 left them for now (distributed.sharded_step).
-    Slices with S_r not finite keep their old values (guarded; counted in `guarded` if given).
+
+def closed_coefficients(r, unorm2, xi, t, eps_0, o):
+    """§5, scale separation over the whole tensor: (K_r, D) from r_r and the tensor's complete
+    ||u||**2 (`unorm2`, `t` and `eps_0`: one per tensor, or per-slice vectors)."""
+    s = decay(o["schedule"], torch.as_tensor(t, device=r.device).to(r.dtype), o["half_life"])
+    unorm = unorm2.sqrt()
+    A = torch.where(unorm > 0, xi * eps_0 * s / unorm, torch.zeros_like(unorm))
+    return A * r.sqrt(), (xi**2 / (2.0 * o["q"]) * s).expand(r.shape)
+
+
+def apply_update(theta, g, m, K, D, o):
+    """§6 on [R, C] slices: (new theta, new m or None); m is the old m in the compute dtype."""
+    delta = -K[:, None] * g - D[:, None] * theta
+    if o["momentum"] > 0:
+        m = o["momentum"] * m + (1.0 - o["momentum"]) * delta
+        delta = m  # theta moves by the unrounded m; the stored m is rounded to its dtype
+    return theta + delta, m
+
+
+def lr_of(o, dtype, device):
+    return torch.as_tensor(o["lr"], dtype=dtype, device=device).reshape(())
+
+
+# ---- the reference step ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def reference_step(params, grads, states, group, grad_scale=None, guarded=None):
+    """One step for every (param, grad, state) of a group; `state["step"]` is already t.
+
+    A slice whose S_r is not finite (a NaN or Inf gradient, or a sum of squares past the compute
+    dtype's range) is guarded: its parameters and state stay as they were, the closed forms' ||u||
+    leaves it out, and `guarded` (an int64 0-d tensor, or None) counts it (Amos(guard=...)).
     """
-    g = _grad_slices(p, grad, o, grad_scale)  # again: one tensor's converted copy alive at a time
-    if S is None:
-        S = (g * g).sum(dim=1)
-    R = g.shape[0]
-    C = slice_shape(p.shape, o["granularity"])[1]  # the global slice length (g holds a part of a spanning one)
-    cd, dev = g.dtype, g.device
-    theta = local(p).to(cd).reshape(g.shape)
-    t = state["step"].to(dev, cd)
-    xi = torch.as_tensor(o["lr"], dtype=cd, device=dev)
-    v, r = _second_moment(p, S, state["v"], t, o)
+    for p, grad, state in zip(params, grads, states):
+        if p.numel():
+            _step_tensor(p, grad, state, group, grad_scale, guarded)
+
+
+def _step_tensor(p, grad, state, o, grad_scale, guarded):
+    R, C = slice_shape(p.shape, o["granularity"])
+    cd = compute_dtype(p)
+    g = grad_slices(grad, R, cd, o, grad_scale)
+    S = slice_sums(g)  # 1. reduce
+    t = state["step"].to(g.device, cd)
+    xi = lr_of(o, cd, g.device)
+    v, r = second_moment(S, state["v"], t, C, o)  # 2. finalize
     ok = torch.isfinite(S)  # the guard: everything below is kept where it is False
     if guarded is not None:
         guarded.add_((~ok).sum().to(guarded.device))
+    if o["schedule"] == "amos":
+        b = state["b"].to(cd).reshape(-1)  # v and b may have the parameter's shape (sharded, "element")
+        K, D, b_new = amos_coefficients(S, r, b, xi, state["eta"], C, o)
+        write(state["b"], torch.where(ok, b_new, b))
+    else:
+        K, D = closed_coefficients(r, u_norm2(S, r), xi, t, eps0(p.numel(), p.ndim, state["eta"]), o)
+    write(state["v"], torch.where(ok, v, state["v"].to(cd).reshape(-1)))
+    theta = p.to(cd).reshape(g.shape)  # 3. apply
+    m_old = state["m"].to(cd).reshape(g.shape) if o["momentum"] > 0 else None
+    _apply_kept(p, state.get("m"), theta, g, m_old, K, D, ok, o)
 
-    if o["schedule"] == "amos":  # §4, with the old b
-        b = local(state["b"]).to(cd).reshape(-1)
-        alpha = xi * state["eta"]
-        c = torch.rsqrt(1.0 + o["c_coef"] * xi.sqrt() * b)
-        gamma = c * xi**2 * r * S / C
-        d = 1.0 / (1.0 + o["d_coef"] * alpha.sqrt() * b)
-        K = d * alpha * r.sqrt()
-        D = d * (gamma / 2.0 + o["extra_l2"])
-        _write(state["b"], torch.where(ok, b + gamma * (1.0 + b), b))
-    else:  # §5: scale separation over the whole (global) tensor
-        s = decay(o["schedule"], t, o["half_life"])
-        unorm = (_u_norm2(S, r) if usq is None else usq).sqrt()
-        eps0 = math.sqrt(p.numel()) * state["eta"] * (math.sqrt(2.0) if p.ndim >= 2 else 1.0)
-        A = torch.where(unorm > 0, xi * eps0 * s / unorm, torch.zeros_like(unorm))
-        K = A * r.sqrt()
-        D = (xi**2 / (2.0 * o["q"]) * s).expand(R)
 
-    # §6: the element-wise apply
-    delta = -K[:, None] * g - D[:, None] * theta
+def _apply_kept(p, m_store, theta, g, m_old, K, D, ok, o):
+    """apply_update, then store theta (and m) where the slice is not guarded."""
+    new_theta, m = apply_update(theta, g, m_old, K, D, o)
     keep = ok[:, None]
-    if o["momentum"] > 0:
-        m_old = local(state["m"]).to(cd).reshape(g.shape)
-        m = o["momentum"] * m_old + (1.0 - o["momentum"]) * delta
-        _write(state["m"], torch.where(keep, m, m_old))
-        delta = m  # theta moves by the unrounded m; the stored m is rounded to its dtype
-    _write(state["v"], torch.where(ok, v, local(state["v"]).to(cd).reshape(-1)))
-    _write(p, torch.where(keep, theta + delta, theta))
+    if m is not None:
+        write(m_store, torch.where(keep, m, m_old))
+    write(p, torch.where(keep, new_theta, theta))
 
 
-def _write(dst, value):
-    """dst = value, in dst's dtype and (local) shape."""
-    out = local(dst)
-    out.copy_(value.reshape(out.shape))
+def write(dst, value):
+    """dst = value, in dst's dtype and shape."""
+    dst.copy_(value.reshape(dst.shape))
+
+
+# ---- the two-phase protocol of sharded tensors (distributed.py), in plain PyTorch -----------------
+# The fused backends provide the same two functions with their kernels (backends.py).
+
+@torch.no_grad()
+def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
+    """Phase 1: S_r of every local slice of every gradient (`rows[i]` slices of grads[i]), as one
+    flat vector in `dtype`, the compute dtype of their parameters."""
+    parts = [slice_sums(grad_slices(g, R, dtype, group, grad_scale)) if g.numel()
+             else torch.zeros(R, dtype=dtype, device=g.device) for g, R in zip(grads, rows)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+
+@torch.no_grad()
+def two_phase_apply(params, grads, ms, rows, S, K, D, group, grad_scale=None, skip=None):
+    """Phase 3: §6 on every local slice with the finalized K_r, D_r (flat vectors in the order of
+    `two_phase_sums`); a slice whose S_r is not finite, or every slice when `skip` is set, keeps
+    theta and m. `ms` is empty without momentum."""
+    if skip is not None and bool(skip):
+        return
+    ok = torch.isfinite(S)
+    at = 0
+    for i, (p, g, R) in enumerate(zip(params, grads, rows)):
+        if p.numel():
+            cd = S.dtype
+            gs = grad_slices(g, R, cd, group, grad_scale)
+            theta = p.to(cd).reshape(gs.shape)
+            m_old = ms[i].to(cd).reshape(gs.shape) if ms else None
+            _apply_kept(p, ms[i] if ms else None, theta, gs, m_old, K[at:at + R], D[at:at + R], ok[at:at + R], group)
+        at += R

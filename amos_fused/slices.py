@@ -17,17 +17,13 @@ def slice_shape(shape, granularity):
     return shape[0], math.prod(shape[1:])
 
 
-def default_eta(param):
-    """The spec's default eta: RMS(theta_0) for matrices (fan-in rule if that is 0), 0.5 otherwise.
-
-    A sharded (FSDP2 DTensor) parameter is measured over its global tensor.
-    """
-    from .distributed import mean_square  # here: distributed.py imports this module
-
-    if param.ndim <= 1:
+def default_eta(shape, mean_square):
+    """The spec's default eta of a parameter of `shape`: RMS(theta_0) for matrices, from the mean
+    of theta_0**2 over the (global) tensor, or the fan-in rule if that is 0; 0.5 otherwise."""
+    if len(shape) <= 1:
         return 0.5
-    fan_in = math.prod(param.shape[1:])
-    rms = math.sqrt(mean_square(param)) if param.numel() else 0.0
+    fan_in = math.prod(shape[1:])
+    rms = math.sqrt(mean_square) if mean_square else 0.0
     if rms > 0 and math.isfinite(rms):
         return rms
     return math.sqrt(1.0 / fan_in) if fan_in else 1.0

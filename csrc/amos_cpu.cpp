@@ -554,7 +554,149 @@ PieceFn piece_fn(Dtype tp, Dtype tm) {
   }
 }
 
+// The two-phase protocol's apply (two_phase_apply_cpu): n elements of one slice with given K, D,
+// one entry point per (theta dtype, m dtype) and target, like the pieces above.
+using SpanFn = void (*)(char*, const float*, char*, int64_t, float, float, const Hyper&);
+
+template <typename TP, typename TM>
+void span_generic(char* p, const float* g, char* m, int64_t n, float K, float D, const Hyper& h) {
+  apply_span<TP, TM>(reinterpret_cast<TP*>(p), g, static_cast<TM*>(static_cast<void*>(m)), n, K, D, h);
+}
+
+#ifdef AMOS_CPU_AVX2
+template <typename TP, typename TM>
+__attribute__((target("avx2,f16c"))) void span_avx2(char* p, const float* g, char* m, int64_t n, float K, float D,
+                                                    const Hyper& h) {
+  apply_span<TP, TM>(reinterpret_cast<TP*>(p), g, static_cast<TM*>(static_cast<void*>(m)), n, K, D, h);
+}
+#endif
+
+template <typename TP, typename TM>
+SpanFn span_fn() {
+#ifdef AMOS_CPU_AVX2
+  if (cpu_avx2()) return span_avx2<TP, TM>;
+#endif
+  return span_generic<TP, TM>;
+}
+
+template <typename TP>
+SpanFn span_fn(Dtype tm) {
+  switch (tm) {
+    case kF32: return span_fn<TP, float>();
+    case kBF16: return span_fn<TP, c10::BFloat16>();
+    case kF16: return span_fn<TP, c10::Half>();
+    default: return span_fn<TP, void>();
+  }
+}
+
+SpanFn span_fn(Dtype tp, Dtype tm) {
+  switch (tp) {
+    case kF32: return span_fn<float>(tm);
+    case kBF16: return span_fn<c10::BFloat16>(tm);
+    default: return span_fn<c10::Half>(tm);
+  }
+}
+
+int64_t elem_size(Dtype d) { return d == kF32 ? 4 : 2; }
+
+// The pieces of a two-phase call: runs of whole rows of about kPiece elements, or one block of
+// kLongRow elements of a longer row; fixed by the shapes, not by the thread count.
+struct Span {
+  int32_t tensor;
+  int64_t row0, row1, col0, col1;
+};
+
+std::vector<Span> two_phase_pieces(const TwoPhaseArgs& a) {
+  std::vector<Span> out;
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    const int64_t n = a.params[i].numel(), R = a.rows[i];
+    if (n == 0) continue;
+    const int64_t C = n / R;
+    if (C > kLongRow) {
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < C; c += kLongRow)
+          out.push_back({static_cast<int32_t>(i), r, r + 1, c, std::min(C, c + kLongRow)});
+    } else {
+      const int64_t per = std::max<int64_t>(1, kPiece / C);
+      for (int64_t r = 0; r < R; r += per) out.push_back({static_cast<int32_t>(i), r, std::min(R, r + per), 0, C});
+    }
+  }
+  return out;
+}
+
+// runs fn(piece index) over the pieces, on the calling thread when the call is small
+template <typename Fn>
+void over_pieces(const TwoPhaseArgs& a, int64_t np, Fn fn) {
+  int64_t total = 0;
+  for (const auto& p : a.params) total += p.numel();
+  const int64_t grain = total < kSerial ? std::max<int64_t>(np, 1) : 1;
+  at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
+    Scratch sc;
+    for (int64_t k = begin; k < end; ++k) fn(k, sc);
+  });
+}
+
+// g of elements [off, off + n) of tensor i as the step sees it (unscaled, clipped), in fp32
+const float* prepared_grad(const TwoPhaseArgs& a, size_t i, int64_t off, int64_t n, float scale, float* buf) {
+  const Dtype tg = dtype_of(a.grads[i]);
+  const char* g = static_cast<const char*>(a.grads[i].data_ptr());
+  if (tg == kF32 && scale == 1.0f && !a.h.has_clip) return reinterpret_cast<const float*>(g) + off;
+  prep_fn(tg)(g + off * elem_size(tg), buf, n, scale, a.h);
+  return buf;
+}
+
 }  // namespace
+
+// Phase 1 of the two-phase protocol: S_r of every local slice into S (fp32, a.offsets[i] + r).
+// A row's S is sumsq's sum over the row, or (rows over kLongRow) its blocks' sums added in order.
+void two_phase_sums_cpu(const TwoPhaseArgs& a, const at::Tensor& S) {
+  float* out = S.data_ptr<float>();
+  std::fill(out, out + S.numel(), 0.0f);  // rows of empty local shards stay 0
+  const float scale = a.grad_scale ? a.grad_scale->item<float>() : 1.0f;
+  const std::vector<Span> pieces = two_phase_pieces(a);
+  std::vector<float> partial(pieces.size(), 0.0f);
+  over_pieces(a, static_cast<int64_t>(pieces.size()), [&](int64_t k, Scratch& sc) {
+    const Span& pc = pieces[k];
+    const int64_t C = a.params[pc.tensor].numel() / a.rows[pc.tensor];
+    if (C > kLongRow) {
+      const int64_t n = pc.col1 - pc.col0;
+      partial[k] = sumsq(prepared_grad(a, pc.tensor, pc.row0 * C + pc.col0, n, scale, sc.buf(0)), n);
+      return;
+    }
+    for (int64_t r = pc.row0; r < pc.row1; ++r)
+      out[a.offsets[pc.tensor] + r] = sumsq(prepared_grad(a, pc.tensor, r * C, C, scale, sc.buf(0)), C);
+  });
+  for (size_t k = 0; k < pieces.size(); ++k) {
+    const Span& pc = pieces[k];
+    if (a.params[pc.tensor].numel() / a.rows[pc.tensor] > kLongRow) out[a.offsets[pc.tensor] + pc.row0] += partial[k];
+  }
+}
+
+// Phase 3: the apply of ALGORITHM.md §6 with the finalized K_r, D_r; a slice whose S_r is not
+// finite keeps theta and m.
+void two_phase_apply_cpu(const TwoPhaseArgs& a, const at::Tensor& S, const at::Tensor& K, const at::Tensor& D) {
+  if (a.skip && a.skip->item<float>() != 0.0f) return;
+  const float scale = a.grad_scale ? a.grad_scale->item<float>() : 1.0f;
+  const float *s = S.data_ptr<float>(), *k_r = K.data_ptr<float>(), *d_r = D.data_ptr<float>();
+  const std::vector<Span> pieces = two_phase_pieces(a);
+  std::vector<SpanFn> fns(a.params.size());
+  for (size_t i = 0; i < a.params.size(); ++i)
+    fns[i] = span_fn(dtype_of(a.params[i]), a.ms.empty() ? kNone : dtype_of(a.ms[i]));
+  over_pieces(a, static_cast<int64_t>(pieces.size()), [&](int64_t k, Scratch& sc) {
+    const Span& pc = pieces[k];
+    const size_t i = pc.tensor;
+    const int64_t C = a.params[i].numel() / a.rows[i], n = pc.col1 - pc.col0;
+    const int64_t ep = elem_size(dtype_of(a.params[i])), em = a.ms.empty() ? 0 : elem_size(dtype_of(a.ms[i]));
+    char* p = static_cast<char*>(a.params[i].data_ptr());
+    char* m = a.ms.empty() ? nullptr : static_cast<char*>(a.ms[i].data_ptr());
+    for (int64_t r = pc.row0; r < pc.row1; ++r) {
+      const int64_t j = a.offsets[i] + r, off = r * C + pc.col0;
+      if (!finite_S(s[j])) continue;  // guarded
+      const float* g = prepared_grad(a, i, off, n, scale, sc.buf(0));
+      fns[i](p + off * ep, g, m == nullptr ? nullptr : m + off * em, n, k_r[j], d_r[j], a.h);
+    }
+  });
+}
 
 void step_cpu(const StepArgs& a) {
   const Hyper& h = a.h;

@@ -649,4 +649,154 @@ void step_cuda(const StepArgs& a) {
   }
 }
 
+
+// ---- the two-phase protocol of sharded tensors (two_phase.cpp, amos_fused/distributed.py) ------
+// Work items are pieces of at most kPiece elements of one slice; a slice's S is its pieces' sums
+// added in order (deterministic). The table is built per call: these tensors are few (a sharded
+// model's 1-D parameters, or row-split matrices) and the path is not captured in CUDA graphs.
+namespace {
+
+struct TwoPhaseTensor {
+  const void* g;
+  void* p;
+  void* m;
+  int64_t C;
+  int32_t tg, tp, tm, pad;
+};
+
+struct TwoPhaseItem {
+  int32_t tensor, pad;
+  int64_t slice, off, n;
+};
+
+struct TwoPhaseTable {
+  at::Tensor host, dev;
+  int64_t nt = 0, ni = 0, ns = 0;
+  const TwoPhaseTensor* tensors() const { return reinterpret_cast<const TwoPhaseTensor*>(dev.data_ptr<uint8_t>()); }
+  const TwoPhaseItem* items() const { return reinterpret_cast<const TwoPhaseItem*>(tensors() + nt); }
+  const int64_t* first() const { return reinterpret_cast<const int64_t*>(items() + ni); }  // per slice, ns + 1
+};
+
+TwoPhaseTable two_phase_table(const TwoPhaseArgs& a) {
+  cudaStreamCaptureStatus capturing;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &capturing));
+  TORCH_CHECK(capturing == cudaStreamCaptureStatusNone,
+              "amos_fused: the two-phase step of sharded tensors cannot be captured in a CUDA graph; "
+              "use capturable=False with DTensor parameters whose slices or norms span ranks");
+  TwoPhaseTable T;
+  std::vector<TwoPhaseTensor> ts;
+  std::vector<TwoPhaseItem> items;
+  std::vector<int64_t> first;
+  for (size_t i = 0; i < a.grads.size(); ++i) {
+    const int64_t n = a.grads[i].numel(), R = a.rows[i], C = n ? n / R : 0;
+    ts.push_back({a.grads[i].data_ptr(), a.params[i].data_ptr(), a.ms.empty() ? nullptr : a.ms[i].data_ptr(), C,
+                  dtype_of(a.grads[i]), dtype_of(a.params[i]), a.ms.empty() ? kNone : dtype_of(a.ms[i]), 0});
+    for (int64_t r = 0; r < R; ++r) {
+      first.push_back(static_cast<int64_t>(items.size()));
+      for (int64_t c = 0; c < C; c += kPiece)
+        items.push_back({static_cast<int32_t>(i), 0, a.offsets[i] + r, r * C + c, std::min(C - c, kPiece)});
+    }
+  }
+  first.push_back(static_cast<int64_t>(items.size()));
+  T.nt = static_cast<int64_t>(ts.size());
+  T.ni = static_cast<int64_t>(items.size());
+  T.ns = static_cast<int64_t>(first.size()) - 1;
+  const size_t bytes = ts.size() * sizeof(TwoPhaseTensor) + items.size() * sizeof(TwoPhaseItem) +
+                       first.size() * sizeof(int64_t);
+  T.host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* dst = T.host.data_ptr<uint8_t>();
+  std::memcpy(dst, ts.data(), ts.size() * sizeof(TwoPhaseTensor));
+  dst += ts.size() * sizeof(TwoPhaseTensor);
+  std::memcpy(dst, items.data(), items.size() * sizeof(TwoPhaseItem));
+  dst += items.size() * sizeof(TwoPhaseItem);
+  std::memcpy(dst, first.data(), first.size() * sizeof(int64_t));
+  T.dev = T.host.to(at::TensorOptions().device(a.grads[0].device()).dtype(at::kByte), /*non_blocking=*/true);
+  return T;
+}
+
+__global__ void __launch_bounds__(kThreads) two_phase_piece_sum_kernel(const TwoPhaseTensor* __restrict__ ts,
+                                                                       const TwoPhaseItem* __restrict__ items,
+                                                                       Hyper h, const float* __restrict__ scale_ptr,
+                                                                       float* __restrict__ partial) {
+  __shared__ float smem[kWarps];
+  const TwoPhaseItem it = items[blockIdx.x];
+  const TwoPhaseTensor& T = ts[it.tensor];
+  const float scale = scale_ptr ? *scale_ptr : 1.0f;
+  float acc = 0.0f;
+  for (int64_t k = threadIdx.x; k < it.n; k += kThreads) {
+    const float g = prep_grad(ld1(T.g, T.tg, it.off + k), scale, h);
+    acc += g * g;
+  }
+  const float S = block_sum(acc, smem);
+  if (threadIdx.x == 0) partial[blockIdx.x] = S;
+}
+
+__global__ void two_phase_slice_sum_kernel(const int64_t* __restrict__ first, int64_t ns,
+                                           const float* __restrict__ partial, float* __restrict__ S) {
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (j >= ns) return;
+  float total = 0.0f;
+  for (int64_t k = first[j]; k < first[j + 1]; ++k) total += partial[k];
+  S[j] = total;
+}
+
+__global__ void __launch_bounds__(kThreads) two_phase_apply_kernel(const TwoPhaseTensor* __restrict__ ts,
+                                                                   const TwoPhaseItem* __restrict__ items, Hyper h,
+                                                                   const float* __restrict__ scale_ptr,
+                                                                   const float* __restrict__ skip_ptr,
+                                                                   const float* __restrict__ S,
+                                                                   const float* __restrict__ K,
+                                                                   const float* __restrict__ D) {
+  if (skip_ptr && *skip_ptr != 0.0f) return;
+  const TwoPhaseItem it = items[blockIdx.x];
+  if (guarded_slice(S[it.slice])) return;  // theta and m keep their values
+  const TwoPhaseTensor& T = ts[it.tensor];
+  const float scale = scale_ptr ? *scale_ptr : 1.0f, k = K[it.slice], d = D[it.slice];
+  for (int64_t e = threadIdx.x; e < it.n; e += kThreads) {
+    const int64_t i = it.off + e;
+    const float theta = ld1(T.p, T.tp, i);
+    float delta = update(theta, prep_grad(ld1(T.g, T.tg, i), scale, h), k, d);
+    if (T.tm != kNone) {
+      const float m = momentum_update(h, ld1(T.m, T.tm, i), delta);
+      st1(T.m, T.tm, i, m);
+      delta = m;  // theta moves by the unrounded m
+    }
+    st1(T.p, T.tp, i, theta + delta);
+  }
+}
+
+}  // namespace
+
+void two_phase_sums_cuda(const TwoPhaseArgs& a, const at::Tensor& S) {
+  const c10::cuda::CUDAGuard guard(a.grads[0].device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  S.zero_();  // slices of empty local shards have no items
+  TwoPhaseTable T = two_phase_table(a);
+  if (T.ni) {
+    at::Tensor partial = at::empty({T.ni}, S.options());
+    two_phase_piece_sum_kernel<<<blocks(T.ni), kThreads, 0, stream>>>(
+        T.tensors(), T.items(), a.h, a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr,
+        partial.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    two_phase_slice_sum_kernel<<<blocks((T.ns + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        T.first(), T.ns, partial.data_ptr<float>(), S.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  T.dev.record_stream(c10::cuda::getCurrentCUDAStream());
+}
+
+void two_phase_apply_cuda(const TwoPhaseArgs& a, const at::Tensor& S, const at::Tensor& K, const at::Tensor& D) {
+  const c10::cuda::CUDAGuard guard(a.grads[0].device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  TwoPhaseTable T = two_phase_table(a);
+  if (T.ni) {
+    two_phase_apply_kernel<<<blocks(T.ni), kThreads, 0, stream>>>(
+        T.tensors(), T.items(), a.h, a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr,
+        a.skip ? a.skip->data_ptr<float>() : nullptr, S.data_ptr<float>(), K.data_ptr<float>(),
+        D.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  T.dev.record_stream(c10::cuda::getCurrentCUDAStream());
+}
+
 }  // namespace amos

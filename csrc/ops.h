@@ -58,9 +58,24 @@ inline bool cpu_avx2() {
 }
 #endif
 
+// The two-phase protocol of sharded tensors (amos_fused/distributed.py), checked by two_phase.cpp:
+// phase 1 writes S_r of every local slice, phase 3 applies given K_r, D_r. Tensor i has rows[i]
+// slices (of numel / rows[i] contiguous elements), at offsets[i] in the flat fp32 S, K, D.
+struct TwoPhaseArgs {
+  std::vector<at::Tensor> params, grads, ms;  // contiguous fp32/bf16/fp16; ms empty without momentum
+  std::vector<int64_t> rows, offsets;
+  std::optional<at::Tensor> grad_scale;  // fp32 one element on the tensors' device, or empty
+  std::optional<at::Tensor> skip;        // fp32 one element: != 0 makes the apply change nothing
+  Hyper h;                               // momentum and clip are read
+};
+
 void step_cpu(const StepArgs& a);
+void two_phase_sums_cpu(const TwoPhaseArgs& a, const at::Tensor& S);
+void two_phase_apply_cpu(const TwoPhaseArgs& a, const at::Tensor& S, const at::Tensor& K, const at::Tensor& D);
 #ifdef AMOS_WITH_CUDA
 void step_cuda(const StepArgs& a);
+void two_phase_sums_cuda(const TwoPhaseArgs& a, const at::Tensor& S);
+void two_phase_apply_cuda(const TwoPhaseArgs& a, const at::Tensor& S, const at::Tensor& K, const at::Tensor& D);
 #endif
 
 }  // namespace amos
