@@ -127,12 +127,18 @@ def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
                                                float(group["clip_value"] or 0.0))
 
 
-def two_phase_apply(params, grads, ms, rows, S, K, D, group, grad_scale=None, skip=None):
+def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, group, grad_scale=None, skip=None,
+                    guarded=None):
     device = params[0].device
-    f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
-    torch.ops.amos_fused.two_phase_apply_(params, _grads(grads), ms, list(rows), f32(S), f32(K), f32(D),
-                                          _scalar(grad_scale, device), _scalar(skip, device),
-                                          float(group["momentum"]), float(group["clip_value"] or 0.0))
+    lr, lr_tensor = group["lr"], None
+    if torch.is_tensor(lr):
+        lr, lr_tensor = 0.0, lr.detach().reshape(()).to(torch.float32)
+    ms = [st["m"] for st in states] if group["momentum"] > 0 else []
+    torch.ops.amos_fused.two_phase_apply_(
+        params, _grads(grads), [st["v"] for st in states], [st["b"] for st in states], ms,
+        [st["step"] for st in states], [float(st["eta"]) for st in states], list(rows), list(slice_lens),
+        list(numels), S.to(torch.float32), None if norms is None else norms.to(torch.float32), float(lr), lr_tensor,
+        _scalar(grad_scale, device), _scalar(skip, device), guarded, *option_args(group))
 
 
 TWO_PHASE = backends.TwoPhase(two_phase_sums, two_phase_apply)
@@ -143,5 +149,7 @@ if _C is not None:
         return grads[0].new_empty((sum(rows),), dtype=torch.float32)
 
     @torch.library.register_fake("amos_fused::two_phase_apply_")
-    def _two_phase_apply_fake(params, grads, ms, rows, S, K, D, grad_scale, skip, momentum, clip_value):
+    def _two_phase_apply_fake(params, grads, vs, bs, ms, steps, etas, rows, slice_lens, numels, S, norms, lr,
+                              lr_tensor, grad_scale, skip, guarded, schedule, beta, eps, momentum, clip_value, d_coef,
+                              c_coef, extra_l2, q, half_life):
         return None

@@ -40,6 +40,7 @@ Not supported, with a clear error at construction: Partial placements (a paramet
 pending sum), DeepSpeed ZeRO and FSDP1 flat parameters (see README).
 """
 import collections
+import operator
 import sys
 
 import torch
@@ -206,7 +207,9 @@ class _Bucket:
         self.group, self.ops, self.dtype, self.device = group, ops, dtype, device
         self.entries = entries  # indices into the plan's params
         self.layouts = layouts
-        self.global_sizes = [(p.numel(), p.ndim) for p in params]  # the closed forms' eps0
+        self.slice_lens = [lay.C for lay in layouts]  # the global geometry the local parts step with
+        self.numels = [p.numel() for p in params]
+        self.norm_rounds = torch.tensor([bool(lay.norm_groups) for lay in layouts], device=device)
         self.rows = [lay.rows for lay in layouts]
         self.offsets = [0]
         for R in self.rows:
@@ -325,6 +328,14 @@ class ShardedStep:
         self.flag_needed = optimizer.guard == "step"
         self.rounds = {flag: _schedule(self.buckets, split_groups if flag else ()) for flag in (False, True)}
         self.states = None  # local views of the state tensors, made at the first step that has state
+        self.locals = None
+
+    def local_params(self):
+        """The local parts of the parameters, kept while the DTensors keep them (FSDP2 does)."""
+        now = [p._local_tensor if is_dtensor(p) else p for p in self.params]
+        if self.locals is None or not all(map(operator.is_, now, self.locals)):
+            self.locals = now
+        return self.locals
 
     def local_states(self, optimizer):
         """Per parameter {v, b, m, step, eta} with this rank's parts, cached while the state tensors stay."""
@@ -385,6 +396,10 @@ def sharded_step(optimizer, work, grad_scale):
         if rnd.flag:
             flag = flat[-1].to(torch.float32)
 
+    for b, bk in enumerate(plan.buckets):  # ||u||**2 whose slices are all here: from the complete S_r
+        if bk.closed and bk.n and not bool(bk.norm_rounds.all()):
+            norms[b] = torch.where(bk.norm_rounds, norms[b], _norms(bk, sums[b], *_before_step(optimizer, plan, bk)))
+
     # the verdict, the same on every rank
     skip = None
     if flag is not None:
@@ -401,8 +416,8 @@ def sharded_step(optimizer, work, grad_scale):
     optimizer._advance_steps([st["step"] for st in states], skip, device)
     guarded = optimizer._guarded_counter(device)
 
-    # 3. finalize and apply
-    locals_ = [local(p) for p in plan.params]
+    # 3. finalize and apply: the backends' one-pass step, or their phase 3 with the complete sums
+    locals_ = plan.local_params()
     for group, onepass, bucket_ids in plan.groups:
         for fn, idx in onepass:
             args = ([locals_[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
@@ -410,9 +425,9 @@ def sharded_step(optimizer, work, grad_scale):
         for b in bucket_ids:
             bk = plan.buckets[b]
             if bk.n:
-                _finalize_apply(bk, sums[b], norms[b], [locals_[i] for i in bk.entries],
-                                [grads[i] for i in bk.entries], [states[i] for i in bk.entries], grad_scale, skip,
-                                guarded)
+                bk.ops.apply([locals_[i] for i in bk.entries], [grads[i] for i in bk.entries],
+                             [states[i] for i in bk.entries], bk.rows, bk.slice_lens, bk.numels, sums[b], norms[b],
+                             bk.group, grad_scale, skip, guarded)
     return False
 
 
@@ -436,35 +451,3 @@ def _norms(bk, S, v_prev, t):
     _, r = reference.second_moment(S, v_prev, t, bk.C, bk.group)
     terms = torch.where(torch.isfinite(S), S * r, torch.zeros_like(S))
     return torch.zeros(len(bk.entries), dtype=S.dtype, device=S.device).index_add_(0, bk.entry_of, terms)
-
-
-def _finalize_apply(bk, S, norms, params, grads, states, grad_scale, skip, guarded):
-    """Phase 3 of a bucket: reference.py's finalize on the flat vectors, then the backend's apply."""
-    o, cd = bk.group, bk.dtype
-    vs = [st["v"].reshape(-1) for st in states]
-    v_prev = torch.cat(vs)
-    t = torch.stack([st["step"] for st in states]).to(cd)[bk.entry_of]
-    xi = reference.lr_of(o, cd, bk.device)
-    v, r = reference.second_moment(S, v_prev, t, bk.C, o)
-    ok = torch.isfinite(S)
-    bad = (~ok).sum()
-    if skip is not None:
-        bad = bad * (skip == 0)
-        ok = ok & (skip == 0)
-    guarded.add_(bad.to(guarded.device))
-    if o["schedule"] == "amos":
-        bs = [st["b"].reshape(-1) for st in states]
-        b = torch.cat(bs)
-        eta = torch.tensor([float(st["eta"]) for st in states], dtype=cd, device=bk.device)[bk.entry_of]
-        K, D, b_new = reference.amos_coefficients(S, r, b, xi, eta, bk.C, o)
-        torch._foreach_copy_(bs, list(torch.where(ok, b_new, b).split(bk.rows)))
-    else:
-        local_sq = _norms(bk, S, v_prev, t)
-        has_rounds = torch.tensor([bool(lay.norm_groups) for lay in bk.layouts], device=bk.device)
-        unorm2 = torch.where(has_rounds, norms, local_sq)[bk.entry_of]
-        eps0 = torch.tensor([reference.eps0(n, ndim, float(st["eta"])) for (n, ndim), st in
-                             zip(bk.global_sizes, states)], dtype=cd, device=bk.device)[bk.entry_of]
-        K, D = reference.closed_coefficients(r, unorm2, xi, t, eps0, o)
-    torch._foreach_copy_(vs, list(torch.where(ok, v, v_prev).split(bk.rows)))
-    ms = [st["m"] for st in states] if o["momentum"] > 0 else []
-    bk.ops.apply(params, grads, ms, bk.rows, S, K, D, o, grad_scale, skip)

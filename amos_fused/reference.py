@@ -117,13 +117,19 @@ def reference_step(params, grads, states, group, grad_scale=None, guarded=None):
             _step_tensor(p, grad, state, group, grad_scale, guarded)
 
 
-def _step_tensor(p, grad, state, o, grad_scale, guarded):
-    R, C = slice_shape(p.shape, o["granularity"])
+def _step_tensor(p, grad, state, o, grad_scale, guarded, S=None, unorm2=None, C=None, numel=None):
+    """One tensor's step. A sharded tensor's local part gets its complete S_r (and the closed
+    forms' ||u||**2) handed in, with the global slice length C and element count (distributed.py)."""
     cd = compute_dtype(p)
-    g = grad_slices(grad, R, cd, o, grad_scale)
-    S = slice_sums(g)  # 1. reduce
-    t = state["step"].to(g.device, cd)
-    xi = lr_of(o, cd, g.device)
+    if S is None:
+        R, C = slice_shape(p.shape, o["granularity"])
+        g = grad_slices(grad, R, cd, o, grad_scale)
+        S = slice_sums(g)  # 1. reduce
+    else:
+        S = S.to(cd)
+        g = grad_slices(grad, S.numel(), cd, o, grad_scale) if p.numel() else None
+    t = state["step"].to(S.device, cd)
+    xi = lr_of(o, cd, S.device)
     v, r = second_moment(S, state["v"], t, C, o)  # 2. finalize
     ok = torch.isfinite(S)  # the guard: everything below is kept where it is False
     if guarded is not None:
@@ -133,8 +139,11 @@ def _step_tensor(p, grad, state, o, grad_scale, guarded):
         K, D, b_new = amos_coefficients(S, r, b, xi, state["eta"], C, o)
         write(state["b"], torch.where(ok, b_new, b))
     else:
-        K, D = closed_coefficients(r, u_norm2(S, r), xi, t, eps0(p.numel(), p.ndim, state["eta"]), o)
+        unorm2 = u_norm2(S, r) if unorm2 is None else unorm2.to(cd)
+        K, D = closed_coefficients(r, unorm2, xi, t, eps0(numel or p.numel(), p.ndim, state["eta"]), o)
     write(state["v"], torch.where(ok, v, state["v"].to(cd).reshape(-1)))
+    if g is None:
+        return  # an empty local part of a slice held by other ranks: its v and b only
     theta = p.to(cd).reshape(g.shape)  # 3. apply
     m_old = state["m"].to(cd).reshape(g.shape) if o["momentum"] > 0 else None
     _apply_kept(p, state.get("m"), theta, g, m_old, K, D, ok, o)
@@ -167,19 +176,15 @@ def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
 
 
 @torch.no_grad()
-def two_phase_apply(params, grads, ms, rows, S, K, D, group, grad_scale=None, skip=None):
-    """Phase 3: §6 on every local slice with the finalized K_r, D_r (flat vectors in the order of
-    `two_phase_sums`); a slice whose S_r is not finite, or every slice when `skip` is set, keeps
-    theta and m. `ms` is empty without momentum."""
+def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, group, grad_scale=None, skip=None,
+                    guarded=None):
+    """Phase 3: every tensor's step from the complete S_r of its `rows[i]` local slices (flat, in
+    the order of `two_phase_sums`), its global slice length and element count, and for the closed
+    forms its complete ||u||**2 (`norms[i]`). Nothing changes when `skip` is set."""
     if skip is not None and bool(skip):
         return
-    ok = torch.isfinite(S)
     at = 0
-    for i, (p, g, R) in enumerate(zip(params, grads, rows)):
-        if p.numel():
-            cd = S.dtype
-            gs = grad_slices(g, R, cd, group, grad_scale)
-            theta = p.to(cd).reshape(gs.shape)
-            m_old = ms[i].to(cd).reshape(gs.shape) if ms else None
-            _apply_kept(p, ms[i] if ms else None, theta, gs, m_old, K[at:at + R], D[at:at + R], ok[at:at + R], group)
+    for i, (p, g, st, R) in enumerate(zip(params, grads, states, rows)):
+        _step_tensor(p, g, st, group, grad_scale, guarded, S=S[at:at + R], unorm2=None if norms is None else norms[i],
+                     C=slice_lens[i], numel=numels[i])
         at += R

@@ -672,12 +672,46 @@ void two_phase_sums_cpu(const TwoPhaseArgs& a, const at::Tensor& S) {
   }
 }
 
-// Phase 3: the apply of ALGORITHM.md §6 with the finalized K_r, D_r; a slice whose S_r is not
-// finite keeps theta and m.
-void two_phase_apply_cpu(const TwoPhaseArgs& a, const at::Tensor& S, const at::Tensor& K, const at::Tensor& D) {
+// Phase 3: finalize every slice from its complete S_r (v, b, K_r, D_r, as step_cpu does between
+// its passes; the closed forms' A from the tensor's complete ||u||^2), then the apply of §6. A
+// slice whose S_r is not finite keeps v, b, theta and m, and is counted.
+void two_phase_apply_cpu(const TwoPhaseArgs& a, const at::Tensor& S) {
   if (a.skip && a.skip->item<float>() != 0.0f) return;
+  const Hyper& h = a.h;
+  const float xi = a.lr_tensor ? a.lr_tensor->item<float>() : static_cast<float>(a.lr);
   const float scale = a.grad_scale ? a.grad_scale->item<float>() : 1.0f;
-  const float *s = S.data_ptr<float>(), *k_r = K.data_ptr<float>(), *d_r = D.data_ptr<float>();
+  const float* s = S.data_ptr<float>();
+  const int64_t ns = a.offsets.back();
+  std::vector<float> K(ns), D(ns);
+  std::vector<uint8_t> ok(ns);
+  int64_t guarded = 0;
+  for (size_t i = 0; i < a.params.size(); ++i) {  // finalize: sequential, O(slices)
+    const float t = *a.steps[i].data_ptr<float>(), bc = bias_correction(h, t);
+    const float C = static_cast<float>(a.slice_lens[i]);
+    float* v = a.vs[i].data_ptr<float>();
+    float* b = a.bs[i].data_ptr<float>();
+    const AmosTensor at = amos_tensor(h, xi, static_cast<float>(a.etas[i]));
+    float A = 0.0f, Dt = 0.0f;
+    if (h.schedule != kAmos)
+      closed_tensor(h, xi, t, eps0_of(a.numels[i], a.params[i].dim(), a.etas[i]), a.norms->data_ptr<float>()[i], A,
+                    Dt);
+    for (int64_t r = 0; r < a.rows[i]; ++r) {
+      const int64_t j = a.offsets[i] + r;
+      ok[j] = finite_S(s[j]);
+      if (!ok[j]) {
+        ++guarded;
+        continue;
+      }
+      const float rr = second_moment(h, s[j], C, bc, v[r]);
+      if (h.schedule == kAmos) {
+        amos_slice(h, at, s[j], C, rr, b[r], K[j], D[j]);
+      } else {
+        K[j] = closed_slice_K(A, rr);
+        D[j] = Dt;
+      }
+    }
+  }
+  if (a.guarded) *a.guarded->data_ptr<int64_t>() += guarded;
   const std::vector<Span> pieces = two_phase_pieces(a);
   std::vector<SpanFn> fns(a.params.size());
   for (size_t i = 0; i < a.params.size(); ++i)
@@ -691,9 +725,9 @@ void two_phase_apply_cpu(const TwoPhaseArgs& a, const at::Tensor& S, const at::T
     char* m = a.ms.empty() ? nullptr : static_cast<char*>(a.ms[i].data_ptr());
     for (int64_t r = pc.row0; r < pc.row1; ++r) {
       const int64_t j = a.offsets[i] + r, off = r * C + pc.col0;
-      if (!finite_S(s[j])) continue;  // guarded
+      if (!ok[j]) continue;  // guarded
       const float* g = prepared_grad(a, i, off, n, scale, sc.buf(0));
-      fns[i](p + off * ep, g, m == nullptr ? nullptr : m + off * em, n, k_r[j], d_r[j], a.h);
+      fns[i](p + off * ep, g, m == nullptr ? nullptr : m + off * em, n, K[j], D[j], h);
     }
   });
 }

@@ -652,16 +652,24 @@ void step_cuda(const StepArgs& a) {
 
 // ---- the two-phase protocol of sharded tensors (two_phase.cpp, amos_fused/distributed.py) ------
 // Work items are pieces of at most kPiece elements of one slice; a slice's S is its pieces' sums
-// added in order (deterministic). The table is built per call: these tensors are few (a sharded
-// model's 1-D parameters, or row-split matrices) and the path is not captured in CUDA graphs.
+// added in order (deterministic). Phase 3 finalizes each slice in a thread of its own (v, b, K_r,
+// D_r from the complete S_r; the closed forms' A from the tensor's complete ||u||^2), then applies
+// item by item. The table is built per call: these tensors are few (a sharded model's 1-D
+// parameters, or row-split matrices), and the path is not captured in CUDA graphs.
 namespace {
 
 struct TwoPhaseTensor {
   const void* g;
   void* p;
   void* m;
-  int64_t C;
-  int32_t tg, tp, tm, pad;
+  float* v;
+  float* b;
+  const float* step;
+  int64_t C;       // local row length
+  int64_t first;   // its first slice in the flat vectors
+  float C_global;  // the slice length of the formulas
+  float eta, eps0;
+  int32_t tg, tp, tm;
 };
 
 struct TwoPhaseItem {
@@ -675,9 +683,10 @@ struct TwoPhaseTable {
   const TwoPhaseTensor* tensors() const { return reinterpret_cast<const TwoPhaseTensor*>(dev.data_ptr<uint8_t>()); }
   const TwoPhaseItem* items() const { return reinterpret_cast<const TwoPhaseItem*>(tensors() + nt); }
   const int64_t* first() const { return reinterpret_cast<const int64_t*>(items() + ni); }  // per slice, ns + 1
+  const int32_t* owner() const { return reinterpret_cast<const int32_t*>(first() + ns + 1); }  // per slice
 };
 
-TwoPhaseTable two_phase_table(const TwoPhaseArgs& a) {
+TwoPhaseTable two_phase_table(const TwoPhaseArgs& a, bool phase3) {
   cudaStreamCaptureStatus capturing;
   C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &capturing));
   TORCH_CHECK(capturing == cudaStreamCaptureStatusNone,
@@ -687,12 +696,30 @@ TwoPhaseTable two_phase_table(const TwoPhaseArgs& a) {
   std::vector<TwoPhaseTensor> ts;
   std::vector<TwoPhaseItem> items;
   std::vector<int64_t> first;
+  std::vector<int32_t> owner;
   for (size_t i = 0; i < a.grads.size(); ++i) {
     const int64_t n = a.grads[i].numel(), R = a.rows[i], C = n ? n / R : 0;
-    ts.push_back({a.grads[i].data_ptr(), a.params[i].data_ptr(), a.ms.empty() ? nullptr : a.ms[i].data_ptr(), C,
-                  dtype_of(a.grads[i]), dtype_of(a.params[i]), a.ms.empty() ? kNone : dtype_of(a.ms[i]), 0});
+    TwoPhaseTensor t{};
+    t.g = a.grads[i].data_ptr();
+    t.p = a.params[i].data_ptr();
+    t.m = a.ms.empty() ? nullptr : a.ms[i].data_ptr();
+    t.C = C;
+    t.first = a.offsets[i];
+    t.tg = dtype_of(a.grads[i]);
+    t.tp = dtype_of(a.params[i]);
+    t.tm = a.ms.empty() ? kNone : dtype_of(a.ms[i]);
+    if (phase3) {
+      t.v = a.vs[i].data_ptr<float>();
+      t.b = a.bs[i].data_ptr<float>();
+      t.step = a.steps[i].data_ptr<float>();
+      t.C_global = static_cast<float>(a.slice_lens[i]);
+      t.eta = static_cast<float>(a.etas[i]);
+      t.eps0 = eps0_of(a.numels[i], a.params[i].dim(), a.etas[i]);
+    }
+    ts.push_back(t);
     for (int64_t r = 0; r < R; ++r) {
       first.push_back(static_cast<int64_t>(items.size()));
+      owner.push_back(static_cast<int32_t>(i));
       for (int64_t c = 0; c < C; c += kPiece)
         items.push_back({static_cast<int32_t>(i), 0, a.offsets[i] + r, r * C + c, std::min(C - c, kPiece)});
     }
@@ -700,9 +727,9 @@ TwoPhaseTable two_phase_table(const TwoPhaseArgs& a) {
   first.push_back(static_cast<int64_t>(items.size()));
   T.nt = static_cast<int64_t>(ts.size());
   T.ni = static_cast<int64_t>(items.size());
-  T.ns = static_cast<int64_t>(first.size()) - 1;
+  T.ns = static_cast<int64_t>(owner.size());
   const size_t bytes = ts.size() * sizeof(TwoPhaseTensor) + items.size() * sizeof(TwoPhaseItem) +
-                       first.size() * sizeof(int64_t);
+                       first.size() * sizeof(int64_t) + owner.size() * sizeof(int32_t);
   T.host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   uint8_t* dst = T.host.data_ptr<uint8_t>();
   std::memcpy(dst, ts.data(), ts.size() * sizeof(TwoPhaseTensor));
@@ -710,6 +737,8 @@ TwoPhaseTable two_phase_table(const TwoPhaseArgs& a) {
   std::memcpy(dst, items.data(), items.size() * sizeof(TwoPhaseItem));
   dst += items.size() * sizeof(TwoPhaseItem);
   std::memcpy(dst, first.data(), first.size() * sizeof(int64_t));
+  dst += first.size() * sizeof(int64_t);
+  std::memcpy(dst, owner.data(), owner.size() * sizeof(int32_t));
   T.dev = T.host.to(at::TensorOptions().device(a.grads[0].device()).dtype(at::kByte), /*non_blocking=*/true);
   return T;
 }
@@ -740,18 +769,48 @@ __global__ void two_phase_slice_sum_kernel(const int64_t* __restrict__ first, in
   S[j] = total;
 }
 
+// One thread per slice: v (and b), and K_r, D_r into KD; KD[2j] = NaN marks a guarded slice.
+__global__ void two_phase_finalize_kernel(const TwoPhaseTensor* __restrict__ ts, const int32_t* __restrict__ owner,
+                                          int64_t ns, Hyper h, Scalars sc, const float* __restrict__ S,
+                                          const float* __restrict__ norms, float* __restrict__ KD) {
+  if (skipped(sc)) return;
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (j >= ns) return;
+  const TwoPhaseTensor& T = ts[owner[j]];
+  const int64_t r = j - T.first;
+  const float Sj = S[j];
+  if (guarded_slice(Sj)) {
+    KD[2 * j] = NAN;
+    if (sc.guarded_ptr) atomicAdd(sc.guarded_ptr, 1ull);
+    return;
+  }
+  const float xi = read_lr(sc), t = *T.step, bc = bias_correction(h, t);
+  float v = T.v[r];
+  const float rr = second_moment(h, Sj, T.C_global, bc, v);
+  T.v[r] = v;
+  float K, D;
+  if (h.schedule == kAmos) {
+    float b = T.b[r];
+    amos_slice(h, amos_tensor(h, xi, T.eta), Sj, T.C_global, rr, b, K, D);
+    T.b[r] = b;
+  } else {
+    float A;
+    closed_tensor(h, xi, t, T.eps0, norms[owner[j]], A, D);
+    K = closed_slice_K(A, rr);
+  }
+  KD[2 * j] = K;
+  KD[2 * j + 1] = D;
+}
+
 __global__ void __launch_bounds__(kThreads) two_phase_apply_kernel(const TwoPhaseTensor* __restrict__ ts,
                                                                    const TwoPhaseItem* __restrict__ items, Hyper h,
-                                                                   const float* __restrict__ scale_ptr,
-                                                                   const float* __restrict__ skip_ptr,
-                                                                   const float* __restrict__ S,
-                                                                   const float* __restrict__ K,
-                                                                   const float* __restrict__ D) {
-  if (skip_ptr && *skip_ptr != 0.0f) return;
+                                                                   Scalars sc, const float* __restrict__ KD) {
+  if (skipped(sc)) return;
   const TwoPhaseItem it = items[blockIdx.x];
-  if (guarded_slice(S[it.slice])) return;  // theta and m keep their values
+  const float k = KD[2 * it.slice], d = KD[2 * it.slice + 1];
+  if (isnan(k)) return;  // guarded: theta and m keep their values
   const TwoPhaseTensor& T = ts[it.tensor];
-  const float scale = scale_ptr ? *scale_ptr : 1.0f, k = K[it.slice], d = D[it.slice];
+  const float scale = read_scale(sc);
   for (int64_t e = threadIdx.x; e < it.n; e += kThreads) {
     const int64_t i = it.off + e;
     const float theta = ld1(T.p, T.tp, i);
@@ -771,7 +830,7 @@ void two_phase_sums_cuda(const TwoPhaseArgs& a, const at::Tensor& S) {
   const c10::cuda::CUDAGuard guard(a.grads[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   S.zero_();  // slices of empty local shards have no items
-  TwoPhaseTable T = two_phase_table(a);
+  TwoPhaseTable T = two_phase_table(a, false);
   if (T.ni) {
     at::Tensor partial = at::empty({T.ni}, S.options());
     two_phase_piece_sum_kernel<<<blocks(T.ni), kThreads, 0, stream>>>(
@@ -785,16 +844,28 @@ void two_phase_sums_cuda(const TwoPhaseArgs& a, const at::Tensor& S) {
   T.dev.record_stream(c10::cuda::getCurrentCUDAStream());
 }
 
-void two_phase_apply_cuda(const TwoPhaseArgs& a, const at::Tensor& S, const at::Tensor& K, const at::Tensor& D) {
+void two_phase_apply_cuda(const TwoPhaseArgs& a, const at::Tensor& S) {
   const c10::cuda::CUDAGuard guard(a.grads[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  TwoPhaseTable T = two_phase_table(a);
-  if (T.ni) {
-    two_phase_apply_kernel<<<blocks(T.ni), kThreads, 0, stream>>>(
-        T.tensors(), T.items(), a.h, a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr,
-        a.skip ? a.skip->data_ptr<float>() : nullptr, S.data_ptr<float>(), K.data_ptr<float>(),
-        D.data_ptr<float>());
+  TwoPhaseTable T = two_phase_table(a, true);
+  Scalars sc{};
+  sc.lr = static_cast<float>(a.lr);
+  if (a.lr_tensor && a.lr_tensor->is_cuda()) sc.lr_ptr = a.lr_tensor->data_ptr<float>();
+  else if (a.lr_tensor) sc.lr = a.lr_tensor->item<float>();  // a CPU tensor: reading it does not wait for the GPU
+  sc.scale_ptr = a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr;
+  sc.skip_ptr = a.skip ? a.skip->data_ptr<float>() : nullptr;
+  sc.guarded_ptr = a.guarded ? reinterpret_cast<unsigned long long*>(a.guarded->data_ptr<int64_t>()) : nullptr;
+  if (T.ns) {
+    at::Tensor KD = at::empty({2 * T.ns}, S.options());
+    two_phase_finalize_kernel<<<blocks((T.ns + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        T.tensors(), T.owner(), T.ns, a.h, sc, S.data_ptr<float>(), a.norms ? a.norms->data_ptr<float>() : nullptr,
+        KD.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (T.ni) {
+      two_phase_apply_kernel<<<blocks(T.ni), kThreads, 0, stream>>>(T.tensors(), T.items(), a.h, sc,
+                                                                   KD.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   T.dev.record_stream(c10::cuda::getCurrentCUDAStream());
 }

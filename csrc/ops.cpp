@@ -6,14 +6,6 @@
 #include "ops.h"
 
 namespace amos {
-namespace {
-
-constexpr const char* kSchema =
-    "amos_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
-    "Tensor(d!)[] ms, Tensor[] steps, float[] etas, float lr, Tensor? lr_tensor, Tensor? grad_scale, Tensor? skip, "
-    "Tensor(e!)? guarded, "
-    "int schedule, float beta, float eps, float momentum, float clip_value, float d_coef, "
-    "float c_coef, float extra_l2, float q, float half_life) -> ()";
 
 Hyper make_hyper(int64_t schedule, double beta, double eps, double momentum, double clip_value,
                  double d_coef, double c_coef, double extra_l2, double q, double half_life) {
@@ -38,6 +30,15 @@ Hyper make_hyper(int64_t schedule, double beta, double eps, double momentum, dou
   h.clip = static_cast<float>(clip_value);
   return h;
 }
+
+namespace {
+
+constexpr const char* kSchema =
+    "amos_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
+    "Tensor(d!)[] ms, Tensor[] steps, float[] etas, float lr, Tensor? lr_tensor, Tensor? grad_scale, Tensor? skip, "
+    "Tensor(e!)? guarded, "
+    "int schedule, float beta, float eps, float momentum, float clip_value, float d_coef, "
+    "float c_coef, float extra_l2, float q, float half_life) -> ()";
 
 bool is_16_or_32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;

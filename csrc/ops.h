@@ -58,24 +58,41 @@ inline bool cpu_avx2() {
 }
 #endif
 
-// The two-phase protocol of sharded tensors (amos_fused/distributed.py), checked by two_phase.cpp:
-// phase 1 writes S_r of every local slice, phase 3 applies given K_r, D_r. Tensor i has rows[i]
-// slices (of numel / rows[i] contiguous elements), at offsets[i] in the flat fp32 S, K, D.
+// The two-phase protocol of sharded tensors (amos_fused/distributed.py), checked by two_phase.cpp.
+// Phase 1 writes S_r of every local slice; phase 3 takes the complete S_r (and, for the closed
+// forms, each tensor's complete ||u||^2), finalizes every slice (v, b, K_r, D_r: amos_math.h) and
+// applies. Tensor i has rows[i] slices of numel / rows[i] contiguous local elements, at offsets[i]
+// in the flat fp32 S; its global slice length and element count are slice_lens[i], numels[i].
 struct TwoPhaseArgs {
   std::vector<at::Tensor> params, grads, ms;  // contiguous fp32/bf16/fp16; ms empty without momentum
-  std::vector<int64_t> rows, offsets;
+  std::vector<at::Tensor> vs, bs, steps;      // phase 3: fp32 (rows[i],) v and b, fp32 one-element t
+  std::vector<int64_t> rows, offsets, slice_lens, numels;
+  std::vector<double> etas;
+  double lr = 0.0;
+  std::optional<at::Tensor> lr_tensor;   // fp32 one element
   std::optional<at::Tensor> grad_scale;  // fp32 one element on the tensors' device, or empty
-  std::optional<at::Tensor> skip;        // fp32 one element: != 0 makes the apply change nothing
-  Hyper h;                               // momentum and clip are read
+  std::optional<at::Tensor> skip;        // fp32 one element: != 0 makes phase 3 change nothing
+  std::optional<at::Tensor> guarded;     // int64 one element: += the slices guarded (S_r not finite)
+  std::optional<at::Tensor> norms;       // closed forms: fp32 ||u||^2 per tensor
+  Hyper h;
 };
+
+Hyper make_hyper(int64_t schedule, double beta, double eps, double momentum, double clip_value, double d_coef,
+                 double c_coef, double extra_l2, double q, double half_life);
+
+// eps0 of a tensor from its global element count and its number of dimensions
+inline float eps0_of(int64_t numel, int64_t dim, double eta) {
+  double e = std::sqrt(static_cast<double>(numel)) * eta * (dim >= 2 ? std::sqrt(2.0) : 1.0);
+  return static_cast<float>(e);
+}
 
 void step_cpu(const StepArgs& a);
 void two_phase_sums_cpu(const TwoPhaseArgs& a, const at::Tensor& S);
-void two_phase_apply_cpu(const TwoPhaseArgs& a, const at::Tensor& S, const at::Tensor& K, const at::Tensor& D);
+void two_phase_apply_cpu(const TwoPhaseArgs& a, const at::Tensor& S);
 #ifdef AMOS_WITH_CUDA
 void step_cuda(const StepArgs& a);
 void two_phase_sums_cuda(const TwoPhaseArgs& a, const at::Tensor& S);
-void two_phase_apply_cuda(const TwoPhaseArgs& a, const at::Tensor& S, const at::Tensor& K, const at::Tensor& D);
+void two_phase_apply_cuda(const TwoPhaseArgs& a, const at::Tensor& S);
 #endif
 
 }  // namespace amos

@@ -1,12 +1,12 @@
 // The two-phase protocol of sharded tensors (amos_fused/distributed.py), for tensors whose slices
 // or per-tensor norm span ranks: phase 1 sums g*g over every local slice, the ranks complete the
-// sums (an all-reduce, in Python), reference.py's finalize turns them into K_r, D_r, and phase 3
-// applies them. The ops:
+// sums (all-reduces, in Python), and phase 3 finalizes every slice from the complete sums and
+// applies, like amos_step_ with S_r (and ||u||^2) handed in. The ops:
 //   two_phase_sums(grads, rows, grad_scale, clip_value) -> S
-//   two_phase_apply_(params, grads, ms, rows, S, K, D, grad_scale, skip, momentum, clip_value)
-// Tensor i has rows[i] slices of numel / rows[i] contiguous elements; its slices sit at the sum
-// of the earlier rows in the flat fp32 vectors S, K, D. The CPU loops are in amos_cpu.cpp, the
-// CUDA kernels in two_phase_cuda.cu.
+//   two_phase_apply_(params, grads, vs, bs, ms, steps, etas, rows, slice_lens, numels, S, norms, lr, ...)
+// Tensor i has rows[i] slices of numel / rows[i] contiguous local elements; its slices sit at the
+// sum of the earlier rows in the flat fp32 S. The CPU loops are in amos_cpu.cpp, the CUDA kernels
+// in amos_cuda.cu.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -78,13 +78,6 @@ TwoPhaseArgs collect(at::TensorList params, at::TensorList grads, at::TensorList
   return a;
 }
 
-void check_vector(const at::Tensor& x, const char* what, const TwoPhaseArgs& a) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 1 && x.numel() == a.offsets.back() &&
-                  x.device() == a.grads[0].device(),
-              "amos_fused.two_phase_apply_: ", what, " must be a contiguous fp32 vector of ", a.offsets.back(),
-              " entries (one per slice) on ", a.grads[0].device());
-}
-
 at::Tensor sums(at::TensorList grads, at::IntArrayRef rows, const std::optional<at::Tensor>& grad_scale,
                 double clip_value) {
   TwoPhaseArgs a = collect({}, grads, {}, rows, grad_scale, std::nullopt, 0.0, clip_value);
@@ -99,29 +92,78 @@ at::Tensor sums(at::TensorList grads, at::IntArrayRef rows, const std::optional<
   return S;
 }
 
-void apply(at::TensorList params, at::TensorList grads, at::TensorList ms, at::IntArrayRef rows, const at::Tensor& S,
-           const at::Tensor& K, const at::Tensor& D, const std::optional<at::Tensor>& grad_scale,
-           const std::optional<at::Tensor>& skip, double momentum, double clip_value) {
-  TORCH_CHECK(params.size() == grads.size(), "amos_fused.two_phase_apply_: params and grads differ in length");
+void apply(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList bs, at::TensorList ms,
+           at::TensorList steps, at::ArrayRef<double> etas, at::IntArrayRef rows, at::IntArrayRef slice_lens,
+           at::IntArrayRef numels, const at::Tensor& S, const std::optional<at::Tensor>& norms, double lr,
+           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+           const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& guarded, int64_t schedule,
+           double beta, double eps, double momentum, double clip_value, double d_coef, double c_coef,
+           double extra_l2, double q, double half_life) {
+  const size_t n = grads.size();
+  TORCH_CHECK(params.size() == n && vs.size() == n && bs.size() == n && steps.size() == n && etas.size() == n &&
+                  slice_lens.size() == n && numels.size() == n,
+              "amos_fused.two_phase_apply_: params, grads, vs, bs, steps, etas, rows, slice_lens and numels need "
+              "one entry per tensor");
   TORCH_CHECK((momentum > 0) == !ms.empty(), "amos_fused.two_phase_apply_: ms must be given exactly when momentum > 0");
   TwoPhaseArgs a = collect(params, grads, ms, rows, grad_scale, skip, momentum, clip_value);
-  check_vector(S, "S", a);
-  check_vector(K, "K", a);
-  check_vector(D, "D", a);
+  a.h = make_hyper(schedule, beta, eps, momentum, clip_value, d_coef, c_coef, extra_l2, q, half_life);
+  const at::Device dev = grads[0].device();
+  TORCH_CHECK(S.scalar_type() == at::kFloat && S.is_contiguous() && S.dim() == 1 && S.numel() == a.offsets.back() &&
+                  S.device() == dev,
+              "amos_fused.two_phase_apply_: S must be a contiguous fp32 vector of ", a.offsets.back(),
+              " entries (one per slice) on ", dev);
+  const bool closed = schedule != kAmos;
+  TORCH_CHECK(!closed || (norms && norms->scalar_type() == at::kFloat && norms->is_contiguous() &&
+                          norms->numel() == static_cast<int64_t>(n) && norms->device() == dev),
+              "amos_fused.two_phase_apply_: the closed forms need norms, a contiguous fp32 vector of ", n,
+              " entries (||u||^2 per tensor) on ", dev);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &v = vs[i], &b = bs[i], &st = steps[i];
+    TORCH_CHECK(v.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && v.is_contiguous() &&
+                    b.is_contiguous() && v.numel() == a.rows[i] && b.numel() == a.rows[i] && v.device() == dev &&
+                    b.device() == dev,
+                "amos_fused.two_phase_apply_: tensor ", i, ": v and b must be contiguous fp32 of ", a.rows[i],
+                " entries on ", dev);
+    TORCH_CHECK(st.scalar_type() == at::kFloat && st.numel() == 1 && st.device() == dev,
+                "amos_fused.two_phase_apply_: steps[", i, "] must be a one-element fp32 tensor on ", dev);
+    TORCH_CHECK(slice_lens[i] > 0 && numels[i] >= params[i].numel(), "amos_fused.two_phase_apply_: tensor ", i,
+                ": slice_lens and numels must be its global slice length and element count");
+  }
+  a.vs = vs.vec();
+  a.bs = bs.vec();
+  a.steps = steps.vec();
+  a.etas = etas.vec();
+  a.slice_lens = slice_lens.vec();
+  a.numels = numels.vec();
+  a.lr = lr;
+  if (lr_tensor) {
+    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->scalar_type() == at::kFloat,
+                "amos_fused.two_phase_apply_: lr_tensor must be a one-element fp32 tensor");
+    a.lr_tensor = lr_tensor;
+  }
+  if (guarded) {
+    TORCH_CHECK(guarded->numel() == 1 && guarded->scalar_type() == at::kLong && guarded->device() == dev,
+                "amos_fused.two_phase_apply_: guarded must be a one-element int64 tensor on ", dev);
+    a.guarded = guarded;
+  }
+  if (closed) a.norms = norms;
   if (grads[0].is_cuda()) {
 #ifdef AMOS_WITH_CUDA
-    return two_phase_apply_cuda(a, S, K, D);
+    return two_phase_apply_cuda(a, S);
 #endif
   }
-  two_phase_apply_cpu(a, S, K, D);
+  two_phase_apply_cpu(a, S);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(amos_fused, m) {
   m.def("two_phase_sums(Tensor[] grads, int[] rows, Tensor? grad_scale, float clip_value) -> Tensor");
-  m.def("two_phase_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] ms, int[] rows, Tensor S, Tensor K, "
-        "Tensor D, Tensor? grad_scale, Tensor? skip, float momentum, float clip_value) -> ()");
+  m.def("two_phase_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, Tensor(d!)[] ms, "
+        "Tensor[] steps, float[] etas, int[] rows, int[] slice_lens, int[] numels, Tensor S, Tensor? norms, float lr, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? skip, Tensor(e!)? guarded, int schedule, float beta, "
+        "float eps, float momentum, float clip_value, float d_coef, float c_coef, float extra_l2, float q, "
+        "float half_life) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(amos_fused, CPU, m) {

@@ -231,3 +231,20 @@ def test_every_placement_matches_the_unsharded_reference(world):
 @pytest.mark.skipif(cpp_backend.unavailable("cpu") is not None, reason="the cpu backend is not built")
 def test_rows_whole_on_their_rank_take_the_one_pass_kernel():
     spawn(fast_path_worker)
+
+
+def sabotage_worker(rank):
+    """The comparison has teeth: without the all-reduce's sums, the sharded run must fail it."""
+    count_all_reduces()
+    mesh = _mesh(2)
+    original = dist.all_reduce
+    dist.all_reduce = lambda *args, **kwargs: None  # nothing is completed over the ranks
+    try:
+        with pytest.raises(AssertionError, match="param|state"):
+            run_config(rank, 2, mesh, dict(guard="slice"), BACKENDS[-1])
+    finally:
+        dist.all_reduce = original
+
+
+def test_the_comparison_catches_sums_left_partial():
+    spawn(sabotage_worker)

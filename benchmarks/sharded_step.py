@@ -1,0 +1,158 @@
+"""Optimizer step time on sharded parameters: Amos beside torch AdamW on the same FSDP2 shards.
+
+Spawns `--world` ranks (gloo on CPU, nccl on GPU: one GPU per rank) that shard a stack of
+`--layers` `Linear(--width, --width)` layers with `fully_shard` (FSDP2: DTensor parameters split
+on dim 0, biases included), set random gradients on the shards, and time `optimizer.step()` of
+every row once per round, interleaved, for `--rounds` rounds, all rows on the same parameters
+(every optimizer keeps its own state). A step's time is the slowest rank's (ranks start each step
+together, after a barrier). Rows:
+  Amos default                   Amos(params, lr=...) as shipped
+  Amos m=0 guard=slice           the lightest step: no momentum, no extra read of the gradients
+  Amos m=0.9 bf16 guard=slice    momentum stored in bf16
+  Amos inverse_time m=0          a closed form: every matrix takes the two-phase path
+  AdamW fused / foreach          torch.optim.AdamW(fused=True) / (foreach=True)
+With --world 1 the same rows also run on plain (unsharded) parameters of the same shapes, so
+the cost of the sharded path itself shows. Prints the median step time per row, fused AdamW's
+median over the row's, and the median over rounds of that ratio within each round.
+
+    python benchmarks/sharded_step.py --world 2 --layers 24 --width 1024 --rounds 15
+"""
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
+ROWS = [
+    ("Amos default", dict()),
+    ("Amos m=0 guard=slice", dict(momentum=0.0, guard="slice")),
+    ("Amos m=0.9 bf16 guard=slice", dict(momentum_dtype=torch.bfloat16, guard="slice")),
+    ("Amos inverse_time m=0 guard=slice", dict(schedule="inverse_time", half_life=1000, momentum=0.0, guard="slice")),
+    ("AdamW fused", "fused"),
+    ("AdamW foreach", "foreach"),
+]
+
+
+def _optimizer(params, spec):
+    from amos_fused import Amos
+
+    if spec in ("fused", "foreach"):
+        return torch.optim.AdamW(params, lr=1e-3, **{spec: True})
+    return Amos(params, lr=1e-3, **spec)
+
+
+def _model(args, device):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)]).to(device)
+
+
+def _grads(params):
+    from torch.distributed.tensor import DTensor
+
+    gen = torch.Generator().manual_seed(dist.get_rank() if dist.is_initialized() else 0)
+    for p in params:
+        x = p.to_local() if isinstance(p, DTensor) else p
+        g = (torch.randn(x.shape, generator=gen) * 1e-3).to(x.device)
+        p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                    stride=p.stride()) if isinstance(p, DTensor) else g
+
+
+def worker(rank, args, port, out):
+    from torch.distributed.fsdp import fully_shard
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, args.threads // args.world))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=args.world, timeout=datetime.timedelta(seconds=600))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = _model(args, device)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    params = list(model.parameters())
+    _grads(params)
+    rows = {name: _optimizer(params, spec).step for name, spec in ROWS}
+    if args.world == 1:  # the same rows on plain tensors of the same shapes
+        plain = [p.detach().full_tensor().clone().requires_grad_() for p in params]
+        _grads(plain)
+        rows.update({f"{name} (unsharded)": _optimizer(plain, spec).step for name, spec in ROWS})
+    for step in rows.values():  # warm-up: state, plans, first-call costs
+        step()
+        step()
+    times = {name: [] for name in rows}
+    for _ in range(args.rounds):
+        for name, step in rows.items():
+            dist.barrier()
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            dt = torch.tensor((time.perf_counter() - t0) * 1e3, dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank's step
+            times[name].append(dt.item())
+    if rank == 0:
+        numel = sum(p.numel() for p in params)
+        out.put(dict(times_ms=times, numel=numel, tensors=len(params)))
+    dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by the ranks")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if torch.cuda.is_available() and torch.cuda.device_count() < args.world:
+        raise SystemExit(f"--world {args.world} needs {args.world} GPUs, found {torch.cuda.device_count()}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = mp.start_processes(worker, args=(args, port, out), nprocs=args.world, join=False, start_method="spawn")
+    result = out.get()
+    procs.join()
+    times = result["times_ms"]
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = dict(bc.machine_info(device), **bc.versions())
+    print(f"# {args.world} ranks ({'nccl' if device.type == 'cuda' else 'gloo'}), {args.layers} x Linear({args.width}, "
+          f"{args.width}) under fully_shard: {result['numel'] / 1e6:.1f}M fp32 parameters in {result['tensors']} "
+          f"tensors; {args.rounds} interleaved rounds; {info.get('gpu') or info['cpu']}, torch {torch.__version__}, "
+          f"commit {info['git_commit']}")
+    print("| row | median ms | min ms | fused AdamW time / row time | the same, median of per-round ratios |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ts in times.items():
+        ref = times["AdamW fused (unsharded)" if name.endswith("(unsharded)") else "AdamW fused"]
+        per_round = statistics.median(a / t for a, t in zip(ref, ts))
+        print(f"| {name} | {med[name]:.2f} | {min(ts):.2f} | {statistics.median(ref) / med[name]:.2f} "
+              f"| {per_round:.2f} |")
+    if args.world == 1:
+        for name, _ in ROWS:
+            print(f"{name}: sharded / unsharded step time {med[name] / med[name + ' (unsharded)']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(vars(args), machine=info, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           **result), f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
