@@ -210,6 +210,7 @@ class _Bucket:
         self.slice_lens = [lay.C for lay in layouts]  # the global geometry the local parts step with
         self.numels = [p.numel() for p in params]
         self.norm_rounds = torch.tensor([bool(lay.norm_groups) for lay in layouts], device=device)
+        self.all_norm_rounds = all(lay.norm_groups for lay in layouts)
         self.rows = [lay.rows for lay in layouts]
         self.offsets = [0]
         for R in self.rows:
@@ -325,6 +326,9 @@ class ShardedStep:
                                             [lay for _, _, lay in items], self.device))
             self.groups.append((group, list(onepass.items()), bucket_ids))
         self.split_groups = split_groups
+        self.group_of = [group for group, params, _ in work for _ in params]
+        self.one_pass = sorted(i for _, onepass, _ in self.groups for _, idx in onepass for i in idx)
+        self.two_phase = sorted(i for bk in self.buckets for i in bk.entries)
         self.flag_needed = optimizer.guard == "step"
         self.rounds = {flag: _schedule(self.buckets, split_groups if flag else ()) for flag in (False, True)}
         self.states = None  # local views of the state tensors, made at the first step that has state
@@ -358,6 +362,7 @@ def sharded_step(optimizer, work, grad_scale):
     grads = [_local_grad(p, g) for (_, params, gs) in work for p, g in zip(params, gs)]
     device = plan.device
     on_device = optimizer.capturable or device.type == "cuda"
+    guarded = optimizer._guarded_counter(device)
 
     # this rank's verdict: GradScaler's found_inf, and with guard="step" its gradients' bound
     found_inf = getattr(optimizer, "found_inf", None)
@@ -373,31 +378,19 @@ def sharded_step(optimizer, work, grad_scale):
             if bk.n else torch.zeros(0, dtype=bk.dtype, device=device) for bk in plan.buckets]
     norms = [torch.zeros(len(bk.entries), dtype=bk.dtype, device=device) if bk.closed else None
              for bk in plan.buckets]
+    rounds = plan.rounds[flag is not None]
 
-    # 2. complete: the rounds of all-reduce (partial sums, partial norms, the flag)
-    for rnd in plan.rounds[flag is not None]:
-        for b, entries in rnd.ready:
-            bk = plan.buckets[b]
-            v_prev, t = _before_step(optimizer, plan, bk)
-            norms[b][entries] = _norms(bk, sums[b], v_prev, t)[entries]
-        parts = [sums[b][pos] for b, pos in rnd.sums] + [norms[b][pos] for b, pos in rnd.norms]
-        if rnd.flag:
-            parts.append(flag.reshape(1))
-        wide = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
-        flat = torch.cat([x.to(wide) for x in parts])
-        dist.all_reduce(flat, group=rnd.group)
-        at = 0
-        for b, pos in rnd.sums:
-            sums[b][pos] = flat[at:at + len(pos)].to(sums[b].dtype)
-            at += len(pos)
-        for b, pos in rnd.norms:
-            norms[b][pos] = flat[at:at + len(pos)].to(norms[b].dtype)
-            at += len(pos)
-        if rnd.flag:
-            flag = flat[-1].to(torch.float32)
-
+    # 2. complete: the rounds of all-reduce (partial sums, partial norms, the flag). With no verdict
+    # to agree on, the first round runs while the one-pass tensors step (nothing of theirs waits on it).
+    pending = _start_round(plan, optimizer, rounds[0], sums, norms, flag) if rounds else None
+    if flag is None:
+        _one_pass(optimizer, plan, work, grads, grad_scale, None, guarded)
+    for k, rnd in enumerate(rounds):
+        flag = _finish_round(rnd, pending, sums, norms, flag)
+        if k + 1 < len(rounds):
+            pending = _start_round(plan, optimizer, rounds[k + 1], sums, norms, flag)
     for b, bk in enumerate(plan.buckets):  # ||u||**2 whose slices are all here: from the complete S_r
-        if bk.closed and bk.n and not bool(bk.norm_rounds.all()):
+        if bk.closed and bk.n and not bk.all_norm_rounds:
             norms[b] = torch.where(bk.norm_rounds, norms[b], _norms(bk, sums[b], *_before_step(optimizer, plan, bk)))
 
     # the verdict, the same on every rank
@@ -409,26 +402,67 @@ def sharded_step(optimizer, work, grad_scale):
         else:
             skip = (flag > 0).to(torch.float32)
             optimizer._count_device_skip(skip)
-    for group, params, _ in work:
-        for p in params:
-            optimizer._state_for(p, group)
-    states = plan.local_states(optimizer)
-    optimizer._advance_steps([st["step"] for st in states], skip, device)
-    guarded = optimizer._guarded_counter(device)
+        _one_pass(optimizer, plan, work, grads, grad_scale, skip, guarded)
 
-    # 3. finalize and apply: the backends' one-pass step, or their phase 3 with the complete sums
-    locals_ = plan.local_params()
-    for group, onepass, bucket_ids in plan.groups:
-        for fn, idx in onepass:
-            args = ([locals_[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
-            fn(*args, guarded=guarded) if skip is None else fn(*args, skip=skip, guarded=guarded)
-        for b in bucket_ids:
-            bk = plan.buckets[b]
+    # 3. the two-phase tensors: the backends' phase 3 (finalize and apply) with the complete sums
+    if plan.buckets:
+        states = _advance(optimizer, plan, work, plan.two_phase, skip)
+        params = plan.local_params()
+        for b, bk in enumerate(plan.buckets):
             if bk.n:
-                bk.ops.apply([locals_[i] for i in bk.entries], [grads[i] for i in bk.entries],
+                bk.ops.apply([params[i] for i in bk.entries], [grads[i] for i in bk.entries],
                              [states[i] for i in bk.entries], bk.rows, bk.slice_lens, bk.numels, sums[b], norms[b],
                              bk.group, grad_scale, skip, guarded)
     return False
+
+
+def _advance(optimizer, plan, work, positions, skip):
+    """Create the state of the parameters at `positions` (at their first step) and count the step;
+    returns the local state views of all parameters."""
+    for i in positions:
+        optimizer._state_for(plan.params[i], plan.group_of[i])
+    states = plan.local_states(optimizer)
+    optimizer._advance_steps([states[i]["step"] for i in positions], skip, plan.device)
+    return states
+
+
+def _one_pass(optimizer, plan, work, grads, grad_scale, skip, guarded):
+    """The tensors with nothing partial: their backend's one-pass step on the local parts."""
+    if not plan.one_pass:
+        return
+    states = _advance(optimizer, plan, work, plan.one_pass, skip)
+    params = plan.local_params()
+    for group, onepass, _ in plan.groups:
+        for fn, idx in onepass:
+            args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
+            fn(*args, guarded=guarded) if skip is None else fn(*args, skip=skip, guarded=guarded)
+
+
+def _start_round(plan, optimizer, rnd, sums, norms, flag):
+    """Pack a round's partial statistics (and the flag) and start its all-reduce."""
+    for b, entries in rnd.ready:
+        bk = plan.buckets[b]
+        norms[b][entries] = _norms(bk, sums[b], *_before_step(optimizer, plan, bk))[entries]
+    parts = [sums[b][pos] for b, pos in rnd.sums] + [norms[b][pos] for b, pos in rnd.norms]
+    if rnd.flag:
+        parts.append(flag.reshape(1))
+    wide = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
+    flat = torch.cat([x.to(wide) for x in parts])
+    return flat, dist.all_reduce(flat, group=rnd.group, async_op=True)
+
+
+def _finish_round(rnd, pending, sums, norms, flag):
+    """Wait for a round and unpack its totals; returns the flag (summed over the round's ranks)."""
+    flat, work = pending
+    work.wait()
+    at = 0
+    for b, pos in rnd.sums:
+        sums[b][pos] = flat[at:at + len(pos)].to(sums[b].dtype)
+        at += len(pos)
+    for b, pos in rnd.norms:
+        norms[b][pos] = flat[at:at + len(pos)].to(norms[b].dtype)
+        at += len(pos)
+    return flat[-1].to(torch.float32) if rnd.flag else flag
 
 
 def _before_step(optimizer, plan, bk):

@@ -154,6 +154,7 @@ class Amos(torch.optim.Optimizer):
         self._state_ok = {}  # id(param) -> what its state was last checked against (_collect)
         self._plan = None  # what the last full step found (_Plan), reused while it holds
         self._sharded = None  # the DTensor parameters' step plan (distributed.ShardedStep)
+        self._sharded_checks = None  # what the last full DTensor step checked (_WorkCheck per group)
         super().__init__(params, defaults)
 
     @property
@@ -467,9 +468,14 @@ class Amos(torch.optim.Optimizer):
         self._check_pending()
         run = self._planned_run()
         if run is None:  # the full path: every check, then a plan for the next steps
+            work = self._sharded_work()
+            if work is not None:  # DTensor parameters, nothing changed since the last step
+                return self._sharded_step(work, getattr(self, "grad_scale", None), loss)
             work = self._collect()
             if any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
-                return self._sharded_step(work, getattr(self, "grad_scale", None), loss)
+                loss = self._sharded_step(work, getattr(self, "grad_scale", None), loss)
+                self._sharded_checks = [_WorkCheck.of(group, params, grads) for group, params, grads in work]
+                return loss
             run = self._full_run(work)
         # the rest in this frame, as one function: Dynamo splits it at the host reads below
         flags = self._flags(run.checks, run.grads, run.grad_devices)
@@ -579,6 +585,22 @@ class Amos(torch.optim.Optimizer):
             self._count_host_skip()
         return loss
 
+    def _sharded_work(self):
+        """The work of a step of DTensor parameters when everything `_collect` checked at the last
+        step is unchanged (groups, parameters, options, which gradients exist, their dtypes and
+        shapes), else None."""
+        checks = getattr(self, "_sharded_checks", None)
+        if checks is None or self._sharded is None or len(checks) != len(self.param_groups) or \
+                torch.compiler.is_compiling():
+            return None
+        work = []
+        for group, check in zip(self.param_groups, checks):
+            grads = check.grads(group)
+            if grads is None:
+                return None
+            work.append((group, check.params, grads))
+        return work
+
     def _count_device_skip(self, skip):
         """Count a verdict decided on the device (0-d fp32, 1.0 = skipped) without reading it."""
         counter = self._skipped_on.get(skip.device)
@@ -675,6 +697,34 @@ _M, _M_ITEM = operator.methodcaller("get", "m"), operator.itemgetter("m")
 
 def _same(xs, ys):
     return all(map(operator.is_, xs, ys))
+
+
+class _WorkCheck:
+    """One param group as the last full step of DTensor parameters found it (Amos._sharded_work)."""
+
+    @classmethod
+    def of(cls, group, params, grads):
+        c = cls()
+        c.group, c.all_params, c.options = group, list(group["params"]), _options_of(group)
+        with_grad = {id(p) for p in params}
+        c.mask = [id(p) in with_grad for p in c.all_params]
+        c.params = list(params)
+        c.dtypes, c.shapes = [g.dtype for g in grads], [g.shape for g in grads]
+        return c
+
+    def grads(self, group):
+        """This step's gradients of `params`, or None when anything checked has changed."""
+        plist = group["params"]
+        if (group is not self.group or len(plist) != len(self.all_params) or not _same(plist, self.all_params)
+                or not _same(_options_of(group), self.options) or not _lr_ok(group["lr"])):
+            return None
+        grads = list(map(_GRAD, plist))
+        if [g is not None for g in grads] != self.mask:
+            return None
+        grads = list(itertools.compress(grads, self.mask))
+        if list(map(_DTYPE, grads)) != self.dtypes or list(map(_SHAPE, grads)) != self.shapes:
+            return None
+        return grads
 
 
 def _layout(group):
