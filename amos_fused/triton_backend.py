@@ -156,3 +156,150 @@ def _launch(plan, g_table, sc, schedule, grad_scale, skip, guarded, dtypes):
             SCHED=sched, LR_IS_PTR=sc["LR_IS_PTR"], TB=plan.norm_tb, QB=plan.norm_qb, num_warps=4)
         rows(apply)
         chunks(apply)
+
+
+# ---- the two-phase protocol of sharded tensors (backends.TwoPhase, kernels/two_phase_triton.py) ----
+
+def takes(param, grad):
+    """Whether the two-phase kernels take this local parameter and its gradient."""
+    return param.dtype in tables.SUPPORTED and grad.dtype in tables.SUPPORTED and param.is_contiguous()
+
+
+def _two_phase_items(grads, rows, chunk):
+    """(items [n, 4] int64 as a list, first item of each slice): every slice cut into chunks."""
+    items, first = [], []
+    at = 0
+    for i, (g, R) in enumerate(zip(grads, rows)):
+        C = g.numel() // R if g.numel() else 0
+        for r in range(R):
+            first.append(len(items))
+            for c in range(0, C, chunk):
+                items.append((i, at + r, r * C + c, min(chunk, C - c)))
+        at += R
+    first.append(len(items))
+    return items, first
+
+
+def _table(rows, device, dtype=torch.int64):
+    return torch.tensor(rows, dtype=dtype).reshape(len(rows), -1).to(device)
+
+
+def _addrs(params, grads, ms, states):
+    ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+    return [(ptr(p), ptr(g), ptr(m), ptr(st["v"]) if st else 0, ptr(st["b"]) if st else 0,
+             ptr(st["step"]) if st else 0) for p, g, m, st in zip(params, grads, ms, states)]
+
+
+def _by_dtypes(params, grads, ms):
+    """Tensor positions per (param, grad, m) dtype combination: one launch each."""
+    combos = {}
+    for i, (p, g, m) in enumerate(zip(params, grads, ms)):
+        combos.setdefault((p.dtype, g.dtype, None if m is None else m.dtype), []).append(i)
+    return combos
+
+
+@torch.no_grad()
+def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
+    from .kernels import two_phase_triton as T2
+
+    device = grads[0].device
+    gs = [g.contiguous() for g in grads]
+    S = torch.zeros(sum(rows), dtype=torch.float32, device=device)
+    h = HEURISTIC
+    scale = grad_scale.detach().reshape(1).to(device, torch.float32) if grad_scale is not None else S
+    starts = [0]
+    for R in rows:
+        starts.append(starts[-1] + R)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        for (_, gd, _), idx in _by_dtypes(gs, gs, [None] * len(gs)).items():
+            sub = [gs[i] for i in idx]
+            items, first = _two_phase_items(sub, [rows[i] for i in idx], h.chunk)
+            if not items:
+                continue
+            # slices of this launch sit at their global positions: remap the items' slice column
+            remap = [starts[i] + r for i in idx for r in range(rows[i])]
+            items = [(t, remap[j], off, n) for t, j, off, n in items]
+            partial = torch.empty(len(items), dtype=torch.float32, device=device)
+            addrs = _table(_addrs(sub, sub, [None] * len(sub), [None] * len(sub)), device)
+            T2._sums_kernel[(len(items),)](_table(items, device), addrs, partial, scale, float(group["clip_value"] or 0.0),
+                                           G_DTYPE=_TL_DTYPE[gd], HAS_SCALE=grad_scale is not None,
+                                           CLIP=group["clip_value"] is not None, CHUNK=h.chunk, BLOCK=h.block,
+                                           num_warps=h.num_warps)
+            # each slice's chunks are consecutive items: add them in order into its S
+            out = torch.empty(len(first) - 1, dtype=torch.float32, device=device)
+            T2._slice_sums_kernel[(len(first) - 1,)](torch.tensor(first, dtype=torch.int64, device=device), partial,
+                                                      out)
+            S[torch.tensor(remap, dtype=torch.int64, device=device)] = out
+    return S
+
+
+@torch.no_grad()
+def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, group, grad_scale=None, skip=None,
+                    guarded=None):
+    from .kernels import two_phase_triton as T2
+
+    device = params[0].device
+    gs = [g.contiguous() for g in grads]
+    momentum = group["momentum"] > 0
+    ms = [st["m"] for st in states] if momentum else [None] * len(params)
+    S = S.to(torch.float32).contiguous()
+    ns = S.numel()
+    sc = _scalars(group, device)
+    dummy = S
+    h = HEURISTIC
+    coef_k = torch.empty(ns, dtype=torch.float32, device=device)
+    coef_d = torch.empty(ns, dtype=torch.float32, device=device)
+    first = [0]
+    for R in rows:
+        first.append(first[-1] + R)
+    owner = [i for i, R in enumerate(rows) for _ in range(R)]
+    meta = [(float(st["eta"]), float(C), _eps0(n, p.ndim, float(st["eta"])))
+            for p, st, C, n in zip(params, states, slice_lens, numels)]
+    closed = group["schedule"] != "amos"
+    lr_ptr = sc["lr_ptr"] if sc["lr_ptr"] is not None else dummy
+    skip_t = skip.detach().reshape(1).to(device, torch.float32) if skip is not None else dummy
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        if ns:
+            addrs = _table(_addrs(params, gs, ms, states), device)
+            sb = 256 if K.INTERPRET else 128
+            T2._finalize_kernel[(-(-ns // sb),)](
+                addrs, _table(meta, device, torch.float32), torch.tensor(first[:-1], dtype=torch.int64, device=device),
+                torch.tensor(owner, dtype=torch.int32, device=device), ns, S,
+                norms.to(torch.float32).contiguous() if closed else dummy, coef_k, coef_d, skip_t,
+                guarded if guarded is not None else dummy, sc["lr"], lr_ptr, sc["beta"], sc["beta_lo"],
+                sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"], sc["extra_l2"], sc["two_q"],
+                sc["half_life"], SCHED=K.SCHEDULE_CODE[group["schedule"]], LR_IS_PTR=sc["LR_IS_PTR"],
+                HAS_SKIP=skip is not None, HAS_GUARD=guarded is not None, SB=sb, num_warps=4)
+        scale = grad_scale.detach().reshape(1).to(device, torch.float32) if grad_scale is not None else dummy
+        for (pd, gd, md), idx in _by_dtypes(params, gs, ms).items():
+            sub = [gs[i] for i in idx]
+            items, _ = _two_phase_items(sub, [rows[i] for i in idx], h.chunk)
+            if not items:
+                continue
+            remap = [first[i] + r for i in idx for r in range(rows[i])]
+            items = [(t, remap[j], off, n) for t, j, off, n in items]
+            addrs = _table(_addrs([params[i] for i in idx], sub, [ms[i] for i in idx], [None] * len(idx)), device)
+            T2._apply_kernel[(len(items),)](
+                _table(items, device), addrs, coef_k, coef_d, scale, skip_t, float(group["clip_value"] or 0.0),
+                sc["momentum"], sc["one_minus_momentum"], P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd],
+                M_DTYPE=_TL_DTYPE[md or pd], MOMENTUM=momentum, HAS_SCALE=grad_scale is not None,
+                HAS_SKIP=skip is not None, CLIP=group["clip_value"] is not None, RTNE=K.INTERPRET, CHUNK=h.chunk,
+                BLOCK=h.block, num_warps=h.num_warps)
+
+
+def _eps0(numel, ndim, eta):
+    from .reference import eps0
+    return eps0(numel, ndim, eta)
+
+
+TWO_PHASE = None  # set below: backends.TwoPhase imports this module lazily
+
+
+def _two_phase():
+    from .backends import TwoPhase
+    return TwoPhase(two_phase_sums, two_phase_apply)
+
+
+TWO_PHASE = _two_phase()

@@ -16,11 +16,12 @@
 // reads pass 1's verdict from a per-row flag); element granularity selects per element, so its
 // loops stay branch-free.
 //
-// Speed: the step is bound by memory traffic, and one core of the small machines this targets
-// reaches its share of DRAM bandwidth only with several streams in flight. So
-//   - whole rows of "amos" are software-pipelined: the loop that applies row r also sums g*g of
-//     row r + 1 (g and theta read at once, like a += b, not one stream at a time), and asks for
-//     its streams a few cache lines ahead (software prefetch: the hardware's stops at each page);
+// Speed: the step is bound by memory traffic. So
+//   - whole rows of "amos" are summed, finalized and applied one row at a time: the apply's
+//     second read of the row's g comes from L1/L2, and the streams stay simple enough for the
+//     hardware prefetchers (measured on 2 cores, two processes of one thread each: 1.4x faster
+//     than applying row r while summing row r + 1 with software prefetch, and as fast with one
+//     process of two threads);
 //   - loops that only read (the closed forms' pass 1) sum four rows far apart at once;
 //   - the loops are templates of the storage types (no call per element or per row), compiled
 //     for any x86-64 (SSE2) and again for AVX2 + F16C, picked at run time: twice the lanes,
@@ -45,14 +46,8 @@ namespace {
 constexpr int64_t kLongRow = 65536;  // rows up to this length are one piece's business (256 KiB fp32)
 constexpr int64_t kPiece = 16384;    // target elements per piece of whole rows
 constexpr int64_t kSerial = 32768;   // steps with fewer elements run on one thread
-constexpr uintptr_t kAhead = 1024;   // bytes a read-only stream is prefetched ahead
-
-AMOS_CPU_INLINE void prefetch(const void* x) {  // a hint: never faults, even past the end
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + kAhead), 0, 3);
-}
-
 // Sums of x*x in a fixed order: element i goes to lane i % 16 (the lanes vectorise), then the
-// lanes meet in a fixed tree. sumsq and apply_and_sumsq follow this order exactly.
+// lanes meet in a fixed tree. sumsq_rows follows this order exactly.
 AMOS_CPU_INLINE float lanes_total(float* acc) {
   for (int w = 8; w > 0; w /= 2)
     for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
@@ -62,10 +57,8 @@ AMOS_CPU_INLINE float lanes_total(float* acc) {
 AMOS_CPU_INLINE float sumsq(const float* __restrict__ x, int64_t n) {
   float acc[16] = {0};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    prefetch(x + i);
+  for (; i + 16 <= n; i += 16)
     for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
-  }
   for (int j = 0; i < n; ++i, ++j) acc[j] += x[i] * x[i];
   return lanes_total(acc);
 }
@@ -267,51 +260,6 @@ AMOS_CPU_INLINE TM* advance(TM* m, int64_t i) {
   else return m + i;
 }
 
-// A row being applied (p, m from g with K, D) while the next row, gn, is summed.
-template <typename TP, typename TM>
-struct RowWork {
-  TP* p;
-  const float* g;
-  TM* m;
-  float K, D;
-  const float* gn;
-};
-
-// The pipeline's loop asks for its streams (gn read; theta and, with momentum, m read, then
-// written) kPrefetch elements ahead, a cache line at a time: the hardware's prefetch stops at
-// each 4 KiB page, and five streams cross one every 1024 elements (measured: bf16 m 10% faster,
-// m = 0 7%).
-constexpr int64_t kPrefetch = 256;
-template <typename TP, typename TM>
-AMOS_CPU_INLINE void prefetch_block(const RowWork<TP, TM>& w, int64_t i, int64_t n) {
-  for (int64_t k = 0; k < n; k += 16) {  // 16 fp32: one 64-byte line; 16-bit types every other step
-    __builtin_prefetch(w.gn + i + k + kPrefetch, 0, 3);
-    if (k * sizeof(TP) % 64 == 0) __builtin_prefetch(w.p + i + k + kPrefetch, 1, 3);
-    if constexpr (!std::is_same<TM, void>::value)
-      if (k * sizeof(TM) % 64 == 0) __builtin_prefetch(w.m + i + k + kPrefetch, 1, 3);
-  }
-}
-
-// The pipeline's loop: applies row w and returns sum gn*gn of its next row, all of n elements.
-// Blocks of kBlock elements, each a vectorised loop; the sum in sumsq's order.
-constexpr int64_t kBlock = 64;
-template <typename TP, typename TM>
-AMOS_CPU_INLINE float apply_and_sumsq(const RowWork<TP, TM>& w, int64_t n, Hyper h) {
-  float acc[16] = {};
-  int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    const float* __restrict__ gn = w.gn + i;
-    prefetch_block(w, i, kBlock);
-    for (int64_t k = 0; k < kBlock; k += 16)
-      for (int j = 0; j < 16; ++j) acc[j] += gn[k + j] * gn[k + j];
-    apply_span(w.p + i, w.g + i, advance(w.m, i), kBlock, w.K, w.D, h);
-  }
-  const int64_t rest = n - i;  // < kBlock: lane j of the tail still takes elements j, j + 16, ...
-  for (int64_t k = 0; k < rest; ++k) acc[k % 16] += w.gn[i + k] * w.gn[i + k];
-  apply_span(w.p + i, w.g + i, advance(w.m, i), rest, w.K, w.D, h);
-  return lanes_total(acc);
-}
-
 // called once per span through a pointer: inlined at every use it would multiply the code
 using PrepFn = void (*)(const void*, float*, int64_t, float, const Hyper&);
 
@@ -349,9 +297,9 @@ struct Step {
   int64_t* guarded;   // per piece: slices it guarded (long rows: counted between the passes)
 };
 
-// Per-thread buffers of kLongRow floats, allocated on first use, uninitialised: 0 and 1 for g
-// converted to fp32 (the row pipeline holds rows r and r + 1), kRowSums for a piece's S_r.
-constexpr int kRowSums = 2;
+// Per-thread buffers of kLongRow floats, allocated on first use, uninitialised: 0 for g converted
+// to fp32, kRowSums for a piece's S_r.
+constexpr int kRowSums = 1;
 struct Scratch {
   std::unique_ptr<float[]> mem;
   float* buf(int k) {
@@ -415,39 +363,24 @@ struct Loops {
     amos_rows(T, pc, k, s, sc, h);
   }
 
-  // "amos" on a piece of whole rows: S of row r is known when row r is applied, and that loop
-  // sums row r + 1 (g and theta read at once) and prefetches its streams. One such pipeline per
-  // piece keeps DRAM busier than two or four in lockstep (measured: with momentum two and four
-  // are slower; without, one with prefetch is ~7% faster than two without).
-  // A guarded row (S not finite) is neither finalized nor applied; the pipeline only sums the
-  // next row (sumsq: the same order, so the same S).
+  // "amos" on a piece of whole rows, one row at a time: sum, finalize, apply. A guarded row (S not
+  // finite) is neither finalized nor applied.
   static AMOS_CPU_INLINE void amos_rows(const Tensor& T, const Piece& pc, int64_t k, const Step& s, Scratch& sc,
                                         const Hyper h) {
     const int64_t C = T.C;
     const float Cf = static_cast<float>(C);
-    int cur = 0;  // which of the two buffers holds row r
     int64_t guarded = 0;
-    const float* g = grad(T, pc.row0 * C, C, s, sc.buf(cur));
-    float S = sumsq(g, C);
     for (int64_t r = pc.row0; r < pc.row1; ++r) {
-      const bool ok = finite_S(S);
-      RowWork<TP, TM> x{};  // zeroed: a guarded row leaves K, D, p, g, m unset (and GCC warns)
-      if (ok) {
-        const float rr = second_moment(h, S, Cf, T.bc, T.v[r]);
-        amos_slice(h, T.at, S, Cf, rr, T.b[r], x.K, x.D);
-        x.p = p_at(T, r * C);
-        x.g = g;
-        x.m = m_at(T, r * C);
-      } else {
+      const float* g = grad(T, r * C, C, s, sc.buf(0));
+      const float S = sumsq(g, C);
+      if (!finite_S(S)) {
         ++guarded;
+        continue;
       }
-      if (r + 1 < pc.row1) {
-        cur = 1 - cur;
-        x.gn = g = grad(T, (r + 1) * C, C, s, sc.buf(cur));
-        S = ok ? apply_and_sumsq(x, C, h) : sumsq(x.gn, C);
-      } else if (ok) {
-        apply_span(x.p, x.g, x.m, C, x.K, x.D, h);
-      }
+      float K, D;
+      const float rr = second_moment(h, S, Cf, T.bc, T.v[r]);
+      amos_slice(h, T.at, S, Cf, rr, T.b[r], K, D);
+      apply_span(p_at(T, r * C), g, m_at(T, r * C), C, K, D, h);
     }
     s.partial[k] = 0.0f;
     s.guarded[k] = guarded;
