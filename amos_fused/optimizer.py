@@ -232,6 +232,8 @@ class Amos(torch.optim.Optimizer):
                 backends.resolve(self.backend, p.device)  # raises now, with the reason
         names = [p[0] if isinstance(p, tuple) else None for p in
                  ([group["params"]] if torch.is_tensor(group["params"]) else group["params"])]
+        if group.get("param_names") and len(group["param_names"]) == len(names):
+            names = list(group["param_names"])  # names given beside the tensors (torchtitan does)
         etas = self._measure_etas(names, tensors, group)  # may raise: before adding
         super().add_param_group(group)
         self._plan = None
