@@ -19,8 +19,8 @@
 # PYTHON overrides the interpreter (default: python3).
 set -u
 
-usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+usage() {  # the header comment, whatever its length
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
 }
 
 DRY=0
