@@ -106,12 +106,15 @@ class Amos(torch.optim.Optimizer):
             only the slices (rows) whose sum of squares ``S_r`` is not finite keep their
             parameters and state, the rest of the step goes ahead; no extra read (one pass over
             the gradients, the byte floor of the fused kernels), counted in ``guarded_slices``.
-            GradScaler's ``found_inf`` skips the whole step in both modes, and DTensor (FSDP2)
-            parameters always skip whole steps (their verdict rides on the step's all-reduce).
+            GradScaler's ``found_inf`` skips the whole step in both modes. With DTensor
+            parameters (FSDP2, HSDP, tensor parallel) every rank takes the same decision: the
+            verdicts ride on the step's all-reduce.
         capturable: no host synchronisation at all in ``step()``, so a whole training step can be
             captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device
             (LR schedulers fill it in place, so replays see new values). Needs a fused backend
-            ("cuda" or "triton") for CUDA parameters.
+            ("cuda" or "triton") for CUDA parameters. With DTensor parameters the verdict stays on
+            the device too; the two-phase step of tensors whose slices span ranks builds its
+            tables at every call, so only steps without such tensors can be captured.
 
     With ``guard="step"``, a step is skipped (changes nothing; counted in ``skipped_steps``) when GradScaler's
     ``found_inf`` is set, or when for some parameter the unscaled, clipped gradient x has
@@ -225,8 +228,11 @@ class Amos(torch.optim.Optimizer):
                 raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is already in this or an earlier "
                                  "param group; list every parameter once (tied weights are one tensor)")
             seen.add(id(p))
-        for p in tensors:
-            distributed.check_placements(p)  # raises now for DTensor placements Amos cannot step
+        for i, p in enumerate(tensors):
+            try:
+                distributed.check_placements(p)  # raises now for DTensor placements Amos cannot step
+            except NotImplementedError as err:
+                raise NotImplementedError(f"{where}: params[{i}]: {err}") from None
         if self.backend != "auto":
             for p in tensors:
                 backends.resolve(self.backend, p.device)  # raises now, with the reason
@@ -640,8 +646,8 @@ class Amos(torch.optim.Optimizer):
     def _check_capturable(self, work, calls, on_device):
         """capturable=True: raise, before anything changes, for a setup that needs the host."""
         if not on_device:
-            raise RuntimeError("Amos(capturable=True): every parameter must be on one device and none a DTensor "
-                               "(FSDP2 steps read the verdict of all ranks on the host); use capturable=False")
+            raise RuntimeError("Amos(capturable=True): every parameter must be on one device (the verdict of a step "
+                               "over several devices is read on the host); use capturable=False")
         for (group, params, _), group_calls in zip(work, calls):
             for fn, idx in group_calls:
                 first = params[0 if idx is None else idx[0]] if params else None
