@@ -193,11 +193,13 @@ def init_state(optimizer):
 def _local_grad(p, g):
     """This rank's part of `p`'s gradient, placed like `p` (a gradient torch left Partial, or placed
     otherwise, is redistributed first)."""
-    if not is_dtensor(g):
+    local_tensor = getattr(g, "_local_tensor", None)  # DTensors have it (cheaper than isinstance)
+    if local_tensor is None:
         return g
     if g.placements != p.placements:
         g = g.redistribute(p.device_mesh, p.placements)
-    return g._local_tensor if not torch.is_grad_enabled() else g.to_local()
+        local_tensor = g._local_tensor
+    return local_tensor  # under no_grad, what to_local() returns
 
 
 class _Bucket:
@@ -221,6 +223,10 @@ class _Bucket:
         self.C = torch.tensor([float(lay.C) for lay in layouts], dtype=dtype)[entry_of].to(device)
         self.n = n
         self.closed = group["schedule"] != "amos"
+
+    def slot(self, entries):
+        """A mask over this bucket's entries, True at `entries` (a position tensor)."""
+        return torch.zeros(len(self.entries), dtype=torch.bool, device=self.device).index_fill_(0, entries, True)
 
     def slice_positions(self, which):
         """Positions in the flat vector of the slices of the entries `which` (positions in `entries`)."""
@@ -268,11 +274,12 @@ def _schedule(buckets, flag_groups):
         if not progressed:  # cannot happen: every pending entry names a group of `order`
             raise RuntimeError("Amos: no all-reduce schedule for these placements")
 
-    def by_bucket(keys, positions):
+    def by_bucket(keys, positions):  # positions None: the bucket's whole vector
         out = collections.defaultdict(list)
         for b, e in keys:
             out[b].append(e)
-        return [(b, positions(b, es)) for b, es in sorted(out.items())]
+        return [(b, None if es == list(range(len(buckets[b].entries))) else positions(b, es))
+                for b, es in sorted(out.items())]
 
     slices = lambda b, es: buckets[b].slice_positions(es)  # noqa: E731
     entries = lambda b, es: torch.tensor(es, dtype=torch.long, device=buckets[b].device)  # noqa: E731
@@ -327,8 +334,6 @@ class ShardedStep:
             self.groups.append((group, list(onepass.items()), bucket_ids))
         self.split_groups = split_groups
         self.group_of = [group for group, params, _ in work for _ in params]
-        self.one_pass = sorted(i for _, onepass, _ in self.groups for _, idx in onepass for i in idx)
-        self.two_phase = sorted(i for bk in self.buckets for i in bk.entries)
         self.flag_needed = optimizer.guard == "step"
         self.rounds = {flag: _schedule(self.buckets, split_groups if flag else ()) for flag in (False, True)}
         self.states = None  # local views of the state tensors, made at the first step that has state
@@ -336,19 +341,24 @@ class ShardedStep:
 
     def local_params(self):
         """The local parts of the parameters, kept while the DTensors keep them (FSDP2 does)."""
-        now = [p._local_tensor if is_dtensor(p) else p for p in self.params]
+        now = [getattr(p, "_local_tensor", p) for p in self.params]
         if self.locals is None or not all(map(operator.is_, now, self.locals)):
             self.locals = now
         return self.locals
 
     def local_states(self, optimizer):
-        """Per parameter {v, b, m, step, eta} with this rank's parts, cached while the state tensors stay."""
-        states = [optimizer.state[p] for p in self.params]
-        if self.states is not None and all(st.get("v") is v and st.get("m") is m
-                                           for st, (v, m) in zip(states, self.state_ids)):
+        """Per parameter {v, b, m, step, eta} with this rank's parts, cached while the state tensors
+        stay (None for parameters without state yet)."""
+        states = [optimizer.state.get(p) for p in self.params]
+        if self.states is not None and _same(states, self.state_dicts) and \
+                _same([st.get("v") if st else None for st in states], self.vs) and \
+                _same([st.get("m") if st else None for st in states], self.ms):
             return self.states
-        self.state_ids = [(st.get("v"), st.get("m")) for st in states]
-        self.states = [{k: (local(x) if torch.is_tensor(x) else x) for k, x in st.items()} for st in states]
+        self.state_dicts = states
+        self.vs = [st.get("v") if st else None for st in states]
+        self.ms = [st.get("m") if st else None for st in states]
+        self.states = [{k: (local(x) if torch.is_tensor(x) else x) for k, x in st.items()} if st else None
+                       for st in states]
         return self.states
 
 
@@ -382,16 +392,19 @@ def sharded_step(optimizer, work, grad_scale):
 
     # 2. complete: the rounds of all-reduce (partial sums, partial norms, the flag). With no verdict
     # to agree on, the first round runs while the one-pass tensors step (nothing of theirs waits on it).
-    pending = _start_round(plan, optimizer, rounds[0], sums, norms, flag) if rounds else None
+    states = None
+    pending = _start_round(plan, optimizer, rounds[0], sums, norms, flag, states) if rounds else None
     if flag is None:
-        _one_pass(optimizer, plan, work, grads, grad_scale, None, guarded)
+        states = _advance(optimizer, plan, None)
+        _one_pass(plan, grads, states, grad_scale, None, guarded)
     for k, rnd in enumerate(rounds):
         flag = _finish_round(rnd, pending, sums, norms, flag)
         if k + 1 < len(rounds):
-            pending = _start_round(plan, optimizer, rounds[k + 1], sums, norms, flag)
+            pending = _start_round(plan, optimizer, rounds[k + 1], sums, norms, flag, states)
     for b, bk in enumerate(plan.buckets):  # ||u||**2 whose slices are all here: from the complete S_r
         if bk.closed and bk.n and not bk.all_norm_rounds:
-            norms[b] = torch.where(bk.norm_rounds, norms[b], _norms(bk, sums[b], *_before_step(optimizer, plan, bk)))
+            norms[b] = torch.where(bk.norm_rounds, norms[b],
+                                   _norms(bk, sums[b], *_before_step(optimizer, plan, bk, states)))
 
     # the verdict, the same on every rank
     skip = None
@@ -402,35 +415,34 @@ def sharded_step(optimizer, work, grad_scale):
         else:
             skip = (flag > 0).to(torch.float32)
             optimizer._count_device_skip(skip)
-        _one_pass(optimizer, plan, work, grads, grad_scale, skip, guarded)
+        states = _advance(optimizer, plan, skip)
+        _one_pass(plan, grads, states, grad_scale, skip, guarded)
 
     # 3. the two-phase tensors: the backends' phase 3 (finalize and apply) with the complete sums
-    if plan.buckets:
-        states = _advance(optimizer, plan, work, plan.two_phase, skip)
-        params = plan.local_params()
-        for b, bk in enumerate(plan.buckets):
-            if bk.n:
-                bk.ops.apply([params[i] for i in bk.entries], [grads[i] for i in bk.entries],
-                             [states[i] for i in bk.entries], bk.rows, bk.slice_lens, bk.numels, sums[b], norms[b],
-                             bk.group, grad_scale, skip, guarded)
+    params = plan.local_params()
+    for b, bk in enumerate(plan.buckets):
+        if bk.n:
+            bk.ops.apply([params[i] for i in bk.entries], [grads[i] for i in bk.entries],
+                         [states[i] for i in bk.entries], bk.rows, bk.slice_lens, bk.numels, sums[b], norms[b],
+                         bk.group, grad_scale, skip, guarded)
     return False
 
 
-def _advance(optimizer, plan, work, positions, skip):
-    """Create the state of the parameters at `positions` (at their first step) and count the step;
-    returns the local state views of all parameters."""
-    for i in positions:
-        optimizer._state_for(plan.params[i], plan.group_of[i])
+def _advance(optimizer, plan, skip):
+    """Create the parameters' state at their first step and count the step (by 1 - skip); returns
+    the local state views."""
     states = plan.local_states(optimizer)
-    optimizer._advance_steps([states[i]["step"] for i in positions], skip, plan.device)
+    if any(st is None or "v" not in st or (group["momentum"] > 0 and "m" not in st)
+           for st, group in zip(states, plan.group_of)):
+        for p, group in zip(plan.params, plan.group_of):
+            optimizer._state_for(p, group)
+        states = plan.local_states(optimizer)
+    optimizer._advance_steps([st["step"] for st in states], skip, plan.device)
     return states
 
 
-def _one_pass(optimizer, plan, work, grads, grad_scale, skip, guarded):
+def _one_pass(plan, grads, states, grad_scale, skip, guarded):
     """The tensors with nothing partial: their backend's one-pass step on the local parts."""
-    if not plan.one_pass:
-        return
-    states = _advance(optimizer, plan, work, plan.one_pass, skip)
     params = plan.local_params()
     for group, onepass, _ in plan.groups:
         for fn, idx in onepass:
@@ -438,42 +450,64 @@ def _one_pass(optimizer, plan, work, grads, grad_scale, skip, guarded):
             fn(*args, guarded=guarded) if skip is None else fn(*args, skip=skip, guarded=guarded)
 
 
-def _start_round(plan, optimizer, rnd, sums, norms, flag):
-    """Pack a round's partial statistics (and the flag) and start its all-reduce."""
+def _start_round(plan, optimizer, rnd, sums, norms, flag, states):
+    """Pack a round's partial statistics (and the flag) and start its all-reduce; a round of one
+    whole vector is all-reduced in place."""
     for b, entries in rnd.ready:
         bk = plan.buckets[b]
-        norms[b][entries] = _norms(bk, sums[b], *_before_step(optimizer, plan, bk))[entries]
-    parts = [sums[b][pos] for b, pos in rnd.sums] + [norms[b][pos] for b, pos in rnd.norms]
+        local_sq = _norms(bk, sums[b], *_before_step(optimizer, plan, bk, states))
+        norms[b][...] = local_sq if entries is None else torch.where(bk.slot(entries), local_sq, norms[b])
+    parts = [sums[b] if pos is None else sums[b][pos] for b, pos in rnd.sums] + \
+            [norms[b] if pos is None else norms[b][pos] for b, pos in rnd.norms]
     if rnd.flag:
         parts.append(flag.reshape(1))
     wide = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
-    flat = torch.cat([x.to(wide) for x in parts])
-    return flat, dist.all_reduce(flat, group=rnd.group, async_op=True)
+    whole = len(parts) == 1 and not rnd.flag and parts[0].dtype == wide and \
+        (rnd.sums[0][1] if rnd.sums else rnd.norms[0][1]) is None
+    flat = parts[0] if whole else torch.cat([x.to(wide) for x in parts])
+    return flat, whole, dist.all_reduce(flat, group=rnd.group, async_op=True)
 
 
 def _finish_round(rnd, pending, sums, norms, flag):
     """Wait for a round and unpack its totals; returns the flag (summed over the round's ranks)."""
-    flat, work = pending
+    flat, whole, work = pending
     work.wait()
+    if whole:
+        return flag
     at = 0
     for b, pos in rnd.sums:
-        sums[b][pos] = flat[at:at + len(pos)].to(sums[b].dtype)
-        at += len(pos)
+        n = sums[b].numel() if pos is None else len(pos)
+        total = flat[at:at + n].to(sums[b].dtype)
+        if pos is None:
+            sums[b].copy_(total)
+        else:
+            sums[b][pos] = total
+        at += n
     for b, pos in rnd.norms:
-        norms[b][pos] = flat[at:at + len(pos)].to(norms[b].dtype)
-        at += len(pos)
+        n = norms[b].numel() if pos is None else len(pos)
+        total = flat[at:at + n].to(norms[b].dtype)
+        if pos is None:
+            norms[b].copy_(total)
+        else:
+            norms[b][pos] = total
+        at += n
     return flat[-1].to(torch.float32) if rnd.flag else flag
 
 
-def _before_step(optimizer, plan, bk):
-    """(v before this step, t of this step) of a bucket's slices, as phase 2 needs them: the step
-    counters have not moved yet, and a parameter's first step has no state yet (v = 0, t = 1)."""
+def _same(xs, ys):
+    return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
+
+
+def _before_step(optimizer, plan, bk, states):
+    """(v before this step, t of this step) of a bucket's slices, as phase 2 needs them. `states`:
+    the local state views once the step counters have moved this step (t = step), or None when
+    they have not (t = step + 1; a parameter's first step has no state yet: v = 0, t = 1)."""
     vs, ts = [], []
     for i, R in zip(bk.entries, bk.rows):
-        st = optimizer.state[plan.params[i]]
+        st = states[i] if states is not None else optimizer.state[plan.params[i]]
         if "v" in st:
             vs.append(local(st["v"]).reshape(-1).to(bk.dtype))
-            ts.append(st["step"].to(bk.device, bk.dtype) + 1)
+            ts.append(st["step"].to(bk.device, bk.dtype) + (0 if states is not None else 1))
         else:
             vs.append(torch.zeros(R, dtype=bk.dtype, device=bk.device))
             ts.append(torch.ones((), dtype=bk.dtype, device=bk.device))
