@@ -25,7 +25,7 @@ import torch
 
 from .kernels import amos_triton as K
 from .kernels import tables
-from .backends import reference_unless_skipped
+from .fallback import reference_unless_skipped
 
 _TL_DTYPE = {torch.float32: K.tl.float32, torch.bfloat16: K.tl.bfloat16, torch.float16: K.tl.float16}
 
