@@ -1,26 +1,24 @@
-"""The one place that chooses how a step is computed.
+"""The one place that chooses how a step is computed, and the backends' helper ops Amos uses.
 
 A backend is a function `step(params, grads, states, group, grad_scale, skip=None, guarded=None)`
 that applies one Amos step (ALGORITHM.md) to the tensors of one param group, with
 `state["step"]` already t. `skip` is None, or the step's verdict as a 0-d fp32 tensor on the
-device (optimizer.py): the fused backends read it in their kernels (no host sync) and change
+device (verdict.py): the fused backends read it in their kernels (no host sync) and change
 nothing when it is nonzero. Every backend guards slices: one whose S_r is not finite keeps its
 parameters and state, and is added to `guarded` (an int64 0-d tensor on the device, or None).
 Each entry of `_BACKENDS` says whether it can run on a device and, if not, why.
+
+The backend modules are imported when first needed (triton is slow to import, the extension
+loads at first use); they depend on fallback.py and reference.py, never on this module.
 """
 import collections
 
+import torch
+
 from . import reference
-from .reference import reference_step
+from .fallback import reference_unless_skipped
 
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
-
-
-def reference_unless_skipped(params, grads, states, group, grad_scale=None, skip=None, guarded=None):
-    """The reference step behind a verdict: it reads `skip` on the host (a sync on CUDA), so the
-    fused backends use it only for the tensors their kernels do not take (fp64, non-contiguous)."""
-    if skip is None or not bool(skip):
-        reference_step(params, grads, states, group, grad_scale, guarded)
 
 
 def _reference(device):
@@ -88,9 +86,44 @@ def resolve(name, device):
     return fn
 
 
-# The two-phase protocol of sharded tensors (distributed.py): phase 1 `sums(grads, rows, group,
-# grad_scale, dtype)` -> flat S_r of every local slice; phase 3 `apply(params, grads, ms, rows, S,
-# K, D, group, grad_scale, skip)` with the finalized coefficients. Each backend has both.
+# ---- the op behind a step function, and helper ops ---------------------------------------------
+KernelOp = collections.namedtuple("KernelOp", "step options takes")
+
+
+def kernel_op(fn):
+    """The op behind step function `fn` when that is one call over lists of tensors (the compiled
+    backends), for a caller that keeps the lists itself (the step plan): `step(params, gs, vs, bs,
+    ms, steps, etas, lr, options, grad_scale, skip, guarded)`, `options(group)` its option
+    arguments, `takes(p, state, momentum)` whether its kernels take a tensor. None otherwise."""
+    from . import cpp_backend
+    if fn is cpp_backend.fused_step:
+        return KernelOp(cpp_backend.kernel_step, cpp_backend.option_args, cpp_backend.kernel_takes)
+    return None
+
+
+def add_one(steps, all_cpu):
+    """steps += 1; CPU counters in one call of the extension's op when it is built (torch's
+    foreach add on CPU tensors dispatches once per tensor: about 0.45 ms for 148 of them)."""
+    if all_cpu:
+        from . import cpp_backend
+        if cpp_backend.add_one is not None:
+            return cpp_backend.add_one(steps)
+    torch._foreach_add_(steps, 1.0)
+
+
+def max_abs(grads, dtype):
+    """max|g| of each gradient (NaN if it holds one) as one `dtype` vector on their device."""
+    if grads[0].device.type == "cpu" and dtype == torch.float32:
+        from . import cpp_backend
+        if cpp_backend.max_abs is not None:
+            return cpp_backend.max_abs(grads)
+    return torch.stack(torch._foreach_norm(grads, float("inf"), dtype=dtype))
+
+
+# ---- the two-phase protocol of sharded tensors (distributed.py) ---------------------------------
+# Phase 1 `sums(grads, rows, group, grad_scale, dtype)` -> S_r of every local slice, flat; phase 3
+# `apply(params, grads, states, rows, slice_lens, numels, S, norms, group, grad_scale, skip,
+# guarded)`: finalize every slice from the complete sums and apply. Every backend has both.
 TwoPhase = collections.namedtuple("TwoPhase", "sums apply")
 REFERENCE_TWO_PHASE = TwoPhase(reference.two_phase_sums, reference.two_phase_apply)
 
@@ -102,7 +135,9 @@ def two_phase(step_fn, param, grad):
         return REFERENCE_TWO_PHASE
     from . import cpp_backend
     if step_fn is cpp_backend.fused_step:
-        return cpp_backend.TWO_PHASE if cpp_backend.takes(param, grad) else REFERENCE_TWO_PHASE
-    from . import triton_backend
-    ops = getattr(triton_backend, "TWO_PHASE", None)
-    return ops if ops is not None and triton_backend.takes(param, grad) else REFERENCE_TWO_PHASE
+        module = cpp_backend
+    else:
+        from . import triton_backend as module
+    if not module.two_phase_takes(param, grad):
+        return REFERENCE_TWO_PHASE
+    return TwoPhase(module.two_phase_sums, module.two_phase_apply)

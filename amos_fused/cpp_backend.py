@@ -10,8 +10,7 @@ parameters (the kernels compute in fp32) and non-contiguous parameters or moment
 """
 import torch
 
-from . import backends
-from .backends import reference_unless_skipped
+from .fallback import reference_unless_skipped
 
 try:
     from . import _C
@@ -58,7 +57,8 @@ def unavailable(kind):
     return None
 
 
-def _kernel_takes(p, state, momentum):
+def kernel_takes(p, state, momentum):
+    """Whether the kernels take this parameter and its state (else: the reference path)."""
     return p.dtype != torch.float64 and p.is_contiguous() and (momentum == 0 or state["m"].is_contiguous())
 
 
@@ -66,7 +66,7 @@ def _kernel_takes(p, state, momentum):
 def fused_step(params, grads, states, group, grad_scale=None, skip=None, guarded=None):
     """One step of a group's tensors on one device (CPU or CUDA) with the compiled kernels."""
     mom = group["momentum"]
-    takes = [_kernel_takes(p, st, mom) for p, st in zip(params, states)]
+    takes = [kernel_takes(p, st, mom) for p, st in zip(params, states)]
     if not all(takes):
         reference_unless_skipped([p for p, k in zip(params, takes) if not k], [g for g, k in zip(grads, takes) if not k],
                                  [st for st, k in zip(states, takes) if not k], group, grad_scale, skip, guarded)
@@ -90,7 +90,7 @@ def option_args(group):
 
 
 def kernel_step(params, gs, vs, bs, ms, steps, etas, lr, options, grad_scale=None, skip=None, guarded=None):
-    """The op on tensors the kernels take (`_kernel_takes`), with contiguous fp32/bf16/fp16
+    """The op on tensors the kernels take (`kernel_takes`), with contiguous fp32/bf16/fp16
     gradients `gs`; `ms` is empty without momentum; `options` from `option_args`."""
     device = params[0].device
     # A tensor lr stays a tensor: the kernels read it (on the device for CUDA: no host sync),
@@ -108,7 +108,7 @@ def kernel_step(params, gs, vs, bs, ms, steps, etas, lr, options, grad_scale=Non
 
 # ---- the two-phase protocol of sharded tensors (backends.TwoPhase, csrc/two_phase.cpp) ----------
 
-def takes(param, grad):
+def two_phase_takes(param, grad):
     """Whether the two-phase ops take this local parameter (and its gradient, cast if fp64)."""
     return _C is not None and param.dtype != torch.float64 and param.is_contiguous()
 
@@ -140,8 +140,6 @@ def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, g
         list(numels), S.to(torch.float32), None if norms is None else norms.to(torch.float32), float(lr), lr_tensor,
         _scalar(grad_scale, device), _scalar(skip, device), guarded, *option_args(group))
 
-
-TWO_PHASE = backends.TwoPhase(two_phase_sums, two_phase_apply)
 
 if _C is not None:
     @torch.library.register_fake("amos_fused::two_phase_sums")

@@ -1,81 +1,13 @@
-"""`Amos`: the torch.optim front end. Checks options, keeps state, hands each group to a backend."""
-import collections
-import itertools
-import math
-import numbers
-import operator
-import warnings
-
+"""`Amos`: the torch.optim front end. Keeps the settings, counters and state, and runs a step:
+checks (plan.py; options.py, groups.py, state.py), the skip verdict (verdict.py), then each group
+handed to its backend (backends.py)."""
 import torch
 
-from . import backends, distributed
-from .reference import compute_dtype
-from .schedules import CLOSED_FORMS, DECAYING
-from .slices import GRANULARITIES, default_eta, slice_shape
-
-SCHEDULES = ("amos",) + CLOSED_FORMS
-MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
-
-# Default lr per family, measured by the main job (benchmarks/convergence.py, default preset:
-# 400 steps, one seed; benchmarks/results/convergence_lr_sweep.md, README "Defaults"): "amos" was
-# best at 0.03 of 0.01/0.03/0.1/0.3, "inverse_time" at 0.1 of 0.03/0.1/0.3; "constant" and
-# "inverse_square" were not swept and take inverse_time's value.
-DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
-
-# Options only one family reads, with their neutral values: setting them for the other family
-# is an error rather than a silent no-op.
-_AMOS_ONLY = {"d_coef": 0.25, "c_coef": 0.25, "extra_l2": 0.0}
-_CLOSED_FORM_ONLY = {"q": 1.0}
-
-
-def _number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _lr_ok(lr):
-    if torch.is_tensor(lr):
-        return lr.numel() == 1 and lr.is_floating_point()
-    return _number(lr) and lr >= 0
-
-
-def check_options(o, where):
-    """Raise ValueError/TypeError naming the option and the fix; `o` is a group (or defaults)."""
-
-    def bad(name, need):
-        raise ValueError(f"{where}: {name}={o[name]!r} is invalid; {need}")
-
-    if o["schedule"] not in SCHEDULES:  # first: an unknown schedule also leaves lr=None unresolved
-        bad("schedule", f"use one of {SCHEDULES}")
-    lr = o["lr"]
-    if not _lr_ok(lr):
-        bad("lr", "a tensor lr must be a floating-point scalar tensor" if torch.is_tensor(lr) else
-            "use a finite number >= 0")
-    if o["granularity"] not in GRANULARITIES:
-        bad("granularity", f"use one of {GRANULARITIES}")
-    if o["schedule"] in DECAYING:
-        if not (_number(o["half_life"]) and o["half_life"] > 0):
-            bad("half_life", f"schedule={o['schedule']!r} needs half_life > 0 (in steps)")
-    elif o["half_life"] is not None:
-        bad("half_life", f"schedule={o['schedule']!r} does not decay; leave half_life=None")
-    for name in ("beta", "momentum"):
-        if not (_number(o[name]) and 0 <= o[name] < 1):
-            bad(name, "use a number in [0, 1)")
-    if o["momentum_dtype"] not in MOMENTUM_DTYPES:
-        bad("momentum_dtype", "use None (fp32), torch.float32, torch.bfloat16 or torch.float16")
-    if o["clip_value"] is not None and not (_number(o["clip_value"]) and o["clip_value"] > 0):
-        bad("clip_value", "use None (no clipping) or a number > 0")
-    for name in ("d_coef", "c_coef", "extra_l2"):
-        if not (_number(o[name]) and o[name] >= 0):
-            bad(name, "use a finite number >= 0")
-    for name in ("q", "eps"):
-        if not (_number(o[name]) and o[name] > 0):
-            bad(name, "use a finite number > 0")
-    if o["eta"] is not None and not (_number(o["eta"]) and o["eta"] > 0):
-        bad("eta", "use None (measured from the initial weights) or a number > 0")
-    unused = _CLOSED_FORM_ONLY if o["schedule"] == "amos" else _AMOS_ONLY
-    for name, neutral in unused.items():
-        if o[name] != neutral:
-            bad(name, f"schedule={o['schedule']!r} does not use it; leave it at {neutral}")
+from . import backends, distributed, verdict
+from .groups import prepare
+from .options import DEFAULT_LR, check_settings  # noqa: F401  (DEFAULT_LR: amos_fused.optimizer.DEFAULT_LR)
+from .plan import Plan, WorkCheck, collect, full_run, sharded_work
+from .state import check_loadable, new_state
 
 
 class Amos(torch.optim.Optimizer):
@@ -135,14 +67,7 @@ class Amos(torch.optim.Optimizer):
                         momentum=momentum, momentum_dtype=momentum_dtype, clip_value=clip_value,
                         d_coef=d_coef, c_coef=c_coef, extra_l2=extra_l2, eps=eps, eta=eta,
                         granularity=granularity)
-        backends.check_backend(backend)
-        if eta_fn is not None and not callable(eta_fn):
-            raise TypeError(f"Amos: eta_fn must be callable as eta_fn(name, param), got {eta_fn!r}")
-        if guard not in GUARDS:
-            raise ValueError(f"Amos: guard={guard!r} is invalid; use 'step' (a non-finite gradient skips the whole "
-                             "step) or 'slice' (only its slices keep their values; one pass, faster)")
-        if not isinstance(capturable, bool):
-            raise TypeError(f"Amos: capturable must be True or False, got {capturable!r}")
+        check_settings(backend, eta_fn, guard, capturable)
         self.backend = backend
         self.eta_fn = eta_fn
         self.capturable = capturable
@@ -150,14 +75,12 @@ class Amos(torch.optim.Optimizer):
         self._skipped = 0  # skips decided on the host ...
         self._skipped_on = {}  # ... and on each device: 0-d fp32 counters, read by skipped_steps
         self._guarded_on = {}  # device -> 0-d int64 counter the kernels add guarded slices to
-        self._pending = None  # (event, pinned verdict or None, pinned guarded count, scaled) of the last CUDA step
-        self._warned_nonfinite = False
-        self._warned_guarded = False
+        self._notices = verdict.Notices()  # the warnings shown once, and the last CUDA step's pending verdict
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
-        self._state_ok = {}  # id(param) -> what its state was last checked against (_collect)
-        self._plan = None  # what the last full step found (_Plan), reused while it holds
+        self._state_ok = {}  # id(param) -> what its state was last checked against (plan.collect)
+        self._plan = None  # what the last full step found (plan.Plan), reused while it holds
         self._sharded = None  # the DTensor parameters' step plan (distributed.ShardedStep)
-        self._sharded_checks = None  # what the last full DTensor step checked (_WorkCheck per group)
+        self._sharded_checks = None  # what the last full DTensor step checked (plan.WorkCheck per group)
         super().__init__(params, defaults)
 
     @property
@@ -186,107 +109,18 @@ class Amos(torch.optim.Optimizer):
         for counter in self._guarded_on.values():  # in place: a captured CUDA graph adds into them
             counter.zero_()
 
-    # ---- groups and eta -------------------------------------------------------------------
+    # ---- groups and state -----------------------------------------------------------------
     def add_param_group(self, param_group):
-        group = dict(param_group)
-        if not torch.is_tensor(group.get("params")) and not isinstance(group.get("params"), set):
-            group["params"] = list(group["params"])  # a generator (model.parameters()) reads only once
-        for key, value in self.defaults.items():
-            group.setdefault(key, value)
-        if group["lr"] is None and group.get("schedule") in DEFAULT_LR:
-            group["lr"] = DEFAULT_LR[group["schedule"]]
-        where = f"Amos param group {len(self.param_groups)}"
-        check_options(group, where)
-        if self.capturable:
-            # a float is baked into a captured graph; a tensor on the device is read at every replay
-            first = next((p[1] if isinstance(p, tuple) else p for p in
-                          ([group["params"]] if torch.is_tensor(group["params"]) else group["params"])), None)
-            device = distributed.local(first).device if first is not None else None
-            if not torch.is_tensor(group["lr"]):
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-            elif device is not None and group["lr"].device != device:
-                raise ValueError(f"{where}: lr is a tensor on {group['lr'].device}, the parameters are on {device}; "
-                                 "with capturable=True the kernels read lr on the parameters' device (a captured "
-                                 f"graph would freeze a value read elsewhere): pass a float or a tensor on {device}")
-        tensors = [p[1] if isinstance(p, tuple) else p for p in
-                   ([group["params"]] if torch.is_tensor(group["params"]) else list(group["params"]))]
-        for i, p in enumerate(tensors):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{where}: params[{i}] is a {type(p).__name__}, not a tensor")
-            if p.is_complex():
-                raise TypeError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is complex; Amos "
-                                "supports real floating-point parameters: split it with torch.view_as_real")
-            if not p.is_floating_point():
-                raise TypeError(f"{where}: params[{i}] has dtype {p.dtype}; Amos needs floating-point parameters")
-            if p.device.type == "meta":
-                raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is on the meta device and holds "
-                                 "no data; materialise the model (model.to_empty(device=...), then initialise "
-                                 "it) before building the optimizer")
-        seen = {id(p) for g in self.param_groups for p in g["params"]}
-        for i, p in enumerate(tensors):  # torch only warns within a group: the tensor would step twice
-            if id(p) in seen:
-                raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is already in this or an earlier "
-                                 "param group; list every parameter once (tied weights are one tensor)")
-            seen.add(id(p))
-        for i, p in enumerate(tensors):
-            try:
-                distributed.check_placements(p)  # raises now for DTensor placements Amos cannot step
-            except NotImplementedError as err:
-                raise NotImplementedError(f"{where}: params[{i}]: {err}") from None
-        if self.backend != "auto":
-            for p in tensors:
-                backends.resolve(self.backend, p.device)  # raises now, with the reason
-        names = [p[0] if isinstance(p, tuple) else None for p in
-                 ([group["params"]] if torch.is_tensor(group["params"]) else group["params"])]
-        if group.get("param_names") and len(group["param_names"]) == len(names):
-            names = list(group["param_names"])  # names given beside the tensors (torchtitan does)
-        etas = self._measure_etas(names, tensors, group)  # may raise: before adding
+        group, tensors, etas = prepare(param_group, self.defaults, self.param_groups, self.backend,
+                                       self.capturable, self.eta_fn)  # raises before anything changes
         super().add_param_group(group)
         self._plan = None
         for p, eta in zip(tensors, etas):
             self.state[p]["eta"] = eta
 
-    def _measure_etas(self, names, params, group):
-        """eta of each parameter: eta_fn's, else the group's, else the default rule, which measures
-        the matrices' mean squares (over the global tensor: one all-reduce per process group)."""
-        etas = [self.eta_fn(name, p) if self.eta_fn is not None else None for name, p in zip(names, params)]
-        etas = [group["eta"] if eta is None else eta for eta in etas]
-        measure = [i for i, (eta, p) in enumerate(zip(etas, params)) if eta is None and p.ndim >= 2]
-        for i, ms in zip(measure, distributed.mean_squares([params[i] for i in measure])):
-            etas[i] = default_eta(params[i].shape, ms)
-        etas = [default_eta(p.shape, None) if eta is None else eta for eta, p in zip(etas, params)]
-        for name, p, eta in zip(names, params, etas):
-            if not (_number(eta) and eta > 0):
-                raise ValueError(f"Amos: eta for parameter {name or tuple(p.shape)} is {eta!r}; "
-                                 "eta_fn and eta must give a number > 0")
-        return [float(eta) for eta in etas]
-
-    # ---- state ----------------------------------------------------------------------------
     def _state_for(self, p, group):
         """The state of `p`, created at its first step: v, b (one per slice), m, step."""
-        state = self.state[p]
-        if "v" not in state:
-            wide = compute_dtype(p)
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            # (R,) tensors; for DTensor (FSDP2) parameters sharded like the slices (distributed.py)
-            state["v"] = distributed.new_slice_state(p, group["granularity"], wide)
-            state["b"] = distributed.new_slice_state(p, group["granularity"], wide)
-        if group["momentum"] > 0 and "m" not in state:
-            mdt = group["momentum_dtype"] or compute_dtype(p)
-            state["m"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
-        return state
-
-    def _check_state(self, p, group, group_index, i):
-        state = self.state[p]
-        shape = distributed.slice_state_shape(p, group["granularity"])  # (R,), or p's shape (FSDP2, "element")
-        if "v" in state and tuple(state["v"].shape) != shape:
-            raise ValueError(f"{self._param_name(group_index, group, i)}: state 'v' has shape "
-                             f"{tuple(state['v'].shape)} but granularity={group['granularity']!r} needs {shape}; a "
-                             "group's granularity cannot change once it has state: build a new optimizer")
-        if "m" in state and state["m"].shape != p.shape:
-            raise ValueError(f"{self._param_name(group_index, group, i)}: state 'm' has shape "
-                             f"{tuple(state['m'].shape)}, parameter has {tuple(p.shape)}; the state belongs to "
-                             "another model")
+        return new_state(self.state[p], p, group)
 
     def load_state_dict(self, state_dict):
         """Load `state_dict` after checking that it fits these parameters (if not, nothing changes).
@@ -296,7 +130,7 @@ class Amos(torch.optim.Optimizer):
         cannot override it); Amos keeps v, b, m in their saved dtypes (fp32 v/b with bf16
         params, bf16 m with fp32 params) and only moves them to the parameter's device.
         """
-        self._check_loadable(state_dict)
+        check_loadable(state_dict, self.param_groups, self.defaults)
         self._plan = None  # the state tensors and groups are replaced
         # torch.distributed.checkpoint saves no state for frozen parameters: they keep their eta
         etas = {p: self.state[p]["eta"] for g in self.param_groups for p in g["params"] if "eta" in self.state[p]}
@@ -310,183 +144,45 @@ class Amos(torch.optim.Optimizer):
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device)
 
-    def _check_loadable(self, state_dict):
-        """Raise ValueError naming the group or parameter whose saved state does not fit."""
-        where = "Amos.load_state_dict"
-        saved_groups, state = state_dict.get("param_groups"), state_dict.get("state")
-        if not isinstance(saved_groups, list) or not isinstance(state, dict):
-            raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups', as Amos.state_dict() returns")
-        fix = "load it into an Amos built on the same model with the same param groups"
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{where}: the state dict has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)}; {fix}")
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"{where}: param group {gi} holds {len(saved['params'])} parameters in the state "
-                                 f"dict and {len(group['params'])} here; {fix}")
-            opts = {**self.defaults, **saved}
-            check_options(opts, f"{where}: saved param group {gi}")
-            for j, (i, p) in enumerate(zip(saved["params"], group["params"])):
-                st, name = state.get(i, {}), self._param_name(gi, group, j)
-                vb = distributed.slice_state_shape(p, opts["granularity"])
-                for key, shape in (("v", vb), ("b", vb), ("m", tuple(p.shape)), ("step", ())):
-                    if key in st and tuple(st[key].shape) != shape:
-                        raise ValueError(f"{where}: {name}: saved state '{key}' has shape {tuple(st[key].shape)}, "
-                                         f"expected {shape}; the state dict belongs to another model: {fix}")
-                if "eta" not in st and p.requires_grad:  # frozen ones: see load_state_dict
-                    raise ValueError(f"{where}: {name} has no saved 'eta' (Amos saves it for every parameter); "
-                                     "pass a state dict made by Amos.state_dict()")
-
     # ---- the step -------------------------------------------------------------------------
-    def _param_name(self, group_index, group, i):
-        names = group.get("param_names")
-        p = group["params"][i]
-        label = repr(names[i]) if names else f"param_groups[{group_index}]['params'][{i}]"
-        return f"Amos parameter {label} (shape {tuple(p.shape)})"
-
     def _collect(self):
         """(group, params, grads) per group, with every check done before anything changes."""
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            check_options(group, f"Amos param group {gi}")
-            params, grads = [], []
-            for i, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise TypeError(f"{self._param_name(gi, group, i)}: sparse gradients are not supported; use "
-                                    "dense gradients (e.g. nn.Embedding(..., sparse=False))")
-                if g.shape != p.shape or g.dtype not in _GRAD_DTYPES:
-                    raise ValueError(f"{self._param_name(gi, group, i)}: gradient has shape {tuple(g.shape)} and "
-                                     f"dtype {g.dtype}; it must have the parameter's shape and a floating-point dtype")
-                if g.device != p.device:
-                    raise ValueError(f"{self._param_name(gi, group, i)}: gradient is on {g.device}, parameter on "
-                                     f"{p.device}; move them together")
-                state = self.state.get(p)
-                if state:
-                    # checked again only when the granularity or the state tensors change
-                    key = (group["granularity"], id(state.get("v")), id(state.get("m")))
-                    if self._state_ok.get(id(p)) != key:
-                        self._check_state(p, group, gi, i)
-                        self._state_ok[id(p)] = key
-                params.append(p)
-                grads.append(g)
-            work.append((group, params, grads))
-        return work
+        return collect(self.param_groups, self.state, self._state_ok)
 
-    # ---- the skip verdict -----------------------------------------------------------------
-    def _verdicts(self, work, read_grads=True):
-        """{device: 0-d fp32 tensor, 1.0 when this step must be skipped}, computed on the device.
+    def _planned_run(self):
+        """This step's `plan.Run` from the plan of an earlier step, or None when anything the plan
+        depends on has changed (or is bad: the full path then raises for it)."""
+        if torch.compiler.is_compiling():  # Dynamo traces the full path (and no guard on the plan)
+            return None
+        plan = getattr(self, "_plan", None)
+        if plan is None:
+            return None
+        try:
+            return plan.run(self)
+        except Exception:  # odd input (a missing key, a strange value): the full path judges it
+            return None
 
-        The test (class docstring): GradScaler's found_inf, or for some parameter max|x| of its
-        unscaled, clipped gradient x NaN/Inf or C * max|x|**2 past the compute dtype's range.
-        max|g| per gradient takes one fused read of all gradients (torch._foreach_norm with
-        ord=inf on CUDA; the extension's max_abs on the CPU, faster than torch's there).
-        `read_grads=False` (guard="slice"): found_inf only, no read of the gradients.
-        """
-        return self._flags(*self._verdict_layout(work, read_grads))
-
-    def _verdict_layout(self, work, read_grads):
-        """(checks, grads, devices): `grads` all of `work`'s gradients in order (local parts of
-        DTensors), `devices` theirs, and per (device, fp64 gradient, fp64 parameter) one check
-        (device, compute dtype, limit, indices into `grads` or None for all, C, clip)."""
-        by_key, devices, flat = {}, set(), []
-        for group, ps, gs in work:
-            for p, g in zip(ps, gs):
-                g = distributed.local(g)
-                devices.add(g.device)  # found_inf applies on every device, empty gradients' too
-                if g.numel() and read_grads:
-                    key = (g.device, g.dtype == torch.float64, p.dtype == torch.float64)
-                    by_key.setdefault(key, []).append((len(flat), p, group))
-                flat.append(g)
-        checks = []
-        for (device, g64, p64), items in by_key.items():
-            # read fp64 gradients in fp64; judge against the range the kernels compute in: fp64
-            # for fp64 parameters, else fp32 (an fp64 gradient of an fp32 parameter is cast)
-            cdt = torch.float64 if g64 or p64 else torch.float32
-            limit = math.inf if p64 else _FP32_MAX
-            C, clip = self._bound_vectors(device, cdt, [(p, group) for _, p, group in items])
-            idx = [i for i, _, _ in items]
-            checks.append((device, cdt, limit, None if len(idx) == len(flat) else idx, C, clip))
-        return checks, flat, devices
-
-    def _flags(self, checks, grads, devices):
-        """The verdicts of `_verdict_layout`'s checks on `grads`, and GradScaler's found_inf."""
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        flags = {}
-        for device, cdt, limit, idx, C, clip in checks:
-            x = _max_abs(grads if idx is None else [grads[i] for i in idx], cdt)
-            if grad_scale is not None:
-                x = x / grad_scale.to(device, cdt)
-            bound = torch.minimum(x, clip).square() * C
-            bad = (~(bound < limit)).any().to(torch.float32)  # NaN compares False: bad too
-            flags[device] = torch.maximum(flags[device], bad) if device in flags else bad
-        if found_inf is not None:
-            for device in devices:
-                inf = found_inf.reshape(()).to(device, torch.float32)
-                flags[device] = torch.maximum(flags[device], inf) if device in flags else inf
-        return flags
-
-    def _bound_vectors(self, device, cdt, items):
-        """The slice lengths C and clip values (inf: none) of `items` ((param, group) pairs), cached
-        on the device: a new tensor from a list would copy from the host at every step (and
-        cannot be captured)."""
-        key = (device, cdt, tuple(id(p) for p, _ in items),
-               tuple((g["granularity"], g["clip_value"]) for g in {id(g): g for _, g in items}.values()))
-        hit = self._bound_cache.get(key)
-        if hit is None:
-            if len(self._bound_cache) > 64:  # param lists change rarely; bound the cache anyway
-                self._bound_cache.clear()
-            C = [float(slice_shape(p.shape, g["granularity"])[1]) for p, g in items]
-            clip = [math.inf if g["clip_value"] is None else float(g["clip_value"]) for _, g in items]
-            hit = self._bound_cache[key] = (torch.tensor(C, dtype=cdt, device=device),
-                                            torch.tensor(clip, dtype=cdt, device=device))
-        return hit
-
-    def _found_inf_set(self):
-        found_inf = getattr(self, "found_inf", None)
-        return found_inf is not None and bool(found_inf.reshape(()).item())
-
-    def _warn_nonfinite(self):
-        if not self._warned_nonfinite:
-            warnings.warn("Amos: a gradient holds NaN or Inf, or its sum of squares overflows; the step was "
-                          "skipped (parameters and state unchanged) and counted in optimizer.skipped_steps. "
-                          "This warning is shown once.")
-            self._warned_nonfinite = True
-
-    def _check_pending(self):
-        """Warn about a skip decided on the GPU at an earlier step, once its verdict has arrived
-        (without waiting for it: the warning may come a step late)."""
-        if self._pending is not None and self._pending[0].query():
-            event, flag, count, scaled = self._pending
-            self._pending = None
-            if flag is not None and flag.item() and not scaled:
-                self._warn_nonfinite()
-            self._check_guarded(int(count.item()))
-
-    # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_pending()
+        self._notices.check_pending()
         run = self._planned_run()
         if run is None:  # the full path: every check, then a plan for the next steps
-            work = self._sharded_work()
+            work = sharded_work(self._sharded_checks, self.param_groups) if self._sharded is not None else None
             if work is not None:  # DTensor parameters, nothing changed since the last step
                 return self._sharded_step(work, getattr(self, "grad_scale", None), loss)
             work = self._collect()
             if any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
                 loss = self._sharded_step(work, getattr(self, "grad_scale", None), loss)
-                self._sharded_checks = [_WorkCheck.of(group, params, grads) for group, params, grads in work]
+                self._sharded_checks = [WorkCheck(group, params, grads) for group, params, grads in work]
                 return loss
-            run = self._full_run(work)
+            run = full_run(work, self.backend, self.guard, self.capturable, self._bound_cache)
         # the rest in this frame, as one function: Dynamo splits it at the host reads below
-        flags = self._flags(run.checks, run.grads, run.grad_devices)
+        flags = verdict.flags(run.checks, run.grads, run.grad_devices, getattr(self, "grad_scale", None),
+                              getattr(self, "found_inf", None))
         guarded = {d: self._guarded_counter(d) for d in run.devices}
         skip = None  # None: nothing to judge (guard="slice" or no gradient elements, and no scaler)
         if run.on_device:
@@ -509,7 +205,7 @@ class Amos(torch.optim.Optimizer):
             steps = lists[3] if lists is not None else [st["step"] for st in states]
             if steps:
                 if skip is None:
-                    _add_one(steps, all_cpu)
+                    backends.add_one(steps, all_cpu)
                 else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
                     torch._foreach_add_(steps, [keep] * len(steps))
             if fused is not None:  # planned: the op with the plan's lists, no per-tensor Python
@@ -525,65 +221,21 @@ class Amos(torch.optim.Optimizer):
                 counter = guarded[(params if idx is None else [params[i] for i in idx])[0].device]
                 fn(*args, guarded=counter) if skip is None else fn(*args, skip=skip, guarded=counter)
         if run.fresh:
-            self._plan = _Plan.build(self, run)
+            self._plan = Plan(self, run)
         if self.capturable:
             return loss  # nothing read on the host: guarded_slices tells
         if run.on_device and device.type == "cuda":
-            self._remember(skip, guarded[device])  # read when it has arrived, by a later step
+            # read when it has arrived, by a later step
+            self._notices.remember(skip, guarded[device], getattr(self, "found_inf", None) is not None)
         elif all_cpu:
-            self._check_guarded(self.guarded_slices)  # CPU counters: read at once (free)
+            self._notices.guarded(self.guarded_slices)  # CPU counters: read at once (free)
         return loss
-
-    def _full_run(self, work):
-        """The `_Run` of `_collect`'s work: backends resolved and capturable checked (raising
-        before anything changes), states left to `step` (created after the verdict)."""
-        calls, devices = [], set()  # per group, (step function, indices or None: all) per device
-        for group, params, grads in work:
-            by_device = {}
-            for i, p in enumerate(params):
-                by_device.setdefault(p.device, []).append(i)
-            devices.update(by_device)
-            # resolved before anything changes: an error leaves everything as it was
-            calls.append([(backends.resolve(self.backend, device), None if len(by_device) == 1 else idx)
-                          for device, idx in by_device.items()])
-        # On the device (no host sync) when every parameter is on one CUDA device, or capturable;
-        # else (the CPU, several devices) the verdict is read on the host first.
-        on_device = len(devices) == 1 and (self.capturable or next(iter(devices)).type == "cuda")
-        if self.capturable:
-            self._check_capturable(work, calls, on_device)
-        checks, flat, grad_devices = self._verdict_layout(work, read_grads=self.guard == "step")
-        groups = [_GroupRun(group, params, grads, None, group_calls, None, None)
-                  for (group, params, grads), group_calls in zip(work, calls)]
-        # no plan from a traced step: its frames may resume outside Dynamo
-        return _Run(groups, devices, on_device, checks, flat, grad_devices, fresh=not torch.compiler.is_compiling())
-
-    def _planned_run(self):
-        """This step's `_Run` from the plan of an earlier step, or None when anything the plan
-        depends on has changed (or is bad: the full path then raises for it)."""
-        if torch.compiler.is_compiling():  # Dynamo traces the full path (and no guard on the plan)
-            return None
-        plan = getattr(self, "_plan", None)
-        if plan is None:
-            return None
-        try:
-            return plan.run(self)
-        except Exception:  # odd input (a missing key, a strange value): the full path judges it
-            return None
 
     def _guarded_counter(self, device):
         counter = self._guarded_on.get(device)
         if counter is None:
             counter = self._guarded_on[device] = torch.zeros((), dtype=torch.int64, device=device)
         return counter
-
-    def _check_guarded(self, count):
-        """Warn once, when the guarded slices counted so far (`count`) first become nonzero."""
-        if count and not self._warned_guarded:
-            warnings.warn(f"Amos(guard='slice'): {count} slice(s) had a gradient with NaN or Inf or a sum of "
-                          "squares past the compute dtype's range; they kept their parameters and state, the "
-                          "rest of the step went ahead (counted in optimizer.guarded_slices). This warning is "
-                          "shown once.")
-            self._warned_guarded = True
 
     def _sharded_step(self, work, grad_scale, loss):
         """DTensor parameters (FSDP2, HSDP, tensor parallel): the fused kernels on the local shards,
@@ -593,21 +245,10 @@ class Amos(torch.optim.Optimizer):
             self._count_host_skip()
         return loss
 
-    def _sharded_work(self):
-        """The work of a step of DTensor parameters when everything `_collect` checked at the last
-        step is unchanged (groups, parameters, options, which gradients exist, their dtypes and
-        shapes), else None."""
-        checks = getattr(self, "_sharded_checks", None)
-        if checks is None or self._sharded is None or len(checks) != len(self.param_groups) or \
-                torch.compiler.is_compiling():
-            return None
-        work = []
-        for group, check in zip(self.param_groups, checks):
-            grads = check.grads(group)
-            if grads is None:
-                return None
-            work.append((group, check.params, grads))
-        return work
+    def _verdicts(self, work, read_grads):
+        """{device: 0-d fp32 flag, 1.0 = skip} of this rank's gradients (verdict.py)."""
+        return verdict.flags(*verdict.layout(work, read_grads, self._bound_cache), getattr(self, "grad_scale", None),
+                             getattr(self, "found_inf", None))
 
     def _count_device_skip(self, skip):
         """Count a verdict decided on the device (0-d fp32, 1.0 = skipped) without reading it."""
@@ -621,240 +262,12 @@ class Amos(torch.optim.Optimizer):
         if not steps:
             return
         if skip is None:
-            _add_one(steps, device.type == "cpu")
+            backends.add_one(steps, device.type == "cpu")
         else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
             torch._foreach_add_(steps, [1.0 - skip] * len(steps))
 
     def _count_host_skip(self):
         self._skipped += 1
-        if not self._found_inf_set():
-            self._warn_nonfinite()
-
-    def _remember(self, skip, guarded):
-        """Keep host copies of this step's verdict and guarded count (arriving asynchronously)
-        for the warnings."""
-        flag = None
-        if skip is not None:
-            flag = torch.empty((), dtype=torch.float32, pin_memory=True)
-            flag.copy_(skip, non_blocking=True)
-        count = torch.empty((), dtype=torch.int64, pin_memory=True)
-        count.copy_(guarded, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(guarded.device))  # the copies' stream (not the current device's)
-        self._pending = (event, flag, count, getattr(self, "found_inf", None) is not None)
-
-    def _check_capturable(self, work, calls, on_device):
-        """capturable=True: raise, before anything changes, for a setup that needs the host."""
-        if not on_device:
-            raise RuntimeError("Amos(capturable=True): every parameter must be on one device (the verdict of a step "
-                               "over several devices is read on the host); use capturable=False")
-        for (group, params, _), group_calls in zip(work, calls):
-            for fn, idx in group_calls:
-                first = params[0 if idx is None else idx[0]] if params else None
-                if first is not None and first.device.type == "cuda" and fn is backends.reference_unless_skipped:
-                    raise RuntimeError("Amos(capturable=True): CUDA parameters need a fused backend ('cuda' or "
-                                       f"'triton'), but backend={self.backend!r} runs the reference path here")
-            for p in params:
-                if p.dtype == torch.float64 or not p.is_contiguous():
-                    raise RuntimeError(f"Amos(capturable=True): a parameter of shape {tuple(p.shape)} is "
-                                       f"{'fp64' if p.dtype == torch.float64 else 'not contiguous'}; the fused "
-                                       "kernels take contiguous fp32/bf16/fp16 parameters only")
-
-
-GUARDS = ("step", "slice")
-_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_FP32_MAX = torch.finfo(torch.float32).max
-
-
-def _add_one(steps, all_cpu):
-    """steps += 1; CPU counters in one call of the extension's op when it is built (torch's
-    foreach add on CPU tensors dispatches once per tensor: about 0.45 ms for 148 of them)."""
-    if all_cpu:
-        from . import cpp_backend
-        if cpp_backend.add_one is not None:
-            return cpp_backend.add_one(steps)
-    torch._foreach_add_(steps, 1.0)
-
-
-def _max_abs(grads, dtype):
-    """max|g| of each gradient (NaN if it holds one) as one `dtype` vector on their device."""
-    if grads[0].device.type == "cpu" and dtype == torch.float32:
-        from . import cpp_backend  # the extension loads at first use, as in backends.py
-        if cpp_backend.max_abs is not None:
-            return cpp_backend.max_abs(grads)
-    return torch.stack(torch._foreach_norm(grads, float("inf"), dtype=dtype))
-
-
-# ---- the step plan ----------------------------------------------------------------------------
-# One step's work: per group a _GroupRun; `grads` all groups' gradients in order (the verdict
-# reads them), `checks` the verdict's (Amos._verdict_layout), `fresh` when from the full path.
-_Run = collections.namedtuple("_Run", "groups devices on_device checks grads grad_devices fresh")
-# states None: created by step(); fused/lists: a planned call of the compiled op (_GroupPlan)
-_GroupRun = collections.namedtuple("_GroupRun", "group params grads states calls fused lists")
-_Fused = collections.namedtuple("_Fused", "kernel_step options")
-
-# every option check_options reads but lr (a scheduler changes lr at every step: checked by value)
-_OPTION_KEYS = ("schedule", "granularity", "half_life", "beta", "momentum", "momentum_dtype", "clip_value",
-                "d_coef", "c_coef", "extra_l2", "q", "eps", "eta")
-_options_of = operator.itemgetter(*_OPTION_KEYS)
-_GRAD, _SHAPE, _DTYPE, _DEVICE, _IS_SPARSE = map(operator.attrgetter, ("grad", "shape", "dtype", "device", "is_sparse"))
-_IS_CONTIGUOUS = operator.methodcaller("is_contiguous")
-_V, _B, _STEP, _ETA = map(operator.itemgetter, ("v", "b", "step", "eta"))
-_M, _M_ITEM = operator.methodcaller("get", "m"), operator.itemgetter("m")
-
-
-def _same(xs, ys):
-    return all(map(operator.is_, xs, ys))
-
-
-class _WorkCheck:
-    """One param group as the last full step of DTensor parameters found it (Amos._sharded_work)."""
-
-    @classmethod
-    def of(cls, group, params, grads):
-        c = cls()
-        c.group, c.all_params, c.options = group, list(group["params"]), _options_of(group)
-        with_grad = {id(p) for p in params}
-        c.mask = [id(p) in with_grad for p in c.all_params]
-        c.params = list(params)
-        c.dtypes, c.shapes = [g.dtype for g in grads], [g.shape for g in grads]
-        return c
-
-    def grads(self, group):
-        """This step's gradients of `params`, or None when anything checked has changed."""
-        plist = group["params"]
-        if (group is not self.group or len(plist) != len(self.all_params) or not _same(plist, self.all_params)
-                or not _same(_options_of(group), self.options) or not _lr_ok(group["lr"])):
-            return None
-        grads = list(map(_GRAD, plist))
-        if [g is not None for g in grads] != self.mask:
-            return None
-        grads = list(itertools.compress(grads, self.mask))
-        if list(map(_DTYPE, grads)) != self.dtypes or list(map(_SHAPE, grads)) != self.shapes:
-            return None
-        return grads
-
-
-def _layout(group):
-    """The options a plan is built on (state shapes, the verdict's vectors, which state exists)."""
-    return group["granularity"], group["clip_value"], group["momentum"] > 0, group["momentum_dtype"]
-
-
-class _Plan:
-    """What the last full step found, kept so the next steps skip its per-tensor Python.
-
-    Valid while nothing it was built from changes, which every step checks: by identity the
-    param groups, their params, the state dicts and the state tensors v and m; the gradients'
-    and parameters' layout (which params have a gradient; sparsity, shapes, dtypes, devices,
-    the parameters' contiguity), which the full path checks or decides with; the options by
-    identity, and if some changed, check_options again (schedulers change lr, some momentum).
-    Otherwise the step takes the full path, which raises for bad input and builds a new plan.
-    """
-
-    def __init__(self, opt, run, groups):
-        self.state_map, self.state_dicts = opt.state, list(opt.state.values())
-        self.mode = (opt.guard, opt.backend, opt.capturable)
-        self.groups = groups
-        self.devices, self.on_device, self.checks, self.grad_devices = (run.devices, run.on_device, run.checks,
-                                                                        run.grad_devices)
-
-    @classmethod
-    def build(cls, opt, run):
-        from . import cpp_backend  # loaded already when a group runs its kernels
-        return cls(opt, run, [_GroupPlan(opt, gi, gr, cpp_backend) for gi, gr in enumerate(run.groups)])
-
-    def run(self, opt):
-        """This step's `_Run`, or None when the plan does not hold any more."""
-        if (opt.state is not self.state_map or len(opt.state) != len(self.state_dicts)
-                or (opt.guard, opt.backend, opt.capturable) != self.mode or len(opt.param_groups) != len(self.groups)
-                or not _same(opt.state.values(), self.state_dicts)):
-            return None
-        groups = []
-        for group, plan in zip(opt.param_groups, self.groups):
-            run = plan.run(group, opt.backend)
-            if run is None:
-                return None
-            groups.append(run)
-        grads = [] if not self.checks else groups[0].grads if len(groups) == 1 else [g for r in groups for g in r.grads]
-        return _Run(groups, self.devices, self.on_device, self.checks, grads, self.grad_devices, fresh=False)
-
-
-class _GroupPlan:
-    """One param group's part of a `_Plan`."""
-
-    def __init__(self, opt, index, run, cpp_backend):
-        group, params = run.group, run.params
-        self.group, self.index = group, index
-        self.all_params = list(group["params"])
-        self.options, self.layout = _options_of(group), _layout(group)
-        with_grad = {id(p) for p in params}
-        self.mask = [id(p) in with_grad for p in self.all_params]
-        self.missing = [not m for m in self.mask]
-        self.some_missing = not all(self.mask)
-        self.params = list(params)
-        self.shapes = [p.shape for p in params]
-        self.devices = [p.device for p in params]
-        self.pdtypes = [p.dtype for p in params]
-        self.gdtypes = [g.dtype for g in run.grads]
-        self.contiguous = [p.is_contiguous() for p in params]
-        self.states = [opt.state[p] for p in params]
-        self.vs, self.ms = [st["v"] for st in self.states], [st.get("m") for st in self.states]
-        self.calls = run.calls
-        self.call_devices = [params[0 if idx is None else idx[0]].device for _, idx in self.calls]
-        self.option_args = cpp_backend.option_args
-        momentum = group["momentum"]
-        # the op called straight from the plan's lists when the kernels take every tensor
-        # (cpp_backend.fused_step's test: m's layout is the optimizer's, fixed while m is)
-        fused = (len(self.calls) == 1 and self.calls[0][0] is cpp_backend.fused_step and params
-                 and torch.float64 not in self.gdtypes
-                 and all(cpp_backend._kernel_takes(p, st, momentum) for p, st in zip(params, self.states)))
-        self.fused = _Fused(cpp_backend.kernel_step, cpp_backend.option_args(group)) if fused else None
-        self.op_ms = self.ms if momentum > 0 else []
-        with_m = sum(m is not None for m in self.ms)
-        self.ms_kind = "all" if with_m == len(self.ms) else "none" if with_m == 0 else "some"
-
-    def same_ms(self, states):
-        """m unchanged (a new m is checked again, like v), tested the cheapest way for the usual cases."""
-        if self.ms_kind == "all":
-            return _same(map(_M_ITEM, states), self.ms)
-        if self.ms_kind == "none":
-            return not any(map(operator.contains, states, itertools.repeat("m")))
-        return _same(map(_M, states), self.ms)
-
-    def run(self, group, backend):
-        """This step's `_GroupRun` for `group`, or None when the plan does not hold for it."""
-        plist = group["params"]
-        if group is not self.group or len(plist) != len(self.all_params) or not _same(plist, self.all_params):
-            return None
-        for (fn, _), device in zip(self.calls, self.call_devices):  # a backend can become unavailable
-            if backends.resolve(backend, device) is not fn:
-                return None
-        if not _lr_ok(group["lr"]):
-            return None
-        options = _options_of(group)
-        if not _same(options, self.options):
-            check_options(group, f"Amos param group {self.index}")  # raises for a bad value (the full path again)
-            if _layout(group) != self.layout:
-                return None
-            self.options = options
-            if self.fused is not None:
-                self.fused = self.fused._replace(options=self.option_args(group))
-        grads = list(map(_GRAD, plist))
-        if list(map(operator.is_, grads, itertools.repeat(None))) != self.missing:
-            return None
-        if self.some_missing:
-            grads = list(itertools.compress(grads, self.mask))
-        params = self.params
-        if (any(map(_IS_SPARSE, grads)) or list(map(_SHAPE, grads)) != self.shapes
-                or list(map(_SHAPE, params)) != self.shapes or list(map(_DTYPE, grads)) != self.gdtypes
-                or list(map(_DTYPE, params)) != self.pdtypes or list(map(_DEVICE, grads)) != self.devices
-                or list(map(_DEVICE, params)) != self.devices or list(map(_IS_CONTIGUOUS, params)) != self.contiguous):
-            return None
-        states = self.states
-        if not _same(map(_V, states), self.vs) or not self.same_ms(states):
-            return None
-        if self.fused is None:
-            return _GroupRun(group, params, grads, states, self.calls, None, None)
-        etas = list(map(float, map(_ETA, states)))
-        lists = (self.vs, list(map(_B, states)), self.op_ms, list(map(_STEP, states)), etas)
-        return _GroupRun(group, params, grads, states, self.calls, self.fused, lists)
+        found_inf = getattr(self, "found_inf", None)
+        if not (found_inf is not None and bool(found_inf.reshape(()).item())):
+            self._notices.skipped()

@@ -25,7 +25,7 @@ import torch
 
 from .kernels import amos_triton as K
 from .kernels import tables
-from .backends import reference_unless_skipped
+from .fallback import reference_unless_skipped
 
 _TL_DTYPE = {torch.float32: K.tl.float32, torch.bfloat16: K.tl.bfloat16, torch.float16: K.tl.float16}
 
@@ -160,7 +160,7 @@ def _launch(plan, g_table, sc, schedule, grad_scale, skip, guarded, dtypes):
 
 # ---- the two-phase protocol of sharded tensors (backends.TwoPhase, kernels/two_phase_triton.py) ----
 
-def takes(param, grad):
+def two_phase_takes(param, grad):
     """Whether the two-phase kernels take this local parameter and its gradient."""
     return param.dtype in tables.SUPPORTED and grad.dtype in tables.SUPPORTED and param.is_contiguous()
 
@@ -292,14 +292,3 @@ def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, g
 def _eps0(numel, ndim, eta):
     from .reference import eps0
     return eps0(numel, ndim, eta)
-
-
-TWO_PHASE = None  # set below: backends.TwoPhase imports this module lazily
-
-
-def _two_phase():
-    from .backends import TwoPhase
-    return TwoPhase(two_phase_sums, two_phase_apply)
-
-
-TWO_PHASE = _two_phase()

@@ -16,8 +16,7 @@ import warnings
 import pytest
 import torch
 
-from amos_fused import Amos
-from amos_fused import optimizer as optimizer_module
+from amos_fused import Amos, backends
 from test_bad_input import cpu_backends
 
 BACKENDS = cpu_backends()
@@ -128,12 +127,12 @@ def test_tensor_granularity_guards_the_whole_tensor_only(backend):
 
 
 def test_slice_guard_reads_no_gradient_before_the_kernels(monkeypatch):
-    """The point of guard="slice": one pass over the gradients. The verdict's read (_max_abs)
+    """The point of guard="slice": one pass over the gradients. The verdict's read (backends.max_abs)
     is refused; guard="step" needs it (so the refusal is real), guard="slice" does not."""
     def refuse(*args, **kwargs):
         raise AssertionError("the gradients were read for a verdict")
 
-    monkeypatch.setattr(optimizer_module, "_max_abs", refuse)
+    monkeypatch.setattr(backends, "max_abs", refuse)
     for guard in ("step", "slice"):
         params = _params([(4, 3)])
         opt = Amos(params, guard=guard, backend="reference")

@@ -1,4 +1,4 @@
-"""Amos' step plan (optimizer._Plan): later steps reuse what the last full step found.
+"""Amos' step plan (amos_fused.plan.Plan): later steps reuse what the last full step found.
 
 The plan must change nothing but host time: planned steps are compared bit for bit with the
 same steps on the full path (the plan switched off), through the changes a plan depends on

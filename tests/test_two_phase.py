@@ -28,9 +28,10 @@ def _ops(name):
     if name == "reference":
         return backends.REFERENCE_TWO_PHASE
     if name == "triton":
-        from amos_fused import triton_backend
-        return triton_backend.TWO_PHASE
-    return cpp_backend.TWO_PHASE
+        from amos_fused import triton_backend as module
+    else:
+        module = cpp_backend
+    return backends.TwoPhase(module.two_phase_sums, module.two_phase_apply)
 
 
 def _backends():

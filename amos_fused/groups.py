@@ -1,0 +1,93 @@
+"""Param groups: a new group checked and completed (options, tensors, backends), and each
+parameter's eta, measured once when its group is added (ALGORITHM.md §2)."""
+import torch
+
+from . import backends, distributed
+from .options import DEFAULT_LR, check_options, is_number
+from .slices import default_eta
+
+
+def _entries(group):
+    """The group's params as given: tensors or (name, tensor) pairs."""
+    return [group["params"]] if torch.is_tensor(group["params"]) else list(group["params"])
+
+
+def prepare(param_group, defaults, param_groups, backend, capturable, eta_fn):
+    """(group, tensors, etas): `param_group` completed with `defaults` and checked against the
+    optimizer's settings and its `param_groups` so far, raising before anything changes; its
+    tensors, and the eta of each."""
+    group = dict(param_group)
+    if not torch.is_tensor(group.get("params")) and not isinstance(group.get("params"), set):
+        group["params"] = list(group["params"])  # a generator (model.parameters()) reads only once
+    for key, value in defaults.items():
+        group.setdefault(key, value)
+    if group["lr"] is None and group.get("schedule") in DEFAULT_LR:
+        group["lr"] = DEFAULT_LR[group["schedule"]]
+    where = f"Amos param group {len(param_groups)}"
+    check_options(group, where)
+    if capturable:
+        # a float is baked into a captured graph; a tensor on the device is read at every replay
+        first = next((p[1] if isinstance(p, tuple) else p for p in _entries(group)), None)
+        device = distributed.local(first).device if first is not None else None
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        elif device is not None and group["lr"].device != device:
+            raise ValueError(f"{where}: lr is a tensor on {group['lr'].device}, the parameters are on {device}; "
+                             "with capturable=True the kernels read lr on the parameters' device (a captured "
+                             f"graph would freeze a value read elsewhere): pass a float or a tensor on {device}")
+    tensors = [p[1] if isinstance(p, tuple) else p for p in _entries(group)]
+    for i, p in enumerate(tensors):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where}: params[{i}] is a {type(p).__name__}, not a tensor")
+        if p.is_complex():
+            raise TypeError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is complex; Amos "
+                            "supports real floating-point parameters: split it with torch.view_as_real")
+        if not p.is_floating_point():
+            raise TypeError(f"{where}: params[{i}] has dtype {p.dtype}; Amos needs floating-point parameters")
+        if p.device.type == "meta":
+            raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is on the meta device and holds "
+                             "no data; materialise the model (model.to_empty(device=...), then initialise "
+                             "it) before building the optimizer")
+    seen = {id(p) for g in param_groups for p in g["params"]}
+    for i, p in enumerate(tensors):  # torch only warns within a group: the tensor would step twice
+        if id(p) in seen:
+            raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is already in this or an earlier "
+                             "param group; list every parameter once (tied weights are one tensor)")
+        seen.add(id(p))
+    for i, p in enumerate(tensors):
+        try:
+            distributed.check_placements(p)  # raises now for DTensor placements Amos cannot step
+        except NotImplementedError as err:
+            raise NotImplementedError(f"{where}: params[{i}]: {err}") from None
+    if backend != "auto":
+        for p in tensors:
+            backends.resolve(backend, p.device)  # raises now, with the reason
+    names = [p[0] if isinstance(p, tuple) else None for p in _entries(group)]
+    if group.get("param_names") and len(group["param_names"]) == len(names):
+        names = list(group["param_names"])  # names given beside the tensors (torchtitan does)
+    return group, tensors, measure_etas(eta_fn, names, tensors, group)
+
+
+def measure_etas(eta_fn, names, params, group):
+    """eta of each parameter (named, or None): eta_fn's, else the group's, else the default rule,
+    which measures the matrices' mean squares over their global tensors (DTensors: one all-reduce
+    per process group for all of them)."""
+    etas = [eta_fn(name, p) if eta_fn is not None else None for name, p in zip(names, params)]
+    etas = [group["eta"] if eta is None else eta for eta in etas]
+    measure = [i for i, (eta, p) in enumerate(zip(etas, params)) if eta is None and p.ndim >= 2]
+    for i, ms in zip(measure, distributed.mean_squares([params[i] for i in measure])):
+        etas[i] = default_eta(params[i].shape, ms)
+    etas = [default_eta(p.shape, None) if eta is None else eta for eta, p in zip(etas, params)]
+    for name, p, eta in zip(names, params, etas):
+        if not (is_number(eta) and eta > 0):
+            raise ValueError(f"Amos: eta for parameter {name or tuple(p.shape)} is {eta!r}; "
+                             "eta_fn and eta must give a number > 0")
+    return [float(eta) for eta in etas]
+
+
+def param_name(group_index, group, i):
+    """How errors name parameter `i` of param group `group_index`."""
+    names = group.get("param_names")
+    p = group["params"][i]
+    label = repr(names[i]) if names else f"param_groups[{group_index}]['params'][{i}]"
+    return f"Amos parameter {label} (shape {tuple(p.shape)})"

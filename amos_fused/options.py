@@ -1,0 +1,91 @@
+"""Amos' options: their values, defaults and checks (a bad value raises, naming the fix)."""
+import math
+import numbers
+
+import torch
+
+from . import backends
+from .schedules import CLOSED_FORMS, DECAYING
+from .slices import GRANULARITIES
+
+SCHEDULES = ("amos",) + CLOSED_FORMS
+MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+GUARDS = ("step", "slice")
+
+# Default lr per family, measured by the main job (benchmarks/convergence.py, default preset:
+# 400 steps, one seed; benchmarks/results/convergence_lr_sweep.md, README "Defaults"): "amos" was
+# best at 0.03 of 0.01/0.03/0.1/0.3, "inverse_time" at 0.1 of 0.03/0.1/0.3; "constant" and
+# "inverse_square" were not swept and take inverse_time's value.
+DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
+
+# Options only one family reads, with their neutral values: setting them for the other family
+# is an error rather than a silent no-op.
+_AMOS_ONLY = {"d_coef": 0.25, "c_coef": 0.25, "extra_l2": 0.0}
+_CLOSED_FORM_ONLY = {"q": 1.0}
+
+# every option check_options reads but lr (a scheduler changes lr at every step)
+OPTION_KEYS = ("schedule", "granularity", "half_life", "beta", "momentum", "momentum_dtype", "clip_value",
+               "d_coef", "c_coef", "extra_l2", "q", "eps", "eta")
+
+
+def is_number(value):
+    """A finite real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def lr_ok(lr):
+    if torch.is_tensor(lr):
+        return lr.numel() == 1 and lr.is_floating_point()
+    return is_number(lr) and lr >= 0
+
+
+def check_options(o, where):
+    """Raise ValueError/TypeError naming the option and the fix; `o` is a group (or defaults)."""
+
+    def bad(name, need):
+        raise ValueError(f"{where}: {name}={o[name]!r} is invalid; {need}")
+
+    if o["schedule"] not in SCHEDULES:  # first: an unknown schedule also leaves lr=None unresolved
+        bad("schedule", f"use one of {SCHEDULES}")
+    lr = o["lr"]
+    if not lr_ok(lr):
+        bad("lr", "a tensor lr must be a floating-point scalar tensor" if torch.is_tensor(lr) else
+            "use a finite number >= 0")
+    if o["granularity"] not in GRANULARITIES:
+        bad("granularity", f"use one of {GRANULARITIES}")
+    if o["schedule"] in DECAYING:
+        if not (is_number(o["half_life"]) and o["half_life"] > 0):
+            bad("half_life", f"schedule={o['schedule']!r} needs half_life > 0 (in steps)")
+    elif o["half_life"] is not None:
+        bad("half_life", f"schedule={o['schedule']!r} does not decay; leave half_life=None")
+    for name in ("beta", "momentum"):
+        if not (is_number(o[name]) and 0 <= o[name] < 1):
+            bad(name, "use a number in [0, 1)")
+    if o["momentum_dtype"] not in MOMENTUM_DTYPES:
+        bad("momentum_dtype", "use None (fp32), torch.float32, torch.bfloat16 or torch.float16")
+    if o["clip_value"] is not None and not (is_number(o["clip_value"]) and o["clip_value"] > 0):
+        bad("clip_value", "use None (no clipping) or a number > 0")
+    for name in ("d_coef", "c_coef", "extra_l2"):
+        if not (is_number(o[name]) and o[name] >= 0):
+            bad(name, "use a finite number >= 0")
+    for name in ("q", "eps"):
+        if not (is_number(o[name]) and o[name] > 0):
+            bad(name, "use a finite number > 0")
+    if o["eta"] is not None and not (is_number(o["eta"]) and o["eta"] > 0):
+        bad("eta", "use None (measured from the initial weights) or a number > 0")
+    unused = _CLOSED_FORM_ONLY if o["schedule"] == "amos" else _AMOS_ONLY
+    for name, neutral in unused.items():
+        if o[name] != neutral:
+            bad(name, f"schedule={o['schedule']!r} does not use it; leave it at {neutral}")
+
+
+def check_settings(backend, eta_fn, guard, capturable):
+    """Raise for a bad optimizer-wide setting (those a param group cannot override)."""
+    backends.check_backend(backend)
+    if eta_fn is not None and not callable(eta_fn):
+        raise TypeError(f"Amos: eta_fn must be callable as eta_fn(name, param), got {eta_fn!r}")
+    if guard not in GUARDS:
+        raise ValueError(f"Amos: guard={guard!r} is invalid; use 'step' (a non-finite gradient skips the whole "
+                         "step) or 'slice' (only its slices keep their values; one pass, faster)")
+    if not isinstance(capturable, bool):
+        raise TypeError(f"Amos: capturable must be True or False, got {capturable!r}")
