@@ -2,7 +2,7 @@
 
 Under FSDP2 (`torch.distributed.fsdp.fully_shard`) every parameter is a DTensor split on dim 0
 (`Shard(0)`, uneven splits allowed) over a 1-D device mesh, and the optimizer sees each rank's
-rows. Amos' statistics are sums over slices (ALGORITHM.md §1, §3, §5):
+rows. Amos' statistics are sums over slices (docs/algorithm.md: "Slices", "Second moment", "Closed-form schedules"):
   - a row of a matrix (granularity "row", ndim >= 2) lives whole on one rank: S_r is local;
   - an element ("element") is local;
   - a slice that spans ranks (granularity "tensor", or a 1-D parameter under "row": R = 1) has
@@ -34,7 +34,7 @@ torch.distributed.checkpoint (DCP) saves the DTensors sharded and the plain tens
 
 Supported: DTensors with placement Shard(0) or Replicate on a 1-D mesh (FSDP2, and DTensors
 that are not sharded). Not supported, with a clear error: other placements (tensor parallel
-Shard(1), HSDP's 2-D meshes); DeepSpeed ZeRO and FSDP1 flat parameters (see README).
+Shard(1), HSDP's 2-D meshes); DeepSpeed ZeRO and FSDP1 flat parameters (see docs/integrations.md).
 """
 import sys
 

@@ -18,7 +18,7 @@ SCHEDULES = ("amos",) + CLOSED_FORMS
 MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 # Default lr per family, measured by the main job (benchmarks/convergence.py, default preset:
-# 400 steps, one seed; benchmarks/results/convergence_lr_sweep.md, README "Defaults"): "amos" was
+# 400 steps, one seed; benchmarks/results/cpu/lr_sweep.jsonl, docs/benchmarks.md): "amos" was
 # best at 0.03 of 0.01/0.03/0.1/0.3, "inverse_time" at 0.1 of 0.03/0.1/0.3; "constant" and
 # "inverse_square" were not swept and take inverse_time's value.
 DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
@@ -80,7 +80,7 @@ def check_options(o, where):
 
 
 class Amos(torch.optim.Optimizer):
-    r"""Amos (Tian & Parikh, arXiv 2210.11693) and its closed-form schedules; see ALGORITHM.md.
+    r"""Amos (Tian & Parikh, arXiv 2210.11693) and its closed-form schedules; see docs/algorithm.md.
 
     Args:
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or group dicts;

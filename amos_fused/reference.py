@@ -1,4 +1,4 @@
-"""The reference step: ALGORITHM.md §3-§6 in plain PyTorch, tensor by tensor in three phases.
+"""The reference step: docs/algorithm.md in plain PyTorch, tensor by tensor in three phases.
 
 The phases (reduce S_r; complete sums over ranks; finalize and apply) are the spec in order for
 ordinary tensors, and let FSDP2's DTensor parameters get global statistics (distributed.py).
@@ -30,7 +30,7 @@ def reference_step(params, grads, states, group, grad_scale=None, guarded=None):
     dtype's range) is guarded: its parameters and state stay as they were, the closed forms' ||u||
     leaves it out, and `guarded` (an int64 0-d tensor, or None) counts it (Amos(guard=...)).
 
-    In three phases, as the kernels run it (ALGORITHM.md §8). For ordinary tensors they are the
+    In three phases, as the kernels run it (docs/algorithm.md, "Kernel phases"). For ordinary tensors they are the
     spec in order. For FSDP2's DTensor parameters each rank runs phase 1 on its own rows, and
     phase 2 completes the sums whose slices span ranks with one all-reduce (distributed.py;
     Amos.step runs DTensors through `distributed.sharded_step`, which also agrees on skips).

@@ -8,7 +8,7 @@ the first WARMUP_FRACTION of steps; Amos reads group["lr"] every step):
   "constant": the closed form without decay;
 - "adamw": torch AdamW (betas 0.9/0.95, weight_decay 0.1 on matrices only), linear warmup then
   cosine decay to 0, at the best final validation loss of a small lr sweep (--adamw-lrs).
-A name may carry its own lr, `amos@0.3`, which is how the default lr was chosen (README, "Defaults").
+A name may carry its own lr, `amos@0.3`, which is how the default lr was chosen (docs/benchmarks.md).
 
 Prints a markdown table (validation loss at 25/50/75/100 % of steps, the fraction of AdamW's
 steps each run needs to reach AdamW's final validation loss, ms per optimizer step and per whole

@@ -337,7 +337,7 @@ def run_size(size, args, device, dtype, warmup, repeats, notes, progress):
 def verdicts(results):
     """Per size and amos family, the one-pass (guard="slice") row of each backend as x fused
     AdamW's speed (above 1: faster), and the fastest backend: the lines a GPU run is read for
-    (issue 4's target: cuda >= 2x for amos m=0; "auto" tries the fastest first)."""
+    ("auto" tries the fastest backend first)."""
     lines = []
     for size in dict.fromkeys(r["size"] for r in results):
         rows = {r["row"]: r for r in results if r["size"] == size}
