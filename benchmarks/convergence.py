@@ -19,8 +19,8 @@ benchmarks/results/<device>/convergence.jsonl (bench_common.record; --kind lr_sw
     python benchmarks/convergence.py                 # default preset, CPU: 7 runs of 400 steps
     python benchmarks/convergence.py --seeds 3       # mean ± spread over seeds
     python benchmarks/convergence.py --quick         # smoke test, seconds
-    python benchmarks/convergence.py --optimizers amos@0.03,amos@0.3 --results /tmp/a  # runs may be split
-    python benchmarks/convergence.py --merge /tmp/a/convergence.jsonl /tmp/b/convergence.jsonl  # and joined
+    python benchmarks/convergence.py --optimizers amos@0.03,amos@0.3 --results parts/a  # runs may be split
+    python benchmarks/convergence.py --merge parts/a/convergence.jsonl parts/b/convergence.jsonl  # and joined
 """
 import argparse
 import math

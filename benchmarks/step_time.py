@@ -12,7 +12,7 @@ each slice themselves (one pass over the gradients, like AdamW's, which checks n
 
     python benchmarks/step_time.py --device cpu --quick
     python benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b --backends cuda,triton,adamw
-    python benchmarks/step_time.py --device cpu --sizes gpt2-50m --threads 2 --results /tmp/st
+    python benchmarks/step_time.py --device cpu --sizes gpt2-50m --threads 2 --results my_results
 """
 import argparse
 import contextlib
