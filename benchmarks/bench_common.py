@@ -350,6 +350,14 @@ def record(kind, rows, *, device, date=None, command=None, results_dir=None):
       versions  versions(): python, torch, cuda, triton, numpy, amos_fused, apex (null: absent)
       command   the command line
     A run's rows are the lines with its date; `read` and `latest` read them back.
+
+    In a benchmark (its kind then also belongs in benchmarks/results/README.md, and in
+    plots.PLOTTERS if it has a plot):
+        bc.add_results_option(parser)                       # --results DIR
+        started = bc.now_utc()
+        ...
+        path = bc.record("sharded_step", rows, device=device, date=started,
+                         command=bc.command_line(__file__, argv), results_dir=args.results)
     """
     device = torch.device(device)
     rows = [dict(r) for r in rows]
