@@ -1,4 +1,4 @@
-"""amos_fused: the Amos optimizer family for PyTorch (see ALGORITHM.md and README.md)."""
+"""amos_fused: the Amos optimizer family for PyTorch (see README.md and docs/)."""
 from . import schedules
 from .optimizer import Amos
 from .options import DEFAULT_LR

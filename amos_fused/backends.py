@@ -1,7 +1,7 @@
 """The one place that chooses how a step is computed, and the backends' helper ops Amos uses.
 
 A backend is a function `step(params, grads, states, group, grad_scale, skip=None, guarded=None)`
-that applies one Amos step (ALGORITHM.md) to the tensors of one param group, with
+that applies one Amos step (docs/algorithm.md) to the tensors of one param group, with
 `state["step"]` already t. `skip` is None, or the step's verdict as a 0-d fp32 tensor on the
 device (verdict.py): the fused backends read it in their kernels (no host sync) and change
 nothing when it is nonzero. Every backend guards slices: one whose S_r is not finite keeps its

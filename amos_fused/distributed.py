@@ -3,7 +3,8 @@ global tensor, from each rank's local shard, through the fused kernels.
 
 A DTensor parameter lives on a device mesh; on each mesh dimension it is Replicate, or split along
 one of its dims (Shard(d), or _StridedShard(d), which FSDP2 produces on top of tensor parallel).
-Amos' statistics are sums over slices (ALGORITHM.md §1, §3, §5). Per parameter (`Layout`):
+Amos' statistics are sums over slices (docs/algorithm.md: "Slices", "Second moment", "Closed-form
+schedules"). Per parameter (`Layout`):
   - S_r is PARTIAL over a mesh dimension that splits a slice: under "row" (ndim >= 2), a
     dimension splitting dim d >= 1 (RowwiseParallel's Shard(1)); under "tensor", or for a 1-D
     parameter under "row" (one slice), every splitting dimension;

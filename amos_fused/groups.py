@@ -1,5 +1,5 @@
 """Param groups: a new group checked and completed (options, tensors, backends), and each
-parameter's eta, measured once when its group is added (ALGORITHM.md §2)."""
+parameter's eta, measured once when its group is added (docs/algorithm.md, "The scale eta")."""
 import torch
 
 from . import backends, distributed

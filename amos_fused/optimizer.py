@@ -11,7 +11,7 @@ from .state import check_loadable, new_state
 
 
 class Amos(torch.optim.Optimizer):
-    r"""Amos (Tian & Parikh, arXiv 2210.11693) and its closed-form schedules; see ALGORITHM.md.
+    r"""Amos (Tian & Parikh, arXiv 2210.11693) and its closed-form schedules; see docs/algorithm.md.
 
     Args:
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or group dicts;

@@ -1,4 +1,5 @@
-"""The reference step: ALGORITHM.md §3-§6 in plain PyTorch, the oracle of every fused backend.
+"""The reference step: docs/algorithm.md ("Second moment" to "Apply and momentum") in plain PyTorch,
+the oracle of every fused backend.
 
 It reads like the spec and favours obviousness over speed. The math is written once, as
 functions of per-slice vectors, in the spec's order:

@@ -1,4 +1,4 @@
-"""The closed-form decay s(t) of ALGORITHM.md §5, and its plug-and-play recipe for torch AdamW.
+"""The closed-form decay s(t) of docs/algorithm.md ("The derivation"), and its plug-and-play recipe for torch AdamW.
 
 `s(t)` is 1 at the first step (t = 1) and halves after `half_life` steps:
   "constant":       s = 1
@@ -46,7 +46,7 @@ def adamw_recipe(params, lr, schedule="inverse_time", half_life=None, q=1.0, **a
     """torch AdamW with the closed-form schedule: (optimizer, LambdaLR).
 
     With lr_t = lr * s(t) and weight_decay = lr / (2q), AdamW's decoupled decay per step is
-    lr_t * weight_decay = lr**2 / (2q) * s(t), the rate of ALGORITHM.md §5.
+    lr_t * weight_decay = lr**2 / (2q) * s(t), the rate of docs/algorithm.md, "The derivation".
     Call `scheduler.step()` after every `optimizer.step()`.
     """
     if "weight_decay" in adamw_kwargs:

@@ -1,4 +1,4 @@
-"""Slice geometry and the default scale `eta` (ALGORITHM.md §1-§2).
+"""Slice geometry and the default scale `eta` (docs/algorithm.md: "Slices", "The scale eta").
 
 Every tensor is viewed as a matrix [R, C] in its own memory order; slice r is one row.
 """

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: model-shaped parameter sets, timing, machine facts, roofline.
+"""Shared pieces of the benchmarks: model-shaped parameter sets, timing, machine facts, roofline,
+and `record`, which appends a run's rows to the results data files.
 
 Parameter sets are lists of tensor shapes in PyTorch's layout (nn.Linear weight is (out, in)),
 so no nn.Module is needed: the optimizers only see tensors and their gradients.
@@ -6,11 +7,15 @@ so no nn.Module is needed: the optimizers only see tensors and their gradients.
 import contextlib
 import datetime
 import gc
+import json
 import math
 import os
 import platform
+import re
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -48,8 +53,8 @@ def many_small_shapes(count=4096):
     return [(lengths[i % len(lengths)],) for i in range(count)]
 
 
-# name -> (shapes, description). The first five are the issue's sizes; "gpt2-50m" is the CPU
-# backend's target set (issue 4); "gpt2-mini" is the --quick size and "tiny" exists for the tests.
+# name -> (shapes, description). The first five are the published model sizes; "gpt2-50m" is the
+# CPU benchmark's set; "gpt2-mini" is the --quick size and "tiny" exists for the tests.
 SIZES = {
     "gpt2-124m": (gpt2_shapes(768, 12), "GPT-2 small: d=768, 12 layers, vocab 50257"),
     "gpt2-350m": (gpt2_shapes(1024, 24), "GPT-2 medium: d=1024, 24 layers, vocab 50257"),
@@ -173,7 +178,7 @@ def stream_bandwidth(n, dtype, device, repeats=5, clock="wall"):
     return nbytes / median(times) / 1e9
 
 
-# ---- bytes a step must move, from the state layout (ALGORITHM.md §8) ------------------------
+# ---- bytes a step must move, from the state layout (docs/algorithm.md, "Memory traffic") ----
 
 
 def amos_bytes(param_size, momentum_size=0, closed_form=False, grad_size=None):
@@ -242,14 +247,26 @@ def _ram_gib():
     return None
 
 
-def _git_commit():
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+def _git(*args):
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit():
+    """Short hash of the checkout; "+changes" when tracked files outside benchmarks/results differ
+    from it (the numbers then come from code no commit holds); None outside a git checkout."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if not head:
+        return None
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return head + ("+changes" if changed else "")
 
 
 def machine_info(device):
@@ -266,8 +283,7 @@ def machine_info(device):
 
 
 def versions():
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "git_commit": _git_commit()}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     for name in ("triton", "numpy", "amos_fused", "apex"):
         try:
             module = __import__(name)
@@ -275,6 +291,109 @@ def versions():
         except Exception:  # an absent or broken optional package is recorded, not fatal
             out[name] = None
     return out
+
+
+# ---- results data files ---------------------------------------------------------------------
+
+RECORD_KEYS = ("date", "commit", "device", "machine", "versions", "command")
+
+
+def device_folder(device):
+    """The results folder's name for a device: "cpu", or the GPU's name without its vendor
+    ("NVIDIA H200" -> "h200", "NVIDIA GeForce RTX 4090" -> "geforce-rtx-4090")."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    name = re.sub(r"^nvidia\s+", "", torch.cuda.get_device_name(device).lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def command_line(script, argv=None):
+    """The command line a user types to run `script` (a benchmark's __file__) with `argv`
+    (default: this process's arguments), for `record`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return "python " + shlex.join([os.path.relpath(os.path.abspath(script), REPO), *map(str, argv)])
+
+
+def _jsonable(x):
+    """Non-finite floats become null (JSON has no NaN or Infinity)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def record(kind, rows, *, device, date=None, command=None, results_dir=None):
+    """Append `rows` to the data file of benchmark `kind`, <results_dir>/<kind>.jsonl; return its path.
+
+    kind: the benchmark's name and the file's stem, e.g. "step_time", "convergence", "memory".
+    rows: dicts, one per row of the benchmark's table, JSON-serialisable (non-finite floats are
+        written as null, other objects through str). They must not use the keys RECORD_KEYS.
+    device: the torch.device (or its name, "cpu", "cuda:0") the rows were measured on. It picks the
+        default folder, benchmarks/results/<device_folder(device)> (cpu, h200, ...), and the
+        machine facts.
+    date: when the run started, a timezone-aware datetime (default: now). A run that records in
+        several calls (after each size, say, so that a run cut short keeps what it measured)
+        passes the same date to each: the rows of one run share their date.
+    command: the command line that made the rows, as a user types it (`command_line`; default:
+        this process's command line).
+    results_dir: the folder of the file instead of the default (created if missing).
+
+    Each line of the file is one JSON object, one row: the metadata first, then the row's keys:
+      date      the run's start, ISO 8601 UTC ("2026-11-29T01:07:10+00:00")
+      commit    git_commit(): short hash, "+changes" if the tracked code differed, or null
+      device    str(device)
+      machine   machine_info(device): cpu, cpu_cores, torch_threads, ram_gib, gpu, load_average_1m, platform
+      versions  versions(): python, torch, cuda, triton, numpy, amos_fused, apex (null: absent)
+      command   the command line
+    A run's rows are the lines with its date; `read` and `latest` read them back.
+
+    In a benchmark (its kind then also belongs in benchmarks/results/README.md, and in
+    plots.PLOTTERS if it has a plot):
+        bc.add_results_option(parser)                       # --results DIR
+        started = bc.now_utc()
+        ...
+        path = bc.record("sharded_step", rows, device=device, date=started,
+                         command=bc.command_line(__file__, argv), results_dir=args.results)
+    """
+    device = torch.device(device)
+    rows = [dict(r) for r in rows]
+    for r in rows:
+        clash = [k for k in RECORD_KEYS if k in r]
+        if clash:
+            raise ValueError(f"record({kind!r}): row keys {clash} are record's own metadata; rename them in the row")
+    date = date or now_utc()
+    meta = dict(date=date.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"), commit=git_commit(),
+                device=str(device), machine=machine_info(device), versions=versions(),
+                command=command if command is not None else command_line(sys.argv[0]))
+    folder = results_dir or os.path.join(RESULTS, device_folder(device))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{kind}.jsonl")
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(_jsonable({**meta, **r}), default=str) + "\n")
+    return path
+
+
+def add_results_option(parser):
+    """The --results option every benchmark takes: where `record` writes."""
+    parser.add_argument("--results", metavar="DIR",
+                        help="folder of the results data file (default: benchmarks/results/<device>/)")
+
+
+def read(path):
+    """Every row of a data file written by `record` (a list of dicts, in file order)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def latest(rows):
+    """The rows of the latest run among `rows` (the rows with the latest date)."""
+    last = max((r["date"] for r in rows), default=None)
+    return [r for r in rows if r["date"] == last]
 
 
 def now_utc():

@@ -15,25 +15,28 @@ Compared, all with the same linear warmup (convergence.lr_factor: first 5 % of s
 - "inverse_time": Amos's closed form, half_life = steps / 4, default lr;
 - "adamw": torch AdamW, weight_decay 0.01, cosine decay to 0, best final validation loss of
   --adamw-lrs (mean over seeds).
+Prints a table, appends one row per training run to benchmarks/results/<device>/classifier.jsonl
+(bench_common.record; --results DIR elsewhere) and draws classifier.png from it (plots.py).
 
     python benchmarks/classifier.py              # 300 steps, 3 seeds, ~1-2 min on 2 CPU cores
     python benchmarks/classifier.py --quick      # smoke test, seconds
 """
 import argparse
-import json
 import math
+import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import bench_common as bc
 import convergence
 import convergence_report
+import plots
 from amos_fused import Amos
 
 SPLIT_SEED = 1234
@@ -180,34 +183,6 @@ def table(summary, steps):
     return "\n".join(lines)
 
 
-def plot(path, runs, summary, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for e in summary:
-        rs = [r for r in runs if r["label"] == e["label"]]
-        style = dict(lw=2.2 if e["best_adamw"] or e["name"] != "adamw" else 1.2,
-                     ls="--" if e["name"] == "adamw" and not e["best_adamw"] else "-")
-        for ax, key in zip(axes, ("val_loss", "val_acc")):
-            steps = min((r["eval_steps"] for r in rs), key=len)
-            curves = [[r[key][r["eval_steps"].index(s)] for s in steps] for r in rs]
-            line, = ax.plot(steps, [statistics.fmean(c) for c in zip(*curves)],
-                            label=e["label"] + (" (best AdamW)" if e["best_adamw"] else ""), **style)
-            if len(rs) > 1:
-                ax.fill_between(steps, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)],
-                                color=line.get_color(), alpha=0.2)
-    axes[0].set_ylabel("validation cross-entropy, nats")
-    axes[0].set_yscale("log")
-    axes[1].set_ylabel("validation accuracy")
-    axes[1].set_ylim(0.5, 1.0)
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    convergence_report.finish_figure(fig, axes, title, path)
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, help="training steps (default 300; --quick 12)")
@@ -216,9 +191,8 @@ def parse_args(argv=None):
     ap.add_argument("--adamw-lrs", default="3e-3,1e-2,3e-2,1e-1",
                     help="AdamW's lr sweep (first runs: 3e-4 and 1e-3 far behind; best at the top edge of 3e-4..3e-2)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 12 steps, 1 AdamW lr")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--tag", default="cpu", help="output name classifier_<tag>.*")
-    ap.add_argument("--note", default="", help="free text stored in the JSON")
+    bc.add_results_option(ap)
+    ap.add_argument("--note", default="", help="free text stored with the runs")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the model is tiny, more threads only contend)")
     args = ap.parse_args(argv)
@@ -243,8 +217,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_digits_split()
-    load_start = convergence_report.load_average()
-    started = time.time()
+    started = bc.now_utc()
     seeds = list(range(args.seed, args.seed + args.seeds))
     configs = [("amos", None), ("inverse_time", None)] + [("adamw", lr) for lr in args.lrs]
     every = max(1, args.steps // 20)
@@ -252,33 +225,20 @@ def main(argv=None):
             for seed, (name, lr) in tqdm([(s, c) for s in seeds for c in configs], desc="runs", position=0,
                                           dynamic_ncols=True)]
     summary, best = summarize(runs, args.steps)
-    text = table(summary, args.steps)
-    print(text)
-    meta = convergence_report.machine(torch.device("cpu"))
-    meta.update(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), wall_s=round(time.time() - started, 1),
-                load_average_start=load_start, load_average_end=convergence_report.load_average(),
-                note=args.note, argv=sys.argv[1:] if argv is None else list(argv))
-    setup = dict(args=vars(args), dataset="sklearn.datasets.load_digits (1797 8x8 images, 10 classes)",
+    print(table(summary, args.steps))
+    setup = dict(steps=args.steps, seeds=seeds, adamw_lrs=args.lrs,
+                 dataset="sklearn.datasets.load_digits (1797 8x8 images, 10 classes)",
                  split=f"stratified {1 - VAL_FRACTION:.0%}/{VAL_FRACTION:.0%}, per-class permutation of "
                        f"torch.Generator seed {SPLIT_SEED}", train_size=len(data[1]), val_size=len(data[3]),
                  model="conv1->16 3x3, ReLU, maxpool2, conv16->32 3x3, ReLU, maxpool2, linear 128->10",
                  init="torch default (kaiming-uniform a=sqrt(5) weights, uniform 1/sqrt(fan_in) biases)",
                  batch=BATCH, warmup_fraction=convergence.WARMUP_FRACTION, half_life_fraction=HALF_LIFE_FRACTION,
                  adamw=dict(betas=(0.9, 0.999), weight_decay=ADAMW_WEIGHT_DECAY, decay="cosine to 0 after warmup",
-                            best_lr=next(e["lr"] for e in summary if e["label"] == best)),
-                 seeds=seeds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"classifier_{args.tag}.{ext}" for ext in ("json", "md", "png")]
-    with open(paths[0], "w") as fh:
-        json.dump(convergence_report._clean(dict(meta=meta, setup=setup, summary=summary, runs=runs)), fh, indent=1)
-        fh.write("\n")
-    paths[1].write_text(f"# classifier_{args.tag}\n\n{meta['date']}, {meta['cpu']} ({meta['torch_threads']} "
-                        f"threads), torch {meta['torch']}; load average at start {load_start}, end "
-                        f"{meta['load_average_end']}.\n\nSmall CNN on sklearn digits ({setup['train_size']} train / "
-                        f"{setup['val_size']} validation), batch {BATCH}, {args.steps} steps.\n\n" + text + "\n")
-    plot(paths[2], runs, summary, f"small CNN on sklearn digits: {args.steps} steps, batch {BATCH}, seeds {seeds}")
-    print("wrote " + ", ".join(str(p) for p in paths))
+                            best_lr=next(e["lr"] for e in summary if e["label"] == best)))
+    path = bc.record("classifier", [dict(r, setup=setup, note=args.note) for r in runs], device="cpu",
+                     date=started, command=bc.command_line(__file__, argv), results_dir=args.results)
+    print(f"appended {len(runs)} runs to {path}")
+    print(f"drew {plots.plot('classifier', os.path.dirname(path))}")
     return 0
 
 

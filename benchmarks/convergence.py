@@ -8,31 +8,34 @@ the first WARMUP_FRACTION of steps; Amos reads group["lr"] every step):
   "constant": the closed form without decay;
 - "adamw": torch AdamW (betas 0.9/0.95, weight_decay 0.1 on matrices only), linear warmup then
   cosine decay to 0, at the best final validation loss of a small lr sweep (--adamw-lrs).
-A name may carry its own lr, `amos@0.3`, which is how the default lr was chosen (README, "Defaults").
+A name may carry its own lr, `amos@0.3`, which is how the default lr was chosen (docs/benchmarks.md).
 
 Prints a markdown table (validation loss at 25/50/75/100 % of steps, the fraction of AdamW's
 steps each run needs to reach AdamW's final validation loss, ms per optimizer step and per whole
-training step, optimizer-state bytes) and writes convergence_<tag>.{json,md,png} under --out.
+training step, optimizer-state bytes), appends one row per training run (curves included) to
+benchmarks/results/<device>/convergence.jsonl (bench_common.record; --kind lr_sweep for lr sweeps,
+--results DIR elsewhere) and draws convergence.png from it (plots.py).
 
     python benchmarks/convergence.py                 # default preset, CPU: 7 runs of 400 steps
     python benchmarks/convergence.py --seeds 3       # mean ± spread over seeds
     python benchmarks/convergence.py --quick         # smoke test, seconds
-    python benchmarks/convergence.py --optimizers amos@0.03,amos@0.3 --tag a   # runs may be split
-    python benchmarks/convergence.py --merge results/convergence_a.json ... --tag all  # and joined
+    python benchmarks/convergence.py --optimizers amos@0.03,amos@0.3 --results parts/a  # runs may be split
+    python benchmarks/convergence.py --merge parts/a/convergence.jsonl parts/b/convergence.jsonl  # and joined
 """
 import argparse
-import json
 import math
+import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import bench_common as bc
 import convergence_report
 import lm_data
+import plots
 from lm_model import ByteLM
 from amos_fused import Amos
 from amos_fused.optimizer import DEFAULT_LR
@@ -43,7 +46,7 @@ AMOS_FAMILY = ("amos", "inverse_time", "inverse_square", "constant")
 OPTIMIZERS = AMOS_FAMILY + ("adamw",)
 
 PRESETS = {
-    # the calibration note's model (shared/notes/training_calibration.md), 400 steps
+    # a model that trains in minutes on 2 CPU cores, 400 steps
     "default": dict(layers=2, width=128, heads=4, context=64, batch=32, steps=400,
                     corpus_bytes=4_000_000, eval_every=50, eval_batches=8),
     # smoke test: seconds
@@ -69,11 +72,12 @@ def parse_args(argv=None):
                     help=f"comma-separated subset of {OPTIMIZERS}; NAME@LR fixes the lr")
     ap.add_argument("--adamw-lrs", default="3e-4,1e-3,3e-3", help="AdamW's lr sweep")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--tag", help="output name convergence_<tag>.*; default <preset>_<device>")
-    ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'under load')")
-    ap.add_argument("--merge", nargs="+", metavar="JSON",
-                    help="train nothing: report the runs of earlier result files named by --optimizers")
+    ap.add_argument("--kind", choices=("convergence", "lr_sweep"), default="convergence",
+                    help="data file of the runs: convergence (default) or lr_sweep (lr sweeps, kept apart)")
+    bc.add_results_option(ap)
+    ap.add_argument("--note", default="", help="free text stored with the runs (e.g. 'under load')")
+    ap.add_argument("--merge", nargs="+", metavar="JSONL",
+                    help="train nothing: report and record the runs, named by --optimizers, of earlier data files")
     args = ap.parse_args(argv)
     if args.quick:
         args.preset = "quick"
@@ -89,7 +93,6 @@ def parse_args(argv=None):
         ap.error("--device cuda: no CUDA device is visible; use --device cpu")
     args.cfg = cfg
     args.runs = parse_optimizers(args.optimizers, args.adamw_lrs, ap.error)
-    args.tag = args.tag or f"{args.preset}_{args.device}"
     return args
 
 
@@ -208,42 +211,41 @@ def train_one(name, lr, seed, cfg, data, device, position):
 
 
 def merge(paths, wanted):
-    """Runs from earlier JSON files (same setup), those named in `wanted` [(name, lr or None)].
+    """Runs from earlier data files (same setup), those named in `wanted` [(name, lr or None)].
 
     A run of an Amos family at that family's DEFAULT_LR is reported as the default run: it is the
     same computation as `Amos(model.named_parameters(), ...)` without lr (same seed, same batches).
     """
-    reports = [json.loads(Path(p).read_text()) for p in paths]
-    setup = reports[0]["setup"]
-    for p, rep in zip(paths, reports):
-        if rep["setup"]["config"] != setup["config"] or rep["setup"]["corpus"]["sha256"] != setup["corpus"]["sha256"]:
-            raise SystemExit(f"--merge: {p} has another model, run length or corpus than {paths[0]}")
+    rows = [r for p in paths for r in bc.read(p)]
+    if not rows:
+        raise SystemExit(f"--merge: {paths} hold no runs")
+    setup = rows[0]["setup"]
+    for r in rows:
+        if r["setup"]["config"] != setup["config"] or r["setup"]["corpus"]["sha256"] != setup["corpus"]["sha256"]:
+            raise SystemExit(f"--merge: a run of {r['date']} has another model, run length or corpus than the first")
     wanted = [(name, lr if lr is not None else DEFAULT_LR[name]) for name, lr in wanted]
 
     def rank(r):  # position in --optimizers, None if not wanted
         return next((i for i, (n, lr) in enumerate(wanted) if n == r["name"] and math.isclose(lr, r["lr"])), None)
 
     runs, seen = [], set()
-    for rep in reports:
-        for r in rep["runs"]:
-            if r["name"] in DEFAULT_LR and math.isclose(r["lr"], DEFAULT_LR[r["name"]]):
-                r.update(label=r["name"], lr_given=False)
-            if (r["label"], r["seed"]) not in seen and rank(r) is not None:
-                seen.add((r["label"], r["seed"]))
-                r["final_val"] = math.inf if r["diverged"] else r["final_val"]
-                runs.append(r)
+    for row in rows:
+        r = {k: v for k, v in row.items() if k not in bc.RECORD_KEYS and k not in ("setup", "note")}
+        r["merged_from"] = row["date"]
+        if r["name"] in DEFAULT_LR and math.isclose(r["lr"], DEFAULT_LR[r["name"]]):
+            r.update(label=r["name"], lr_given=False)
+        if (r["label"], r["seed"]) not in seen and rank(r) is not None:
+            seen.add((r["label"], r["seed"]))
+            r["final_val"] = math.inf if r["diverged"] else r["final_val"]
+            runs.append(r)
     if not runs:
         raise SystemExit(f"--merge: no run in {paths} matches --optimizers")
     missing = [f"{n}@{lr:g}" for i, (n, lr) in enumerate(wanted) if all(rank(r) != i for r in runs)]
     if missing:
         print(f"--merge: no run for {', '.join(missing)} in these files; left out", file=sys.stderr)
     runs.sort(key=lambda r: (rank(r), r["seed"]))
-    setup["seeds"] = sorted({r["seed"] for r in runs})
-    merged_from = [dict(file=str(p), date=rep["meta"]["date"], wall_s=rep["meta"]["wall_s"],
-                        load_average_start=rep["meta"]["load_average_start"],
-                        load_average_end=rep["meta"]["load_average_end"], note=rep["meta"]["note"])
-                   for p, rep in zip(paths, reports)]
-    return runs, setup, reports[0]["meta"], merged_from
+    setup = dict(setup, seeds=sorted({r["seed"] for r in runs}))
+    return runs, setup
 
 
 def main(argv=None):
@@ -251,26 +253,18 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, device = args.cfg, torch.device(args.device)
-    load_start = convergence_report.load_average()
-    started = time.time()
+    started = bc.now_utc()
     if args.merge:
-        runs, setup, meta, merged_from = merge(args.merge, args.runs)
-        meta.update(merged_from=merged_from, note=args.note or merged_from[0]["note"],
-                    wall_s=sum(m["wall_s"] for m in merged_from),
-                    load_average_start=[m["load_average_start"] for m in merged_from],
-                    load_average_end=[m["load_average_end"] for m in merged_from])
+        runs, setup = merge(args.merge, args.runs)
         cfg = setup["config"]
     else:
         runs, setup = train_all(args, cfg, device)
-        meta = convergence_report.machine(device)
-        meta.update(wall_s=round(time.time() - started, 1), load_average_start=load_start,
-                    load_average_end=convergence_report.load_average(), note=args.note)
     summary = convergence_report.summarize(runs, cfg["steps"])
-    table = convergence_report.table(summary, cfg["steps"])
-    print(table)
-    meta.update(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), argv=sys.argv[1:] if argv is None else argv)
-    paths = convergence_report.write(Path(args.out), args.tag, meta, setup, runs, summary, table)
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print(convergence_report.table(summary, cfg["steps"]))
+    path = bc.record(args.kind, [dict(r, setup=setup, note=args.note) for r in runs], device=device, date=started,
+                     command=bc.command_line(__file__, argv), results_dir=args.results)
+    print(f"appended {len(runs)} runs to {path}")
+    print(f"drew {plots.plot(args.kind, os.path.dirname(path))}")
     return 0
 
 

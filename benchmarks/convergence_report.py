@@ -1,11 +1,6 @@
-"""Numbers, table, plot and JSON for benchmarks/convergence.py (kept apart from the training loop)."""
-import json
+"""Numbers and table of benchmarks/convergence.py (kept apart from the training loop)."""
 import math
-import os
-import platform
 import statistics
-
-import torch
 
 QUARTERS = (1, 2, 3, 4)
 
@@ -94,93 +89,3 @@ def table(summary, steps):
                  + (f"; mean ± sample std over {seeds} seeds." if seeds > 1 else ", one seed.")
                  + " ms are medians over steps.")
     return "\n".join(lines)
-
-
-def load_average():
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def machine(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device))
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _clean(x):
-    """JSON without NaN/Infinity: non-finite numbers become null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def plot(path, runs, summary, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    finals = [e["final_val"]["mean"] for e in summary if math.isfinite(e["final_val"]["mean"])]
-    for e in summary:
-        rs = [r for r in runs if r["label"] == e["label"]]
-        style = dict(lw=2.2 if e["best_adamw"] or (e["name"] == "amos" and not e["lr_given"]) else 1.4,
-                     ls="--" if e["name"] == "adamw" and not e["best_adamw"] else "-")
-        for ax, key in zip(axes, ("val_loss", "train_loss")):
-            steps = min((r["eval_steps"] for r in rs), key=len)[1:]  # train loss has no step-0 point
-            curves = [[r[key][r["eval_steps"].index(s)] for s in steps] for r in rs]
-            mean = [statistics.fmean(c) for c in zip(*curves)]
-            line, = ax.plot(steps, mean, label=e["label"] + (" (best AdamW)" if e["best_adamw"] else ""), **style)
-            if len(rs) > 1:
-                ax.fill_between(steps, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)],
-                                color=line.get_color(), alpha=0.2)
-    for ax, what in zip(axes, ("validation", "training (mean over each interval)")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{what} loss, nats/byte")
-        if finals:
-            ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
-        ax.grid(alpha=0.3)
-    finish_figure(fig, axes, title, path)
-
-
-def finish_figure(fig, axes, title, path):
-    """Legend, title, layout, save and close: the end of every plot of the training benchmarks."""
-    import matplotlib.pyplot as plt
-
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write(out, tag, meta, setup, runs, summary, table_text):
-    out.mkdir(parents=True, exist_ok=True)
-    # not Path.with_suffix: a tag such as "amos_0.03" has a dot of its own
-    paths = [out / f"convergence_{tag}.{ext}" for ext in ("json", "md", "png")]
-    with open(paths[0], "w") as fh:
-        json.dump(_clean(dict(meta=meta, setup=setup, summary=summary, runs=runs)), fh, indent=1)
-        fh.write("\n")
-    cfg = setup["config"]
-    header = (f"# convergence_{tag}\n\n{meta['date']}, {meta['device']} ({meta.get('gpu', meta['cpu'])}, "
-              f"{meta['torch_threads']} threads), torch {meta['torch']}, Python {meta['python']}; "
-              f"load average at start {meta['load_average_start']}.\n"
-              + (f"Note: {meta['note']}\n" if meta["note"] else "")
-              + f"\nModel: {cfg['layers']} layers, width {cfg['width']}, {cfg['heads']} heads, context "
-              f"{cfg['context']}, batch {cfg['batch']}, {cfg['steps']} steps; corpus "
-              f"{setup['corpus']['train_bytes']:,} train / {setup['corpus']['val_bytes']:,} validation bytes "
-              f"of the Python {meta['python']} stdlib.\n\n")
-    paths[1].write_text(header + table_text + "\n")
-    plot(paths[2], runs, summary, f"byte-level LM on the Python stdlib: {cfg['layers']}x{cfg['width']}, "
-         f"{cfg['steps']} steps, {meta['device']}, seeds {setup['seeds']}")
-    return paths

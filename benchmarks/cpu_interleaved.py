@@ -8,12 +8,12 @@ streaming reference `a += b` over the same number of elements (12 B/element, as 
 Prints median and min per row, the ratio of fused AdamW's median time to each row's (above 1:
 faster than fused AdamW), the median over rounds of that ratio within each round (robust to the
 machine's slow and fast minutes: both steps of a round see the same ones) and the row's time over
-`a += b`'s.
+`a += b`'s. One row per line of the table, with its per-round times, is appended to
+benchmarks/results/cpu/interleaved.jsonl (bench_common.record; --results DIR elsewhere).
 
-    python benchmarks/cpu_interleaved.py --size gpt2-50m --rounds 15 --json out.json
+    python benchmarks/cpu_interleaved.py --size gpt2-50m --rounds 40
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -57,13 +57,13 @@ def build_rows(shapes):
     return rows
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="gpt2-50m", help=f"one of {', '.join(bc.SIZES)}")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", help="write the per-round times here")
-    args = ap.parse_args()
+    bc.add_results_option(ap)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = bc.SIZES[args.size][0]
     rows = build_rows(shapes)
@@ -71,29 +71,33 @@ def main():
         step()
         step()
     times = {name: [] for name in rows}
+    date = bc.now_utc()
     for _ in range(args.rounds):
         for name, step in rows.items():
             t0 = time.perf_counter()
             step()
             times[name].append((time.perf_counter() - t0) * 1e3)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    adamw, stream = med["AdamW(fused=True).step"], med["a += b"]
-    n, info = bc.numel(shapes), dict(bc.machine_info(torch.device("cpu")), **bc.versions())
-    print(f"# {args.size}: {n / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds; {info['cpu']}, torch {torch.__version__}, commit {info['git_commit']}")
     adamw_ts = times["AdamW(fused=True).step"]
+    adamw, stream = med["AdamW(fused=True).step"], med["a += b"]
+    n = bc.numel(shapes)
+    print(f"# {args.size}: {n / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors, {args.threads} threads, "
+          f"{args.rounds} interleaved rounds; {bc.machine_info(torch.device('cpu'))['cpu']}, "
+          f"torch {torch.__version__}, commit {bc.git_commit()}")
     print("| row | median ms | min ms | fused AdamW time / row time | the same, median of per-round ratios "
           "| row / `a += b` |")
     print("|---|---:|---:|---:|---:|---:|")
+    results = []
     for name, ts in times.items():
         per_round = statistics.median(a / t for a, t in zip(adamw_ts, ts))
         print(f"| {name} | {med[name]:.2f} | {min(ts):.2f} | {adamw / med[name]:.2f} | {per_round:.2f} "
               f"| {med[name] / stream:.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(size=args.size, numel=n, threads=args.threads, rounds=args.rounds, machine=info,
-                           date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), times_ms=times), f, indent=1)
-        print(f"wrote {args.json}")
+        results.append(dict(size=args.size, numel=n, threads=args.threads, rounds=args.rounds, row=name,
+                            median_ms=med[name], min_ms=min(ts), x_adamw_fused=adamw / med[name],
+                            x_adamw_fused_per_round=per_round, x_stream=med[name] / stream, times_ms=ts))
+    path = bc.record("interleaved", results, device="cpu", date=date, command=bc.command_line(__file__, argv),
+                     results_dir=args.results)
+    print(f"appended {len(results)} rows to {path}")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,21 @@
 #
 #   benchmarks/gpu_check.sh [--dry-run] [OUTDIR]
 #
-# OUTDIR defaults to $OUT. Everything goes to OUTDIR/gpu_check_<device>_<UTC date>/, flat (the
-# device tool brings back at most 8 files):
-#   summary.txt   device, date, commit, versions, and one line per part (exit code, seconds)
+# OUTDIR defaults to $OUT. Everything goes to OUTDIR/gpu_check_<device>_<UTC date>/, flat (eight
+# files at most):
+#   summary.txt   device, date, commit, and one line per part (exit code, seconds)
 #   log.txt       the full output of every part, one after the other, each under a header
-#   step_time.{json,csv,png}   the benchmark's results
-#   row_sweep.json             bandwidth by row width, L2 prefetch on and off
-#   sharded_step.json          FSDP2 (one rank, nccl) beside the same parameters unsharded
+#   step_time.{jsonl,png}   the step-time benchmark's rows (bench_common.record) and plot
+#   row_sweep.{jsonl,png}   bandwidth by row width, L2 prefetch on and off
+#   sharded_step.jsonl      FSDP2 (one rank, nccl) beside the same parameters unsharded
+# To keep a run's numbers, append its rows to the repository's data files and redraw the plots:
+#   cat DIR/step_time.jsonl >> benchmarks/results/<gpu>/step_time.jsonl  (the same for the others)
+#   python benchmarks/plots.py benchmarks/results/<gpu>
 # Parts run in order of importance, each under its own time limit (12 minutes if every part hit
-# its limit; an estimated 4-5, from 150 s measured on 2026-11-28 before parts were added, so a
-# 420 s device call should fit; the benchmarks write their files as they go, so a call cut short
-# keeps what ran); a failed part is logged and the script goes on. The exit code is the number of
-# failed parts (0: all ran clean). --dry-run prints what would run and creates the folder.
+# its limit; an estimated 4-5 minutes on an H200, so a 420 s call should fit; the benchmarks
+# record after each size or width, so a run cut short keeps what it measured); a failed part is
+# logged and the script goes on. The exit code is the number of failed parts (0: all ran clean).
+# --dry-run prints what would run and creates the folder.
 # Torch and triton must already be installed; TRITON_INTERPRET is unset (compiled kernels).
 # PYTHON overrides the interpreter (default: python3).
 set -u
@@ -96,10 +99,9 @@ part install 120 "$PY" -m pip install --no-build-isolation --no-deps --use-pep51
 part tests_cuda 90 "${PYTEST[@]}" -n 4 "${CUDA_TESTS[@]}"
 part tests_triton 90 "${PYTEST[@]}" -n 8 tests/test_triton.py
 part step_time 200 "$PY" benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b \
-    --backends cuda,triton,adamw --json "$DIR/step_time.json" --csv "$DIR/step_time.csv" \
-    --plot "$DIR/step_time.png" --no-progress
-part sharded_step 90 "$PY" benchmarks/sharded_step.py --world 1 --rounds 10 --json "$DIR/sharded_step.json"
-part row_sweep 150 "$PY" benchmarks/row_sweep.py --device cuda --backends cuda,triton --json "$DIR/row_sweep.json"
+    --backends cuda,triton,adamw --results "$DIR" --no-progress
+part sharded_step 90 "$PY" benchmarks/sharded_step.py --world 1 --rounds 10 --results "$DIR"
+part row_sweep 150 "$PY" benchmarks/row_sweep.py --device cuda --backends cuda,triton --results "$DIR"
 part tests_large 60 "${PYTEST[@]}" tests/test_large_tensors.py  # alone: each case holds ~40 GB
 echo "failed_parts: $FAILED" >> "$SUMMARY"
 echo "summary: $SUMMARY"

@@ -5,7 +5,8 @@ This measures it on the CPU: the parameter set has a model's tensor COUNT (gpt2-
 tensors) with tiny shapes, and by default the fused op `torch.ops.amos_fused.amos_step_` is
 replaced by a Python no-op, so what is left is the Python around it (checks, state lookups,
 list building, the skip verdict's small ops). `--real-op` keeps the op (on tiny tensors).
-torch.optim.AdamW(fused=True) on the same tensors is the host overhead to beat.
+torch.optim.AdamW(fused=True) on the same tensors is the host overhead to beat. The rows are
+appended to benchmarks/results/cpu/host_overhead.jsonl (bench_common.record; --results DIR elsewhere).
 
     python benchmarks/host_overhead.py
     python benchmarks/host_overhead.py --profile 'guard=step m=0.9'
@@ -110,7 +111,7 @@ def profile_row(shapes, options, steps, top):
     stats.sort_stats("tottime").print_stats(top)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="gpt2-124m", choices=sorted(TINY_SIZES))
     ap.add_argument("--steps", type=int, default=200, help="steps per timed block")
@@ -121,7 +122,8 @@ def main():
     ap.add_argument("--rows", default=None, help="comma-separated row labels (default: all)")
     ap.add_argument("--profile", default=None, metavar="ROW", help="cProfile this row instead of timing")
     ap.add_argument("--top", type=int, default=25)
-    args = ap.parse_args()
+    bc.add_results_option(ap)
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     shapes = TINY_SIZES[args.size]
     with op_replaced(args.real_op):
@@ -129,12 +131,22 @@ def main():
             profile_row(shapes, ROWS[args.profile], args.steps, args.top)
             return
         labels = args.rows.split(",") if args.rows else list(ROWS)
+        unknown = [label for label in labels if label not in ROWS]
+        if unknown:
+            ap.error(f"--rows: unknown {unknown}; use some of {', '.join(ROWS)}")
+        date, results = bc.now_utc(), []
         print(f"{args.size}: {len(shapes)} tensors, fused op {'run' if args.real_op else 'replaced by a no-op'}, "
               f"{args.clock} clock, amos_fused from {os.path.dirname(amos_fused.__file__)}")
         print(f"{'row':32s} {'us/step':>9s} {'us/tensor':>10s} {'min us/step':>12s}")
         for label in labels:
             us, low = time_row(shapes, ROWS[label], args.steps, args.repeats, args.clock)
             print(f"{label:32s} {us:9.1f} {us / len(shapes):10.2f} {low:12.1f}")
+            results.append(dict(size=args.size, n_tensors=len(shapes), row=label, us_per_step=us,
+                                us_per_tensor=us / len(shapes), min_us_per_step=low, clock=args.clock,
+                                real_op=args.real_op, steps=args.steps, repeats=args.repeats))
+    path = bc.record("host_overhead", results, device="cpu", date=date, command=bc.command_line(__file__, argv),
+                     results_dir=args.results)
+    print(f"appended {len(results)} rows to {path}")
 
 
 if __name__ == "__main__":

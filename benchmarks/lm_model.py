@@ -2,9 +2,9 @@
 
 Initialisation follows GPT-2: every Linear and Embedding weight ~ N(0, 0.02), biases 0,
 LayerNorm gains 1. So every matrix has RMS 0.02 and Amos's default eta (the measured RMS,
-ALGORITHM.md §2) is 0.02 for all of them, embeddings included. (torch's own nn.Embedding init is
-N(0, 1), which would give the embeddings eta = 1: shared/notes/training_calibration.md found that
-hurts; with this init the question does not arise.)
+docs/algorithm.md, "The scale eta") is 0.02 for all of them, embeddings included. (torch's own
+nn.Embedding init is N(0, 1), which would give the embeddings eta = 1, fifty times the other
+matrices'; with this init the question does not arise.)
 """
 import torch
 import torch.nn.functional as F

@@ -12,12 +12,12 @@ gradients resident; activations do not depend on the optimizer and are left out.
   MALLOC_MMAP_THRESHOLD_=65536 so glibc returns freed buffers to the OS instead of keeping them
   for reuse, which would hide later allocations. Page granularity makes tiny sizes noisy.
 The total is params + grads + state + transient. The first step (which creates the state) and a
-steady step are reported apart.
+steady step are reported apart. The rows are appended to benchmarks/results/<device>/memory.jsonl
+(bench_common.record; --results DIR elsewhere).
 
-    python benchmarks/memory.py --device cpu --sizes gpt2-124m --json out.json
+    python benchmarks/memory.py --device cpu --sizes gpt2-124m
 """
 import argparse
-import json
 import os
 import sys
 
@@ -149,10 +149,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default="gpt2-124m", help=f"comma-separated, from {', '.join(bc.SIZES)}")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--json", help="write results and machine facts as JSON here")
     ap.add_argument("--note", default="", help="free text stored with the results")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads for this run")
     ap.add_argument("--no-progress", action="store_true")
+    bc.add_results_option(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,19 +176,17 @@ def main(argv=None):
         res, info = measure(size, device, dtype, progress, notes)
         results += res
         sizes_info[size] = info
-    meta = dict(date=date.isoformat(timespec="seconds"), device=str(device), dtype=args.dtype,
-                machine=bc.machine_info(device), versions=bc.versions(), note=args.note, notes=notes,
-                method=("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                        f"peak RSS (VmHWM after clear_refs) rise; {MMAP_ENV}={os.environ.get(MMAP_ENV)}"))
-    print(f"# Optimizer memory: {meta['machine']['gpu'] or meta['machine']['cpu']}, torch {meta['versions']['torch']}, "
-          f"{args.dtype}, {meta['date']}" + (f", {args.note}" if args.note else ""))
+    method = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+              f"peak RSS (VmHWM after clear_refs) rise; {MMAP_ENV}={os.environ.get(MMAP_ENV)}")
+    machine = bc.machine_info(device)
+    print(f"# Optimizer memory: {machine['gpu'] or machine['cpu']}, torch {torch.__version__}, "
+          f"{args.dtype}, {date.isoformat(timespec='seconds')}" + (f", {args.note}" if args.note else ""))
     print(markdown(results, sizes_info, device))
     for note in notes:
         print(f"note: {note}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta, sizes=sizes_info, rows=results), f, indent=1)
-        print(f"wrote {args.json}")
+    path = bc.record("memory", [dict(r, method=method, note=args.note) for r in results], device=device, date=date,
+                     command=bc.command_line(__file__, argv), results_dir=args.results)
+    print(f"appended {len(results)} rows to {path}")
     return results
 
 

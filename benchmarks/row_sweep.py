@@ -7,12 +7,13 @@ rows in pieces), `Amos(guard="slice").step()` timed (median of --repeats after w
 events on GPU), its bytes (bench_common's per-parameter minimum) per second, and that as a
 percentage of `a += b` over as many elements, measured in the same run. Families: amos m=0 (one
 pass), amos m=0.9, inverse_time m=0 (the closed forms' reduce, finalize and apply launches).
+The rows are appended to benchmarks/results/<device>/row_sweep.jsonl (bench_common.record;
+--results DIR elsewhere) and row_sweep.png is drawn from it (plots.py).
 
-    python benchmarks/row_sweep.py --device cuda --backends cuda,triton --json out.json
+    python benchmarks/row_sweep.py --device cuda --backends cuda,triton
     python benchmarks/row_sweep.py --device cpu --numel 100000 --widths 64,4096
 """
 import argparse
-import json
 import os
 import sys
 
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+import plots  # noqa: E402
 from amos_fused import Amos  # noqa: E402
 
 WIDTHS = (16, 64, 256, 768, 2048, 3072, 5632, 8192, 32768)
@@ -54,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--json", help="write the results here")
+    bc.add_results_option(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     names = (args.backends or ("cuda" if device.type == "cuda" else "cpu")).split(",")
@@ -68,6 +70,7 @@ def main(argv=None):
     print(f"{info['gpu'] or info['cpu']}; a += b over {args.numel} fp32: {roof:.0f} GB/s")
     print(f"{'C':>6} {'rows':>8} {'backend':8} {'family':18} {'prefetch':8} {'ms':>8} {'GB/s':>8} {'% a+=b':>7}")
     results = []
+    date, command, path = bc.now_utc(), bc.command_line(__file__, argv), None
     gen = torch.Generator(device=device).manual_seed(0)
     for C in widths:
         R = max(1, args.numel // C)
@@ -90,16 +93,18 @@ def main(argv=None):
                                     gb_s=gbs, pct_stream=100 * gbs / roof))
         del param, start
         bc.free_memory(device)
-        if args.json:  # after every width: a run cut short by a time limit keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump(dict(device=info, versions=bc.versions(), backends=names, numel=args.numel,
-                               stream_gb_s=roof, date=bc.now_utc().isoformat(), results=results), f, indent=1)
+        # after every width: a run cut short by a time limit keeps what it measured
+        path = bc.record("row_sweep", [dict(r, numel=args.numel, stream_gb_s=roof) for r in results if r["C"] == C],
+                         device=device, date=date, command=command, results_dir=args.results)
     if "cuda" in names:
         for C in widths:
             for family in families:
                 on, off = ([r["ms"] for r in results if r["C"] == C and r["family"] == family and r["prefetch"] == s]
                            for s in ("on", "off"))
                 print(f"cuda prefetch off/on time, C={C} {family}: {off[0] / on[0]:.2f}x")
+    if path:
+        print(f"appended {len(results)} rows to {path}")
+        print(f"drew {plots.plot('row_sweep', os.path.dirname(path))}")
     return results
 
 

@@ -16,10 +16,12 @@ the cost of the sharded path itself shows. Prints the median step time per row, 
 median over the row's, and the median over rounds of that ratio within each round.
 
     python benchmarks/sharded_step.py --world 2 --layers 24 --width 1024 --rounds 15
+
+Rows are appended to benchmarks/results/<device>/sharded_step.jsonl (bench_common.record; one per
+optimizer row: its per-round step times, median, min, and the two ratios to fused AdamW).
 """
 import argparse
 import datetime
-import json
 import os
 import socket
 import statistics
@@ -110,15 +112,16 @@ def worker(rank, args, port, out):
     dist.destroy_process_group()
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by the ranks")
-    ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    bc.add_results_option(ap)
+    args = ap.parse_args(argv)
+    started = bc.now_utc()
     if torch.cuda.is_available() and torch.cuda.device_count() < args.world:
         raise SystemExit(f"--world {args.world} needs {args.world} GPUs, found {torch.cuda.device_count()}")
     with socket.socket() as s:
@@ -132,26 +135,28 @@ def main():
     times = result["times_ms"]
     med = {name: statistics.median(ts) for name, ts in times.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = dict(bc.machine_info(device), **bc.versions())
+    info = dict(bc.machine_info(device), **bc.versions(), git_commit=bc.git_commit())
     print(f"# {args.world} ranks ({'nccl' if device.type == 'cuda' else 'gloo'}), {args.layers} x Linear({args.width}, "
           f"{args.width}) under fully_shard: {result['numel'] / 1e6:.1f}M fp32 parameters in {result['tensors']} "
           f"tensors; {args.rounds} interleaved rounds; {info.get('gpu') or info['cpu']}, torch {torch.__version__}, "
           f"commit {info['git_commit']}")
     print("| row | median ms | min ms | fused AdamW time / row time | the same, median of per-round ratios |")
     print("|---|---:|---:|---:|---:|")
+    rows = []
     for name, ts in times.items():
         ref = times["AdamW fused (unsharded)" if name.endswith("(unsharded)") else "AdamW fused"]
         per_round = statistics.median(a / t for a, t in zip(ref, ts))
         print(f"| {name} | {med[name]:.2f} | {min(ts):.2f} | {statistics.median(ref) / med[name]:.2f} "
               f"| {per_round:.2f} |")
+        rows.append(dict(row=name, world=args.world, layers=args.layers, width=args.width, numel=result["numel"],
+                         tensors=result["tensors"], rounds=args.rounds, times_ms=ts, median_ms=med[name],
+                         min_ms=min(ts), adamw_ratio=statistics.median(ref) / med[name], adamw_ratio_per_round=per_round))
     if args.world == 1:
         for name, _ in ROWS:
             print(f"{name}: sharded / unsharded step time {med[name] / med[name + ' (unsharded)']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(vars(args), machine=info, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           **result), f, indent=1)
-        print(f"wrote {args.json}")
+    path = bc.record("sharded_step", rows, device=device, date=started,
+                     command=bc.command_line(__file__, argv), results_dir=args.results)
+    print(f"recorded {path}")
 
 
 if __name__ == "__main__":

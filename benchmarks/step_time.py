@@ -4,19 +4,18 @@ For every size and row: the median step time after warm-up (CUDA events on GPU, 
 CPU), the bytes per parameter the row must move (bench_common: from its state layout), the
 achieved GB/s, that as a percentage of an in-place streaming op (`a += b` over buffers as large
 as the parameters) measured in the same run, the ratio to torch's fused and foreach AdamW, and
-the bytes of optimizer state. Amos rows call `Amos.step()` as a user does, so with the default
+the bytes of optimizer state. The rows are appended to benchmarks/results/<device>/step_time.jsonl
+(bench_common.record; --results DIR elsewhere) and step_time.png is drawn from it (plots.py). Amos rows call `Amos.step()` as a user does, so with the default
 guard="step" they include its non-finite-gradient verdict (one more read of every gradient, not
 in the minimum bytes); rows marked "guard=slice" run Amos(guard="slice"), whose kernels guard
 each slice themselves (one pass over the gradients, like AdamW's, which checks nothing).
 
     python benchmarks/step_time.py --device cpu --quick
-    python benchmarks/step_time.py --device cuda --json out.json
-    python benchmarks/step_time.py --device cpu --sizes gpt2-124m,gpt2-350m --out benchmarks/results/cpu
+    python benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b --backends cuda,triton,adamw
+    python benchmarks/step_time.py --device cpu --sizes gpt2-50m --threads 2 --results my_results
 """
 import argparse
 import contextlib
-import csv
-import json
 import os
 import sys
 from unittest import mock
@@ -25,25 +24,26 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+import plots  # noqa: E402
 from amos_fused import Amos, backends  # noqa: E402
 from amos_fused.reference import reference_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (label, Amos options). "amos m=0.9" keeps m in fp32 (the default); the closed form stands for
-# the family sharing one kernel shape (ALGORITHM.md §5, §8).
+# the family sharing one kernel shape (docs/algorithm.md, "Closed-form schedules" and "Kernel phases").
 FAMILIES = [
     ("amos m=0", dict(schedule="amos", momentum=0.0)),
     ("amos m=0.9", dict(schedule="amos", momentum=0.9)),
     ("amos m=0.9 bf16", dict(schedule="amos", momentum=0.9, momentum_dtype=torch.bfloat16)),
     ("inverse_time m=0", dict(schedule="inverse_time", half_life=1000.0, momentum=0.0)),
 ]
-QUICK_COMPILE_FAMILIES = ("amos m=0.9",)
+QUICK_COMPILE_FAMILIES = ("amos m=0.9",)  # compiling takes tens of seconds per family on 2 cores
 # also timed with guard="slice" (no verdict read)
 GUARD_SLICE_FAMILIES = ("amos m=0", "amos m=0.9", "amos m=0.9 bf16")
 TRITON_COLB_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed with other max_colb (below)
 TRITON_MAX_COLB = (4096,)  # the compiled heuristic has 1024; sm_90 ptxas: 4096 needs fewer registers
-KERNEL_ONLY_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed without Amos.step around them  # compiling takes tens of seconds per family on 2 cores
+KERNEL_ONLY_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed without Amos.step around them
 
 BASELINES = ("compile", "adamw", "adafactor", "apex")
 DEFAULT_SIZES = {"cpu": ("gpt2-124m", "gpt2-350m", "many-small"),
@@ -337,7 +337,7 @@ def run_size(size, args, device, dtype, warmup, repeats, notes, progress):
 def verdicts(results):
     """Per size and amos family, the one-pass (guard="slice") row of each backend as x fused
     AdamW's speed (above 1: faster), and the fastest backend: the lines a GPU run is read for
-    (issue 4's target: cuda >= 2x for amos m=0; "auto" tries the fastest first)."""
+    ("auto" tries the fastest backend first)."""
     lines = []
     for size in dict.fromkeys(r["size"] for r in results):
         rows = {r["row"]: r for r in results if r["size"] == size}
@@ -372,47 +372,6 @@ def markdown(results, sizes_info):
     return "\n".join(lines)
 
 
-def write_csv(path, results, meta):
-    keys = ["date", "device", "cpu", "gpu", "torch", "triton", "note"]
-    extra = dict(date=meta["date"], device=meta["device"], cpu=meta["machine"]["cpu"], gpu=meta["machine"]["gpu"],
-                 torch=meta["versions"]["torch"], triton=meta["versions"]["triton"], note=meta["note"])
-    fields = list(results[0].keys()) + keys if results else keys
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in results:
-            w.writerow({**r, **extra})
-
-
-def write_plot(path, results, sizes_info, meta):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [s for s in sizes_info if any(r["size"] == s for r in results)]
-    fig, axes = plt.subplots(len(sizes), 2, figsize=(13, 0.32 * max(len(results), 8) + 1.5), squeeze=False)
-    colors = {"amos": "tab:blue", "compile": "tab:purple", "adamw": "tab:orange", "adafactor": "tab:green", "apex": "tab:red"}
-    for (ax_t, ax_r), size in zip(axes, sizes):
-        rows = [r for r in results if r["size"] == size]
-        names = [r["row"] for r in rows]
-        c = [colors.get(r["group"], "gray") for r in rows]
-        ax_t.barh(names, [r["median_ms"] for r in rows], color=c)
-        ax_t.set_xscale("log")
-        ax_t.set_xlabel("step time, ms (median, log scale)")
-        ax_t.invert_yaxis()
-        ax_t.set_title(f"{size} ({sizes_info[size]['n_params'] / 1e6:.0f}M params)")
-        ax_r.barh(names, [r["pct_roofline"] for r in rows], color=c)
-        ax_r.set_xlabel(f"% of a += b bandwidth ({sizes_info[size]['roofline_gbps']:.3g} GB/s)")
-        ax_r.invert_yaxis()
-        ax_r.set_yticklabels([])
-    machine = meta["machine"]["gpu"] or meta["machine"]["cpu"]
-    fig.suptitle(f"Optimizer step, {meta['dtype']}, {machine}, torch {meta['versions']['torch']}, {meta['date'][:10]}"
-                 + (f" ({meta['note']})" if meta["note"] else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -428,11 +387,8 @@ def parse_args(argv=None):
     ap.add_argument("--clock", default="wall", choices=sorted(bc.CLOCKS),
                     help="CPU timer: wall (perf_counter, default) or process (CPU time of this process; "
                          "needs --threads 1; steadier on a machine loaded by other processes)")
-    ap.add_argument("--json", help="write results and machine facts as JSON here")
-    ap.add_argument("--csv", help="write one CSV line per row here")
-    ap.add_argument("--plot", help="write a PNG of step time and %% of roofline here")
-    ap.add_argument("--out", help="directory: writes step_time_<device>_<date>.{json,csv,png} there")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'measured under load')")
+    bc.add_results_option(ap)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     args.backends = [] if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -473,41 +429,30 @@ def main(argv=None):
         (lambda it, **kw: tqdm(it, file=sys.stderr, **kw))
 
     date = bc.now_utc()
-    paths = dict(json=args.json, csv=args.csv, plot=args.plot)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"step_time_{device.type}_{date:%Y-%m-%d}")
-        paths = {k: v or f"{stem}.{'png' if k == 'plot' else k}" for k, v in paths.items()}
     notes, results, sizes_info = [], [], {}
-    meta = dict(date=date.isoformat(timespec="seconds"), device=str(device), dtype=args.dtype,
-                machine=bc.machine_info(device), versions=bc.versions(), note=args.note,
-                argv=sys.argv[1:] if argv is None else list(argv), warmup=warmup, repeats=repeats,
-                amos_backends=list(backends.BACKENDS), notes=notes,
-                clock="cuda events" if gpu else args.clock)
+    run = dict(note=args.note, clock="cuda events" if gpu else args.clock, warmup=warmup, repeats=repeats)
+    command = bc.command_line(__file__, argv)
+    path = None
     for size in sizes:
         res, info = run_size(size, args, device, dtype, warmup, repeats, notes, progress)
         results += res
         sizes_info[size] = info
-        if paths["json"]:  # after every size: a run cut short by a time limit keeps what it measured
-            with open(paths["json"], "w") as f:
-                json.dump(dict(meta, sizes=sizes_info, rows=results, verdicts=verdicts(results)), f, indent=1)
+        # after every size: a run cut short by a time limit keeps what it measured
+        path = bc.record("step_time", [dict(r, **run, roofline_op=info["roofline_op"]) for r in res],
+                         device=device, date=date, command=command, results_dir=args.results)
 
-    print(f"# Optimizer step time: {meta['machine']['gpu'] or meta['machine']['cpu']} "
-          f"({meta['machine']['cpu_cores']} cores, {meta['machine']['torch_threads']} torch threads), torch {meta['versions']['torch']}, {args.dtype}, {meta['date']}"
-          + f", timer: {meta['clock']}" + (f", {args.note}" if args.note else ""))
+    machine = bc.machine_info(device)
+    print(f"# Optimizer step time: {machine['gpu'] or machine['cpu']} ({machine['cpu_cores']} cores, "
+          f"{machine['torch_threads']} torch threads), torch {torch.__version__}, {args.dtype}, "
+          f"{date.isoformat(timespec='seconds')}, timer: {run['clock']}" + (f", {args.note}" if args.note else ""))
     print(markdown(results, sizes_info))
     for line in verdicts(results):
         print(f"verdict: {line}")
     for note in notes:
         print(f"note: {note}")
-
-    if paths["csv"]:
-        write_csv(paths["csv"], results, meta)
-    if paths["plot"]:
-        write_plot(paths["plot"], results, sizes_info, meta)
-    for k, v in paths.items():
-        if v:
-            print(f"wrote {v}")
+    if path:
+        print(f"appended {len(results)} rows to {path}")
+        print(f"drew {plots.plot('step_time', os.path.dirname(path))}")
     return results
 
 

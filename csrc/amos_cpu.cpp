@@ -3,7 +3,7 @@
 // Work is cut into pieces of fixed size, independent of the thread count: a piece is a run of
 // whole rows (about kPiece elements) or, for rows longer than kLongRow, one block of a row. Every
 // sum is taken piece by piece in a fixed order, so results are bitwise identical whatever the
-// number of threads. Passes (ALGORITHM.md §8):
+// number of threads. Passes (docs/algorithm.md, "Kernel phases"):
 //   "amos", whole rows: one pass. Each row is reduced, finalized and applied while it is in
 //       cache, so g is read once from DRAM. Element granularity (C = 1) runs a piece of rows as
 //       one element-wise loop.

@@ -1,4 +1,4 @@
-// The Amos math of ALGORITHM.md §3-§6, written once for both targets: the CPU kernels
+// The Amos math of docs/algorithm.md, written once for both targets: the CPU kernels
 // (amos_cpu.cpp, compiled by g++) and the CUDA kernels (amos_cuda.cu, compiled by nvcc) call these
 // functions, so the CPU tests in CI check the very formulas the GPU runs.
 //
@@ -26,7 +26,7 @@ namespace amos {
 // Storage dtypes of theta, g and m (m: kNone when momentum == 0).
 enum Dtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kNone = 3 };
 
-// Schedules: the official rule and the closed forms (ALGORITHM.md §4, §5).
+// Schedules: the official rule and the closed forms (docs/algorithm.md: "The official rule", "Closed-form schedules").
 enum Schedule : int32_t { kAmos = 0, kConstant = 1, kInverseTime = 2, kInverseSquare = 3 };
 
 // The group's options as fp32, each rounded from the Python double exactly where the reference
@@ -113,7 +113,7 @@ AMOS_HD float decay(const Hyper& h, float t) {
 }
 
 // A (K_r = A * sqrt(r_r)) and D of a tensor from unorm2 = sum over slices of S_r * r_r.
-// eps0 = ||theta_0 - theta*|| in fp32 (the caller rounds the double of ALGORITHM.md §5).
+// eps0 = ||theta_0 - theta*|| in fp32 (the caller rounds the double of docs/algorithm.md, "Closed-form schedules").
 AMOS_HD void closed_tensor(const Hyper& h, float xi, float t, float eps0, float unorm2, float& A,
                            float& D) {
   float s = decay(h, t);

@@ -24,7 +24,7 @@ struct StepArgs {
   std::optional<at::Tensor> skip;         // fp32 one element on the params' device: != 0 skips the step
   std::optional<at::Tensor> guarded;      // int64 one element on the params' device, or empty: the
                                           // kernels add the number of slices they guarded (left unchanged
-                                          // because their S_r is not finite; ALGORITHM.md, README "guard")
+                                          // because their S_r is not finite; docs/reliability.md, "guard")
   Hyper h;
 };
 
@@ -37,7 +37,7 @@ inline Dtype dtype_of(const at::Tensor& t) {
   }
 }
 
-// ||theta_0 - theta*|| of ALGORITHM.md §5, in double as the reference forms it, then fp32
+// ||theta_0 - theta*|| of docs/algorithm.md ("Closed-form schedules"), in double as the reference forms it, then fp32
 inline float eps0_of(const at::Tensor& p, double eta) {
   double e = std::sqrt(static_cast<double>(p.numel())) * eta * (p.dim() >= 2 ? std::sqrt(2.0) : 1.0);
   return static_cast<float>(e);

@@ -1,4 +1,4 @@
-"""Triton kernels of the Amos step (ALGORITHM.md §3-§6, kernel shape §8).
+"""Triton kernels of the Amos step (docs/algorithm.md, formulas and "Kernel phases").
 
 Every kernel is multi-tensor: it reads the tensors' addresses and geometry from the int64 table
 `info` (columns below, built by kernels/tables.py) and its work items from a tile table, so one

@@ -1,10 +1,10 @@
-"""The benchmark scripts keep working: tiny runs of step_time.py and memory.py, outputs checked.
+"""The benchmark scripts keep working: tiny runs of each, their recorded rows and plots checked,
+and the committed results data files stay readable.
 
 torch.compile rows are left out: one compile takes tens of seconds on the 2-core CI machine.
 """
-import csv
+import datetime
 import importlib.util
-import json
 import math
 import os
 
@@ -45,7 +45,7 @@ def test_model_shapes_match_published_parameter_counts(common):
 
 
 def test_bytes_per_parameter_follow_the_state_layout(common):
-    # ALGORITHM.md §8 for fp32 parameters, and AdamW's 28 B
+    # docs/algorithm.md, "Memory traffic", for fp32 parameters, and AdamW's 28 B
     assert common.amos_bytes(4) == 12
     assert common.amos_bytes(4, closed_form=True) == 16
     assert common.amos_bytes(4, momentum_size=4) == 20
@@ -58,22 +58,28 @@ def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_step_time_tiny_writes_table_json_csv_png(tmp_path, capsys, one_thread):
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_time_tiny_records_rows_and_draws_the_plot(tmp_path, capsys, one_thread):
     step_time = _load("step_time")
-    out = {k: str(tmp_path / f"st.{k}") for k in ("json", "csv", "png")}
     step_time.main(["--device", "cpu", "--sizes", "tiny", "--backends", "reference,adamw,adafactor,apex",
                     "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-progress", "--note", "test",
-                    "--json", out["json"], "--csv", out["csv"], "--plot", out["png"]])
+                    "--results", str(tmp_path)])
     table = capsys.readouterr().out
     assert "| adamw fused |" in table and "| amos/reference amos m=0 |" in table
     assert "apex" in table  # either rows or the "apex not importable" note
 
-    data = json.load(open(out["json"]))
-    assert data["note"] == "test" and data["machine"]["cpu"] and data["versions"]["torch"]
-    rows = {r["row"]: r for r in data["rows"]}
+    data = _load("bench_common").read(tmp_path / "step_time.jsonl")
+    rows = {r["row"]: r for r in data}
+    assert len(rows) == len(data)
+    first = data[0]
+    assert first["note"] == "test" and first["machine"]["cpu"] and first["versions"]["torch"]
+    assert first["command"].startswith("python benchmarks/step_time.py --device cpu")
+    assert len({r["date"] for r in data}) == 1  # one run
     expected = {f"amos/reference {label}" for label, _ in step_time.FAMILIES}
     expected |= {"adamw for-loop", "adamw foreach", "adamw fused", "adafactor for-loop", "adafactor foreach"}
-    assert expected <= set(rows), f"missing rows: {expected - set(rows)}; notes: {data['notes']}"
+    assert expected <= set(rows), f"missing rows: {expected - set(rows)}"
     for r in rows.values():
         for key in ("median_ms", "gbps", "pct_roofline", "roofline_gbps", "x_adamw_fused", "x_adamw_foreach",
                     "state_bytes", "first_call_s"):
@@ -82,17 +88,68 @@ def test_step_time_tiny_writes_table_json_csv_png(tmp_path, capsys, one_thread):
     assert rows["adamw fused"]["x_adamw_fused"] == 1.0
     assert rows["amos/reference amos m=0"]["bytes_per_param"] == 12
     assert rows["amos/reference amos m=0.9"]["bytes_per_param"] == 20
-    n = data["sizes"]["tiny"]["n_params"]
+    n, tensors = first["n_params"], first["n_tensors"]
     # measured state: AdamW keeps 2 fp32 tensors per parameter (8 B) plus a 4 B step per tensor
-    assert rows["adamw fused"]["state_bytes"] == 8 * n + 4 * data["sizes"]["tiny"]["n_tensors"]
+    assert rows["adamw fused"]["state_bytes"] == 8 * n + 4 * tensors
     # Amos with momentum holds m (4 B/param) on top of v, b per row: between 4 and 5 B/param here
     assert 4 < rows["amos/reference amos m=0.9"]["state_bytes_per_param"] < 5
+    assert (tmp_path / "step_time.png").read_bytes()[:8] == PNG
 
-    with open(out["csv"]) as f:
-        lines = list(csv.DictReader(f))
-    assert len(lines) == len(data["rows"]) and lines[0]["cpu"] == data["machine"]["cpu"]
-    with open(out["png"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+def test_record_appends_rows_with_the_runs_metadata(common, tmp_path):
+    date = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    path = common.record("k", [dict(x=1.0, y=[1, 2]), dict(x=float("nan"))], device="cpu", date=date,
+                         command="python benchmarks/k.py", results_dir=tmp_path)
+    common.record("k", [dict(x=2.0)], device="cpu", command="python benchmarks/k.py --again", results_dir=tmp_path)
+    rows = common.read(path)
+    assert path == str(tmp_path / "k.jsonl") and len(rows) == 3
+    assert list(rows[0])[:len(common.RECORD_KEYS)] == list(common.RECORD_KEYS)  # metadata first
+    assert rows[0]["date"] == rows[1]["date"] == "2026-01-02T03:04:05+00:00" != rows[2]["date"]
+    assert rows[0]["y"] == [1, 2] and rows[1]["x"] is None  # NaN is written as null
+    assert rows[0]["device"] == "cpu" and rows[0]["machine"]["cpu_cores"] and rows[0]["versions"]["torch"]
+    assert common.latest(rows) == rows[2:]
+    with pytest.raises(ValueError, match="date"):
+        common.record("k", [dict(date="mine")], device="cpu", results_dir=tmp_path)
+    assert len(common.read(path)) == 3  # nothing appended
+
+
+def test_results_folder_is_named_after_the_device(common):
+    assert common.device_folder("cpu") == "cpu"
+    assert common.device_folder(torch.device("cpu")) == "cpu"
+
+
+def test_committed_results_are_data_files_with_their_metadata(common):
+    """benchmarks/results: per device one <kind>.jsonl per benchmark kind, every row with the
+    metadata record writes, plots only of kinds that have a data file, 30 files at most."""
+    plots = _load("plots")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(common.RESULTS) for f in fs]
+    assert len(files) <= 30, files
+    for path in files:
+        name = os.path.basename(path)
+        if name.endswith(".jsonl"):
+            rows = common.read(path)
+            assert rows, path
+            for r in rows:
+                assert all(k in r for k in common.RECORD_KEYS), (path, sorted(r))
+        elif name.endswith(".png"):
+            kind = name[:-len(".png")]
+            assert kind in plots.PLOTTERS and os.path.exists(path[:-len(".png")] + ".jsonl"), path
+        else:
+            assert name == "README.md", f"{path}: results are <kind>.jsonl data files and their plots"
+
+
+def test_host_overhead_and_interleaved_record_their_rows(tmp_path, capsys, one_thread):
+    host = _load("host_overhead")
+    host.main(["--steps", "2", "--repeats", "1", "--rows", "adamw fused,guard=slice m=0", "--results", str(tmp_path)])
+    rows = _load("bench_common").read(tmp_path / "host_overhead.jsonl")
+    assert [r["row"] for r in rows] == ["adamw fused", "guard=slice m=0"]
+    assert all(r["us_per_step"] > 0 and r["n_tensors"] == 148 for r in rows)
+    interleaved = _load("cpu_interleaved")
+    interleaved.main(["--size", "tiny", "--rounds", "2", "--threads", "1", "--results", str(tmp_path)])
+    rows = {r["row"]: r for r in _load("bench_common").read(tmp_path / "interleaved.jsonl")}
+    assert rows["AdamW(fused=True).step"]["x_adamw_fused"] == 1.0
+    assert len(rows["a += b"]["times_ms"]) == 2 and "Amos.step amos m=0 guard=slice" in rows
+    assert "| row | median ms |" in capsys.readouterr().out
 
 
 def test_prefetch_off_rows_set_the_switch_only_during_their_step(monkeypatch):
@@ -137,15 +194,16 @@ def test_max_colb_rows_set_the_heuristic_only_during_their_step():
 
 def test_row_sweep_tiny_reports_every_width_and_family(tmp_path, capsys, one_thread):
     row_sweep = _load("row_sweep")
-    out = tmp_path / "sweep.json"
     row_sweep.main(["--device", "cpu", "--numel", "5000", "--widths", "7,300,70000", "--repeats", "2",
-                    "--warmup", "1", "--json", str(out)])
-    data = json.loads(out.read_text())
-    got = {(r["C"], r["family"]) for r in data["results"]}
+                    "--warmup", "1", "--results", str(tmp_path)])
+    data = _load("bench_common").read(tmp_path / "row_sweep.jsonl")
+    got = {(r["C"], r["family"]) for r in data}
     assert got == {(c, f) for c in (7, 300, 70000) for f in row_sweep.FAMILIES}
-    assert all(r["ms"] > 0 and r["gb_s"] > 0 and r["prefetch"] == "-" for r in data["results"])
-    assert {r["R"] for r in data["results"] if r["C"] == 70000} == {1}  # numel < C: one row
+    assert all(r["ms"] > 0 and r["gb_s"] > 0 and r["prefetch"] == "-" for r in data)
+    assert {r["R"] for r in data if r["C"] == 70000} == {1}  # numel < C: one row
+    assert len({r["date"] for r in data}) == 1  # recorded width by width, one run
     assert "% a+=b" in capsys.readouterr().out
+    assert (tmp_path / "row_sweep.png").read_bytes()[:8] == PNG
 
 
 def test_step_time_rejects_unknown_backend():
@@ -156,17 +214,31 @@ def test_step_time_rejects_unknown_backend():
 
 def test_memory_tiny_reports_state_for_every_row(tmp_path, capsys, one_thread):
     memory = _load("memory")
-    path = str(tmp_path / "mem.json")
-    memory.main(["--device", "cpu", "--sizes", "tiny", "--threads", "1", "--no-progress", "--json", path])
+    memory.main(["--device", "cpu", "--sizes", "tiny", "--threads", "1", "--no-progress", "--results", str(tmp_path)])
     assert "| amos row m=0 |" in capsys.readouterr().out
-    data = json.load(open(path))
-    rows = {r["row"]: r for r in data["rows"]}
-    assert len(rows) == 12, data["notes"]
+    data = _load("bench_common").read(tmp_path / "memory.jsonl")
+    rows = {r["row"]: r for r in data}
+    assert len(rows) == 12
     for r in rows.values():
         for key in ("state_bytes", "first_step_transient_bytes", "steady_step_transient_bytes", "peak_total_bytes"):
             assert _finite(r[key]), (r["row"], key)
-    n = data["sizes"]["tiny"]["n_params"]
+    n = data[0]["n_params"]
     # element granularity: v and b per element (8 B) plus m; row granularity: m only, plus small v, b
     assert rows["amos element m=0.9 fp32"]["state_bytes"] > 12 * n
     assert rows["amos row m=0.9 bf16"]["state_bytes"] < rows["amos row m=0.9 fp32"]["state_bytes"]
     assert rows["amos tensor m=0"]["state_bytes"] < 0.05 * rows["adamw fused"]["state_bytes"]
+
+
+def test_sharded_step_tiny_records_every_row(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "sharded_step.py"), "--world", "2", "--layers", "2",
+                          "--width", "32", "--rounds", "2", "--threads", "2", "--results", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["row"]: r for r in _load("bench_common").read(tmp_path / "sharded_step.jsonl")}
+    assert set(rows) == {"Amos default", "Amos m=0 guard=slice", "Amos m=0.9 bf16 guard=slice",
+                         "Amos inverse_time m=0 guard=slice", "AdamW fused", "AdamW foreach"}
+    assert rows["AdamW fused"]["adamw_ratio"] == 1.0
+    assert all(len(r["times_ms"]) == 2 and r["numel"] == 2 * (32 * 32 + 32) for r in rows.values())

@@ -1,4 +1,4 @@
-"""capturable=True: no host synchronisation in Amos.step (issue 6, item 2: CUDA graphs).
+"""capturable=True: no host synchronisation in Amos.step (CUDA graphs).
 
 On the CPU (CI): the same step runs with the verdict kept on the device. After a first step
 (the warm-up a graph capture needs anyway: it builds the kernels' launch tables from host lists),

@@ -1,4 +1,4 @@
-"""`state_dict` across backends and devices (issue 6, item 4), single process.
+"""`state_dict` across backends and devices, single process.
 
 A run trains HALF steps on backend/device A, saves `state_dict()` through torch.save/torch.load
 (map_location = B's device), loads it into a fresh optimizer on B built from the trained weights

@@ -1,7 +1,7 @@
-"""The second training task (benchmarks/classifier.py) keeps working: --quick writes its table, JSON and PNG."""
+"""The second training task (benchmarks/classifier.py) keeps working: --quick prints its table,
+records its runs and draws its plot."""
 import contextlib
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -12,6 +12,7 @@ pytest.importorskip("sklearn", reason="benchmarks/classifier.py needs scikit-lea
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_common  # noqa: E402
 import classifier  # noqa: E402
 
 
@@ -27,24 +28,24 @@ def test_split_is_stratified_and_fixed():
     assert (xv2 == xv).all() and (xt2 == xt).all()
 
 
-def test_quick_run_writes_table_json_and_plot(tmp_path):
+def test_quick_run_prints_table_records_runs_and_draws_plot(tmp_path):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert classifier.main(["--quick", "--seeds", "2", "--out", str(tmp_path), "--tag", "t"]) == 0
+        assert classifier.main(["--quick", "--seeds", "2", "--results", str(tmp_path)]) == 0
     text = stdout.getvalue()
     assert "| optimizer | lr | val loss @6 |" in text
     assert "| amos | 0.03 (default) |" in text and "| inverse_time |" in text
     assert "adamw (best of sweep)" in text and " ± " in text  # two seeds: mean ± std
-    report = json.loads((tmp_path / "classifier_t.json").read_text())
-    assert (tmp_path / "classifier_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md_rows = [ln for ln in (tmp_path / "classifier_t.md").read_text().splitlines() if ln.startswith("| ")]
-    assert len(md_rows) == 1 + 3  # header, amos, inverse_time, one AdamW lr under --quick
-    assert report["meta"]["torch"] and report["meta"]["date"]
-    assert {r["seed"] for r in report["runs"]} == {0, 1}
-    for r in report["runs"]:
+    runs = bench_common.read(tmp_path / "classifier.jsonl")
+    assert (tmp_path / "classifier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + 3  # header, amos, inverse_time, one AdamW lr under --quick
+    assert runs[0]["versions"]["torch"] and runs[0]["date"] and runs[0]["setup"]["steps"] == 12
+    assert {r["seed"] for r in runs} == {0, 1}
+    for r in runs:
         assert not r["diverged"], r["label"]
         assert all(math.isfinite(v) for v in r["val_loss"]), r["label"]
         assert r["val_loss"][-1] < r["val_loss"][0], f"{r['label']} did not learn at all"
         assert r["state_bytes"] > 0 and r["ms_train_step"] > 0
-    amos = next(r for r in report["runs"] if r["label"] == "amos")
-    assert amos["state_bytes"] < next(r for r in report["runs"] if r["name"] == "adamw")["state_bytes"]
+    amos = next(r for r in runs if r["label"] == "amos")
+    assert amos["state_bytes"] < next(r for r in runs if r["name"] == "adamw")["state_bytes"]

@@ -1,4 +1,4 @@
-"""torch.compile of a whole training step that includes `optimizer.step()` (issue 6, item 3).
+"""torch.compile of a whole training step that includes `optimizer.step()`.
 
 What happens under Dynamo (measured with TORCH_LOGS=recompiles,graph_breaks, torch 2.14):
 - A scheduler wraps `optimizer.step` in a function from `torch/optim/lr_scheduler.py`, a file

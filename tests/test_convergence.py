@@ -1,7 +1,7 @@
-"""The main job (benchmarks/convergence.py) keeps working: --quick produces its table, JSON and PNG."""
+"""The main job (benchmarks/convergence.py) keeps working: --quick prints its table, records its
+runs and draws its plot."""
 import contextlib
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -13,6 +13,7 @@ from amos_fused.optimizer import DEFAULT_LR
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import bench_common  # noqa: E402
 import convergence  # noqa: E402
 import convergence_report  # noqa: E402
 import lm_data  # noqa: E402
@@ -25,25 +26,23 @@ def quick_run(tmp_path_factory):
     Run through the script's main() in this process: a subprocess would pay torch's import again
     (seconds on a quiet machine, minutes on a heavily shared one)."""
     out = tmp_path_factory.mktemp("convergence")
-    argv = ["--quick", "--seeds", "2", "--out", str(out), "--optimizers", "amos,adamw", "--adamw-lrs", "1e-2",
-            "--tag", "t"]
+    argv = ["--quick", "--seeds", "2", "--results", str(out), "--optimizers", "amos,adamw", "--adamw-lrs", "1e-2"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert convergence.main(argv) == 0
     return out, stdout.getvalue()
 
 
-def test_quick_run_writes_table_json_and_plot(quick_run):
+def test_quick_run_prints_table_records_runs_and_draws_plot(quick_run):
     out, stdout = quick_run
     assert "| optimizer | lr | val @25%" in stdout
     assert f"| amos | {DEFAULT_LR['amos']:g} (default) |" in stdout
     assert "adamw (best of sweep)" in stdout
     assert " ± " in stdout  # two seeds: mean ± spread
-    report = json.loads((out / "convergence_t.json").read_text())
-    md_rows = [ln for ln in (out / "convergence_t.md").read_text().splitlines() if ln.startswith("| ")]
-    assert len(md_rows) == 1 + 2  # header and 2 rows (the rule starts "|---")
-    assert (out / "convergence_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = report["runs"]
+    table = [ln for ln in stdout.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + 2  # header and 2 rows (the rule starts "|---")
+    assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = bench_common.read(out / "convergence.jsonl")
     assert sorted({r["label"] for r in runs}) == ["adamw@0.01", "amos"]
     assert {r["seed"] for r in runs} == {0, 1}
     for r in runs:
@@ -52,19 +51,21 @@ def test_quick_run_writes_table_json_and_plot(quick_run):
         assert r["state_bytes"] > 0 and r["ms_opt_step"] > 0
     amos = next(r for r in runs if r["label"] == "amos")
     assert amos["lr"] == pytest.approx(DEFAULT_LR["amos"])  # no lr given: the default
-    assert report["meta"]["torch"] and report["setup"]["corpus"]["sha256"]
+    assert runs[0]["versions"]["torch"] and runs[0]["setup"]["corpus"]["sha256"]
+    assert runs[0]["command"].startswith("python benchmarks/convergence.py --quick")
 
 
 def test_merge_selects_runs_without_training(quick_run, tmp_path, capsys):
     out, _ = quick_run
     lr = DEFAULT_LR["amos"]
-    convergence.main(["--merge", str(out / "convergence_t.json"), "--out", str(tmp_path), "--tag", "m",
+    convergence.main(["--merge", str(out / "convergence.jsonl"), "--results", str(tmp_path),
                       "--optimizers", f"adamw@0.01,amos@{lr}"])
     stdout = capsys.readouterr().out
     rows = [ln for ln in stdout.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| adamw (best of sweep)", "| amos"]  # --optimizers order
     assert "(default)" in rows[1]  # a run at DEFAULT_LR is the default run
-    assert len(json.loads((tmp_path / "convergence_m.json").read_text())["runs"]) == 4  # 2 x 2 seeds
+    merged = bench_common.read(tmp_path / "convergence.jsonl")
+    assert len(merged) == 4 and len({r["date"] for r in merged}) == 1  # 2 x 2 seeds, recorded as one run
 
 
 @pytest.mark.parametrize("name", convergence.OPTIMIZERS)

@@ -1,4 +1,4 @@
-"""DDP and FSDP2 (issue 6, item 5): 2 CPU processes with gloo, spawned by the tests.
+"""DDP and FSDP2: 2 CPU processes with gloo, spawned by the tests.
 
 - DDP: each rank trains on half of a global batch; the parameters after 5 steps equal single-
   process training on the whole batch, and the optimizer communicates nothing.

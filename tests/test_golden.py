@@ -31,11 +31,11 @@ ONE_SLICE = {"dense/bias": "row", "norm/scale": "tensor", "scalar": "row"}  # bo
 #   rounding alone. So entries under 10% of the tensor's scale are judged against that 10%:
 #   in fp32 this admits an absolute error of 1e-6 * scale, about 8-17 ulps at the scale.
 #   Exact zeros in the golden data (v and b of a slice whose first gradient is exactly zero)
-#   have scale > 0, but are zero here too (the spec's "no decay, no update" rule).
-# - float64: the issue's 1e-6. Both sides compute in float64; the measured disagreement is
+#   have scale > 0, but are zero here too (docs/algorithm.md: "no decay, no update").
+# - float64: 1e-6. Both sides compute in float64; the measured disagreement is
 #   ~1e-12 (the JSON keeps 13 significant digits), and a 1% change of any option moves the
 #   trajectory by >= 1e-4 (test_golden_detects_wrong_option), so 1e-6 separates them clearly.
-# - float32: the issue's 1e-5. Params and gradients are rounded to fp32 (6e-8 relative) and each
+# - float32: 1e-5. Params and gradients are rounded to fp32 (6e-8 relative) and each
 #   step does about twenty fp32 operations, compounding through v, b and the params over 7 steps;
 #   measured maximum 1.2e-6 (params), v and b <= 3e-7, i.e. 8x headroom. Before the reference
 #   formed 1 - beta**t in fp64, fp32(0.999)'s error of 1.3e-8 (1.3e-5 of 1 - beta) put b off by

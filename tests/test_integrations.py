@@ -1,4 +1,4 @@
-"""The plug-in examples of examples/ (README "Using Amos in your training stack"), each run here.
+"""The plug-in examples of examples/ (docs/integrations.md), each run here.
 
 - plain loop: runs in CI; Amos with a tensor lr and a warm-up scheduler learns a teacher.
 - Lightning `configure_optimizers` and HF `Trainer(optimizers=(opt, sched))`: skipped unless

@@ -1,4 +1,4 @@
-"""A parameter of more than 2**31 elements steps correctly on the GPU backends (issue 7, item 6).
+"""A parameter of more than 2**31 elements steps correctly on the GPU backends.
 
 GPU only (skipped elsewhere; run by benchmarks/gpu_check.sh). 32-bit element offsets would wrap
 past 2**31 and write into the wrong place, so the test checks the tail of the tensor, where a

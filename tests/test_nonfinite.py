@@ -1,6 +1,6 @@
 """Non-finite gradients never reach parameters or state, on every backend that runs here.
 
-Policy (Amos docstring, README): a step is skipped as a whole (parameters, v, b, m and the step
+Policy (Amos docstring, docs/reliability.md): a step is skipped as a whole (parameters, v, b, m and the step
 count unchanged) when a gradient holds NaN or +-Inf, or when some slice's sum of squares
 S_r = sum g*g of the unscaled, clipped gradient overflows its compute dtype (1e30**2 in fp32: the
 spec's math would then write v = inf and b = NaN); the skip is counted in

@@ -1,4 +1,4 @@
-"""The optimizer contract (issue 2, items 2, 3, 4 and 7): the options × dtypes grid, step
+"""The optimizer contract: the options × dtypes grid, step
 properties, param forms, eta, per-group overrides and bad input. Reference backend on CPU tensors.
 """
 import functools
@@ -17,7 +17,7 @@ import amos_fused
 BACKEND = os.environ.get("AMOS_TEST_BACKEND", "reference")
 Amos = functools.partial(amos_fused.Amos, backend=BACKEND)
 
-# A small mixed "model": every shape class the slices of ALGORITHM.md §1 distinguish.
+# A small mixed "model": every shape class the slices of docs/algorithm.md distinguish.
 SHAPES = {
     "scalar": (),
     "bias": (6,),
@@ -193,7 +193,7 @@ def test_tensor_lr_matches_float_lr():
 
 
 def _amos_two_steps_by_hand(theta0, g1, g2, xi2, eta, beta=0.999):
-    """ALGORITHM.md §3-§4 for a 1-d tensor (one slice), momentum 0, lr 0 at step 1, xi2 at step 2.
+    """docs/algorithm.md ("Second moment", "The official rule") for a 1-d tensor (one slice), momentum 0, lr 0 at step 1, xi2 at step 2.
 
     With lr 0 the first step only updates v (gamma = 0, so b stays 0 and d = c = 1).
     """

@@ -1,4 +1,4 @@
-"""The closed-form schedules as properties (issue 2, item 6; ALGORITHM.md §5).
+"""The closed-form schedules as properties (docs/algorithm.md, "The derivation").
 
 With momentum 0 a closed-form step is delta = -K*g - D*theta: its part along the gradient has
 norm lr * eps0 * s(t) whatever the gradient's scale, and D = lr**2/(2q) * s(t). The tests
@@ -25,7 +25,7 @@ SHAPES = {"scalar": (), "bias": (6,), "linear": (6, 5), "conv": (4, 3, 3, 3), "o
 
 
 def s_by_hand(schedule, t, T):
-    """ALGORITHM.md §5, written out again for the test."""
+    """docs/algorithm.md, "The derivation", written out again for the test."""
     if schedule == "constant":
         return 1.0
     if schedule == "inverse_time":

@@ -1,4 +1,4 @@
-"""state_dict() / load_state_dict() (issue 2, item 3): exact round trips, dtypes kept on load,
+"""state_dict() / load_state_dict(): exact round trips, dtypes kept on load,
 eta never re-measured, state of another model rejected before anything is loaded.
 """
 import functools

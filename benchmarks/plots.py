@@ -1,0 +1,187 @@
+"""Plots drawn from the results data files (bench_common.record): <folder>/<kind>.png from the
+latest run in <folder>/<kind>.jsonl, for every kind below that has a data file.
+
+    python benchmarks/plots.py                              # every folder under benchmarks/results
+    python benchmarks/plots.py benchmarks/results/h200      # one folder
+
+The benchmarks call `plot` themselves after recording, so their plot always shows their own run.
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _machine(r):
+    return r["machine"]["gpu"] or r["machine"]["cpu"]
+
+
+def _save(fig, path, title):
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+# ---- one function per kind: (rows of one run, path) --------------------------------------------
+
+
+def step_time(rows, path):
+    """Per size: median step time (log scale) and % of the `a += b` bandwidth, one bar per row."""
+    plt = _pyplot()
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(13, 0.32 * max(len(rows), 8) + 1.5), squeeze=False)
+    colors = {"amos": "tab:blue", "compile": "tab:purple", "adamw": "tab:orange", "adafactor": "tab:green",
+              "apex": "tab:red"}
+    for (ax_t, ax_r), size in zip(axes, sizes):
+        rs = [r for r in rows if r["size"] == size]
+        names = [r["row"] for r in rs]
+        c = [colors.get(r["group"], "gray") for r in rs]
+        ax_t.barh(names, [r["median_ms"] for r in rs], color=c)
+        ax_t.set_xscale("log")
+        ax_t.set_xlabel("step time, ms (median, log scale)")
+        ax_t.invert_yaxis()
+        ax_t.set_title(f"{size} ({rs[0]['n_params'] / 1e6:.0f}M params)")
+        ax_r.barh(names, [r["pct_roofline"] for r in rs], color=c)
+        ax_r.set_xlabel(f"% of a += b bandwidth ({rs[0]['roofline_gbps']:.3g} GB/s)")
+        ax_r.invert_yaxis()
+        ax_r.set_yticklabels([])
+    r = rows[0]
+    _save(fig, path, f"Optimizer step, {r['dtype']}, {_machine(r)}, torch {r['versions']['torch']}, {r['date'][:10]}"
+          + (f" ({r['note']})" if r.get("note") else ""))
+
+
+def row_sweep(rows, path):
+    """% of the `a += b` bandwidth against the row width, one line per family, backend and prefetch."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    lines = dict.fromkeys((r["backend"], r["family"], r["prefetch"]) for r in rows)
+    for backend, family, prefetch in lines:
+        rs = sorted((r for r in rows if (r["backend"], r["family"], r["prefetch"]) == (backend, family, prefetch)),
+                    key=lambda r: r["C"])
+        label = f"{backend} {family}" + (f" prefetch {prefetch}" if prefetch != "-" else "")
+        ax.plot([r["C"] for r in rs], [r["pct_stream"] for r in rs], marker="o", label=label,
+                ls="--" if prefetch == "off" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("row width C (elements)")
+    ax.set_ylabel(f"% of a += b bandwidth ({rows[0]['stream_gb_s']:.3g} GB/s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    r = rows[0]
+    _save(fig, path, f"One Amos step by row width, {r['numel']} fp32 elements, {_machine(r)}, {r['date'][:10]}")
+
+
+def _best_adamw(runs):
+    labels = dict.fromkeys(r["label"] for r in runs if r["name"] == "adamw")
+    finals = {lab: statistics.fmean(math.inf if r["final_val"] is None else r["final_val"]
+                                    for r in runs if r["label"] == lab) for lab in labels}
+    return min(finals, key=finals.get, default=None)
+
+
+def _curves(axes, keys, runs, emphasise):
+    """Mean curve per label (and the band between seeds) of each key on its axis."""
+    best = _best_adamw(runs)
+    for label in dict.fromkeys(r["label"] for r in runs):
+        rs = [r for r in runs if r["label"] == label]
+        adamw = rs[0]["name"] == "adamw"
+        style = dict(lw=2.2 if label == best or emphasise(rs[0]) else 1.2, ls="--" if adamw and label != best else "-")
+        for ax, key in zip(axes, keys):
+            shortest = min((r["eval_steps"] for r in rs), key=len)  # a diverged run stops early
+            steps = [s for s in shortest if all(r[key][r["eval_steps"].index(s)] is not None for r in rs)]
+            curves = [[r[key][r["eval_steps"].index(s)] for s in steps] for r in rs]
+            line, = ax.plot(steps, [statistics.fmean(c) for c in zip(*curves)],
+                            label=label + (" (best AdamW)" if label == best else ""), **style)
+            if len(rs) > 1:
+                ax.fill_between(steps, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)],
+                                color=line.get_color(), alpha=0.2)
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+
+
+def convergence(rows, path):
+    """Validation and training loss curves of the language model, mean over seeds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    _curves(axes, ("val_loss", "train_loss"), rows, lambda r: r["name"] == "amos" and not r["lr_given"])
+    finals = [r["final_val"] for r in rows if r["final_val"] is not None]
+    for ax, what in zip(axes, ("validation", "training (mean over each interval)")):
+        ax.set_ylabel(f"{what} loss, nats/byte")
+        if finals:
+            ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
+    cfg, r = rows[0]["setup"]["config"], rows[0]
+    seeds = sorted({r["seed"] for r in rows})
+    _save(fig, path, f"byte-level LM on the Python stdlib: {cfg['layers']}x{cfg['width']}, {cfg['steps']} steps, "
+          f"seeds {seeds}, {_machine(r)}, {r['date'][:10]}")
+
+
+def lr_sweep(rows, path):
+    """Final validation loss against lr, one line per optimizer."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in dict.fromkeys(r["name"] for r in rows):
+        rs = sorted((r for r in rows if r["name"] == name and r["final_val"] is not None), key=lambda r: r["lr"])
+        ax.plot([r["lr"] for r in rs], [r["final_val"] for r in rs], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("lr")
+    ax.set_ylabel("final validation loss, nats/byte")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    cfg, r = rows[0]["setup"]["config"], rows[0]
+    _save(fig, path, f"lr sweep, byte-level LM: {cfg['layers']}x{cfg['width']}, {cfg['steps']} steps, "
+          f"{_machine(r)}, {r['date'][:10]}")
+
+
+def classifier(rows, path):
+    """Validation loss and accuracy of the digits CNN, mean over seeds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    _curves(axes, ("val_loss", "val_acc"), rows, lambda r: r["name"] != "adamw")
+    axes[0].set_ylabel("validation cross-entropy, nats")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("validation accuracy")
+    axes[1].set_ylim(0.5, 1.0)
+    r = rows[0]
+    seeds = sorted({r["seed"] for r in rows})
+    _save(fig, path, f"small CNN on sklearn digits: {r['setup']['steps']} steps, batch {r['setup']['batch']}, "
+          f"seeds {seeds}, {_machine(r)}, {r['date'][:10]}")
+
+
+PLOTTERS = {"step_time": step_time, "row_sweep": row_sweep, "convergence": convergence, "lr_sweep": lr_sweep,
+            "classifier": classifier}
+
+
+def plot(kind, folder):
+    """Draw <folder>/<kind>.png from the latest run in <folder>/<kind>.jsonl; return its path."""
+    rows = bc.latest(bc.read(os.path.join(folder, f"{kind}.jsonl")))
+    path = os.path.join(folder, f"{kind}.png")
+    PLOTTERS[kind](rows, path)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="*", help="results folders (default: every folder under benchmarks/results)")
+    args = ap.parse_args(argv)
+    folders = args.folders or sorted(os.path.join(bc.RESULTS, d) for d in os.listdir(bc.RESULTS)
+                                     if os.path.isdir(os.path.join(bc.RESULTS, d)))
+    for folder in folders:
+        for kind in PLOTTERS:
+            if os.path.exists(os.path.join(folder, f"{kind}.jsonl")):
+                print(f"drew {plot(kind, folder)}")
+
+
+if __name__ == "__main__":
+    main()
