@@ -23,6 +23,7 @@ optimizer row: its per-round step times, median, min, and the two ratios to fuse
 import argparse
 import datetime
 import os
+import queue
 import socket
 import statistics
 import sys
@@ -127,11 +128,16 @@ def main(argv=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = mp.start_processes(worker, args=(args, port, out), nprocs=args.world, join=False, start_method="spawn")
+    if args.world == 1:  # one rank: in this process
+        out = queue.Queue()
+        worker(0, args, port, out)
+    else:
+        out = mp.get_context("spawn").Queue()
+        procs = mp.start_processes(worker, args=(args, port, out), nprocs=args.world, join=False,
+                                   start_method="spawn")
     result = out.get()
-    procs.join()
+    if args.world > 1:
+        procs.join()
     times = result["times_ms"]
     med = {name: statistics.median(ts) for name, ts in times.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
