@@ -3,7 +3,7 @@ parameter's eta, measured once when its group is added (docs/algorithm.md, "The 
 import torch
 
 from . import backends, distributed
-from .options import DEFAULT_LR, check_options, is_number
+from .options import DEFAULT_LR, check_options, is_number, scalar_lr
 from .slices import default_eta
 
 
@@ -25,6 +25,7 @@ def prepare(param_group, defaults, param_groups, backend, capturable, eta_fn):
         group["lr"] = DEFAULT_LR[group["schedule"]]
     where = f"Amos param group {len(param_groups)}"
     check_options(group, where)
+    scalar_lr(group)
     if capturable:
         # a float is baked into a captured graph; a tensor on the device is read at every replay
         first = next((p[1] if isinstance(p, tuple) else p for p in _entries(group)), None)
@@ -48,12 +49,17 @@ def prepare(param_group, defaults, param_groups, backend, capturable, eta_fn):
             raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is on the meta device and holds "
                              "no data; materialise the model (model.to_empty(device=...), then initialise "
                              "it) before building the optimizer")
-    seen = {id(p) for g in param_groups for p in g["params"]}
-    for i, p in enumerate(tensors):  # torch only warns within a group: the tensor would step twice
-        if id(p) in seen:
-            raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) is already in this or an earlier "
-                             "param group; list every parameter once (tied weights are one tensor)")
-        seen.add(id(p))
+    # a duplicate raises, within a group too (torch only warns there, and steps the tensor twice)
+    owner = {id(p): gi for gi, g in enumerate(param_groups) for p in g["params"]}
+    for i, p in enumerate(tensors):
+        if id(p) in owner:
+            again = ("appears twice in this param group (a parameter group with duplicate parameters would "
+                     "step it twice)" if owner[id(p)] == len(param_groups) else
+                     f"is already in param group {owner[id(p)]} (some parameters appear in more than one "
+                     "parameter group)")
+            raise ValueError(f"{where}: params[{i}] (shape {tuple(p.shape)}) {again}; list every parameter "
+                             "once (tied weights are one tensor)")
+        owner[id(p)] = len(param_groups)
     for i, p in enumerate(tensors):
         try:
             distributed.check_placements(p)  # raises now for DTensor placements Amos cannot step

@@ -3,11 +3,11 @@ checks (plan.py; options.py, groups.py, state.py), the skip verdict (verdict.py)
 handed to its backend (backends.py)."""
 import torch
 
-from . import backends, distributed, verdict
+from . import backends, distributed, pickling, verdict
 from .groups import prepare
 from .options import DEFAULT_LR, check_settings  # noqa: F401  (DEFAULT_LR: amos_fused.optimizer.DEFAULT_LR)
 from .plan import Plan, WorkCheck, collect, full_run, sharded_work
-from .state import check_loadable, new_state
+from .state import check_loadable, loaded, new_state
 
 
 class Amos(torch.optim.Optimizer):
@@ -48,6 +48,13 @@ class Amos(torch.optim.Optimizer):
             the device too; the two-phase step of tensors whose slices span ranks builds its
             tables at every call, so only steps without such tensors can be captured.
 
+    Each parameter is listed once: one that appears twice, in a group or across groups, raises
+    ValueError (torch warns about duplicates within a group, and steps them twice). A tensor lr
+    may have any shape with one element (it is kept as a 0-d view of itself); more elements raise
+    ValueError. Complex parameters raise TypeError (step ``torch.view_as_real`` views instead).
+    ``copy.deepcopy`` and ``pickle`` keep the settings, counters and state; an ``eta_fn`` that
+    cannot be pickled (a lambda) is dropped by pickle, and the copy raises if it needs one.
+
     With ``guard="step"``, a step is skipped (changes nothing; counted in ``skipped_steps``) when GradScaler's
     ``found_inf`` is set, or when for some parameter the unscaled, clipped gradient x has
     ``max|x|`` NaN or Inf, or ``C * max|x|**2`` overflows the compute dtype (C: the slice length),
@@ -76,12 +83,36 @@ class Amos(torch.optim.Optimizer):
         self._skipped_on = {}  # ... and on each device: 0-d fp32 counters, read by skipped_steps
         self._guarded_on = {}  # device -> 0-d int64 counter the kernels add guarded slices to
         self._notices = verdict.Notices()  # the warnings shown once, and the last CUDA step's pending verdict
+        self._new_caches()
+        super().__init__(params, defaults)
+
+    def _new_caches(self):
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
         self._state_ok = {}  # id(param) -> what its state was last checked against (plan.collect)
         self._plan = None  # what the last full step found (plan.Plan), reused while it holds
         self._sharded = None  # the DTensor parameters' step plan (distributed.ShardedStep)
         self._sharded_checks = None  # what the last full DTensor step checked (plan.WorkCheck per group)
-        super().__init__(params, defaults)
+
+    # ---- copies and printing --------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in pickling.KEPT})
+        state["eta_fn"] = pickling.EtaFn(self.eta_fn)
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if isinstance(state.get("eta_fn"), pickling.EtaFn):
+            state["eta_fn"] = state["eta_fn"].fn
+        super().__setstate__(state)
+        self._new_caches()  # keyed by the tensors of the original
+
+    def __repr__(self):
+        text = super().__repr__()  # "Amos (" and the param groups
+        head = f"{type(self).__name__} ("
+        settings = (f"backend={self.backend!r}, guard={self.guard!r}, capturable={self.capturable}, "
+                    f"eta_fn={self.eta_fn!r}")
+        return head + settings + text[len(head):]
 
     @property
     def skipped_steps(self):
@@ -122,27 +153,26 @@ class Amos(torch.optim.Optimizer):
         """The state of `p`, created at its first step: v, b (one per slice), m, step."""
         return new_state(self.state[p], p, group)
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict):
         """Load `state_dict` after checking that it fits these parameters (if not, nothing changes).
 
-        torch casts floating state to each parameter's dtype on load, through
-        `Optimizer._process_value_according_to_param_policy` called by class name (a subclass
-        cannot override it); Amos keeps v, b, m in their saved dtypes (fp32 v/b with bf16
-        params, bf16 m with fp32 params) and only moves them to the parameter's device.
+        As torch's `Optimizer.load_state_dict` (its pre-hooks may edit the state dict or return
+        another, its post-hooks run after), except that v, b and m keep their saved dtypes (fp32
+        v/b with bf16 params, bf16 m with fp32 params; torch casts floating state to the
+        parameter's dtype) and move to the parameter's device, as does step; a step saved as a
+        number (torch's older format) becomes a tensor.
         """
+        state_dict = state_dict.copy()  # shallow, as torch's: a hook may edit it in place
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         check_loadable(state_dict, self.param_groups, self.defaults)
+        self.state, self.param_groups = loaded(state_dict, self.param_groups, self.state)
         self._plan = None  # the state tensors and groups are replaced
-        # torch.distributed.checkpoint saves no state for frozen parameters: they keep their eta
-        etas = {p: self.state[p]["eta"] for g in self.param_groups for p in g["params"] if "eta" in self.state[p]}
-        super().load_state_dict(state_dict)
-        for p, eta in etas.items():
-            self.state[p].setdefault("eta", eta)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(i, {}).items():
-                if torch.is_tensor(value):
-                    self.state[p][key] = value.to(device=p.device)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     # ---- the step -------------------------------------------------------------------------
     def _collect(self):

@@ -34,9 +34,19 @@ def is_number(value):
 
 
 def lr_ok(lr):
+    """A number >= 0 or a 1-element floating-point tensor (of any shape: see `scalar_lr`)."""
     if torch.is_tensor(lr):
         return lr.numel() == 1 and lr.is_floating_point()
     return is_number(lr) and lr >= 0
+
+
+def scalar_lr(group):
+    """Make a checked tensor lr of shape (1,), (1, 1), ... a 0-d view of itself, as torch's
+    optimizers take any 1-element lr: the backends read a number or a 0-d tensor, and a view
+    shares the storage, so a scheduler's or the caller's in-place updates still reach it."""
+    lr = group["lr"]
+    if torch.is_tensor(lr) and lr.dim():
+        group["lr"] = lr.view(())
 
 
 def check_options(o, where):
@@ -49,8 +59,8 @@ def check_options(o, where):
         bad("schedule", f"use one of {SCHEDULES}")
     lr = o["lr"]
     if not lr_ok(lr):
-        bad("lr", "a tensor lr must be a floating-point scalar tensor" if torch.is_tensor(lr) else
-            "use a finite number >= 0")
+        bad("lr", f"Tensor lr must be 1-element and floating-point (this one has {lr.numel()} {lr.dtype} "
+            "elements), e.g. torch.tensor(0.01)" if torch.is_tensor(lr) else "use a finite number >= 0")
     if o["granularity"] not in GRANULARITIES:
         bad("granularity", f"use one of {GRANULARITIES}")
     if o["schedule"] in DECAYING:

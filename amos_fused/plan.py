@@ -13,7 +13,7 @@ import torch
 
 from . import backends, verdict
 from .groups import param_name
-from .options import OPTION_KEYS, check_options, lr_ok
+from .options import OPTION_KEYS, check_options, lr_ok, scalar_lr
 from .state import check_state
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -34,6 +34,7 @@ def collect(param_groups, state, checked):
     work = []
     for gi, group in enumerate(param_groups):
         check_options(group, f"Amos param group {gi}")
+        scalar_lr(group)
         params, grads = [], []
         for i, p in enumerate(group["params"]):
             g = p.grad
@@ -203,7 +204,8 @@ class GroupPlan:
         for (fn, _), device in zip(self.calls, self.call_devices):  # a backend can become unavailable
             if backends.resolve(backend, device) is not fn:
                 return None
-        if not lr_ok(group["lr"]):
+        lr = group["lr"]
+        if not lr_ok(lr) or (torch.is_tensor(lr) and lr.dim()):  # the full path checks it, or makes it 0-d
             return None
         options = _options_of(group)
         if not _same(options, self.options):

@@ -227,6 +227,16 @@ def fast_path_worker(rank):
     assert all(p.ndim <= 1 or p.placements[0].dim != 0 for p in two_phase if hasattr(p, "placements")), \
         f"rank {rank}: a dim-0 sharded matrix took the two-phase path"
     assert [tuple(p.shape) for p in two_phase] == [(7, 3), (9,), (2, 3, 4)], [tuple(p.shape) for p in two_phase]
+    # a copy leaves the plan (it holds process groups) behind and makes its own at its first step
+    import copy
+
+    twin = copy.deepcopy(opt)
+    assert twin._sharded is None and twin.guard == "slice"
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for p, (_, spec) in zip(twin_params, LAYOUTS[2]):
+        p.grad = shard(torch.ones(p.shape), spec, mesh)
+    twin.step()
+    assert all(torch.equal(full(opt.state[q]["step"]), torch.tensor(float(STEPS))) for q in plan.params)
 
 
 BACKENDS = ["reference"] + (["cpu"] if cpp_backend.unavailable("cpu") is None else [])
