@@ -181,7 +181,12 @@ def _two_phase_items(grads, rows, chunk):
 
 
 def _table(rows, device, dtype=torch.int64):
-    return torch.tensor(rows, dtype=dtype).reshape(len(rows), -1).to(device)
+    """A host table on `device`; to a GPU from pinned memory, without waiting for it."""
+    t = torch.tensor(rows, dtype=dtype)
+    t = t.reshape(len(rows), -1) if rows and isinstance(rows[0], (tuple, list)) else t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _addrs(params, grads, ms, states):
@@ -228,9 +233,9 @@ def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
                                            num_warps=h.num_warps)
             # each slice's chunks are consecutive items: add them in order into its S
             out = torch.empty(len(first) - 1, dtype=torch.float32, device=device)
-            T2._slice_sums_kernel[(len(first) - 1,)](torch.tensor(first, dtype=torch.int64, device=device), partial,
+            T2._slice_sums_kernel[(len(first) - 1,)](_table(first, device), partial,
                                                       out)
-            S[torch.tensor(remap, dtype=torch.int64, device=device)] = out
+            S[_table(remap, device)] = out
     return S
 
 
@@ -265,8 +270,8 @@ def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, g
             addrs = _table(_addrs(params, gs, ms, states), device)
             sb = 256 if K.INTERPRET else 128
             T2._finalize_kernel[(-(-ns // sb),)](
-                addrs, _table(meta, device, torch.float32), torch.tensor(first[:-1], dtype=torch.int64, device=device),
-                torch.tensor(owner, dtype=torch.int32, device=device), ns, S,
+                addrs, _table(meta, device, torch.float32), _table(first[:-1], device),
+                _table(owner, device, torch.int32), ns, S,
                 norms.to(torch.float32).contiguous() if closed else dummy, coef_k, coef_d, skip_t,
                 guarded if guarded is not None else dummy, sc["lr"], lr_ptr, sc["beta"], sc["beta_lo"],
                 sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"], sc["extra_l2"], sc["two_q"],
