@@ -9,7 +9,7 @@
 #   log.txt       the full output of every part, one after the other, each under a header
 #   step_time.{jsonl,png}   the step-time benchmark's rows (bench_common.record) and plot
 #   row_sweep.{jsonl,png}   bandwidth by row width, L2 prefetch on and off
-#   sharded_step.jsonl      FSDP2 (one rank, nccl) beside the same parameters unsharded
+#   sharded_step.jsonl      FSDP2 (one rank, nccl; 268M parameters) beside the same unsharded
 # To keep a run's numbers, append its rows to the repository's data files and redraw the plots:
 #   cat DIR/step_time.jsonl >> benchmarks/results/<gpu>/step_time.jsonl  (the same for the others)
 #   python benchmarks/plots.py benchmarks/results/<gpu>
@@ -100,7 +100,7 @@ part tests_cuda 90 "${PYTEST[@]}" -n 4 "${CUDA_TESTS[@]}"
 part tests_triton 90 "${PYTEST[@]}" -n 8 tests/test_triton.py
 part step_time 200 "$PY" benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b \
     --backends cuda,triton,adamw --results "$DIR" --no-progress
-part sharded_step 90 "$PY" benchmarks/sharded_step.py --world 1 --rounds 10 --results "$DIR"
+part sharded_step 120 "$PY" benchmarks/sharded_step.py --world 1 --layers 16 --width 4096 --rounds 10 --results "$DIR"
 part row_sweep 150 "$PY" benchmarks/row_sweep.py --device cuda --backends cuda,triton --results "$DIR"
 part tests_large 60 "${PYTEST[@]}" tests/test_large_tensors.py  # alone: each case holds ~40 GB
 echo "failed_parts: $FAILED" >> "$SUMMARY"
