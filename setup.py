@@ -1,6 +1,7 @@
-"""Install amos_fused (with kernels/ as amos_fused.kernels) and build the extension amos_fused._C.
+"""Build the extension amos_fused._C (the package, its metadata and version: pyproject.toml).
 
-Install with `pip install --no-build-isolation -e .` so the build sees the installed torch.
+Install with `pip install --no-build-isolation -e .` (or `.` without -e, or
+`pip wheel --no-build-isolation --no-deps .`) so the build sees the installed torch.
 
 amos_fused._C always holds the CPU kernels (backend="cpu"). The CUDA kernels (backend="cuda") are
 added when torch is a CUDA build and a CUDA toolkit is found. Switches (environment):
@@ -62,6 +63,7 @@ def _ext_modules():
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     sources = ["csrc/ops.cpp", "csrc/amos_cpu.cpp", "csrc/checks_cpu.cpp", "csrc/steps_cpu.cpp",
                "csrc/two_phase.cpp"]
+    headers = ["csrc/amos_math.h", "csrc/ops.h"]  # rebuild when they change; shipped in an sdist
     if cuda:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -69,11 +71,11 @@ def _ext_modules():
                         f"{os.environ['TORCH_CUDA_ARCH_LIST']}): {why}")
         return [cpp_extension.CUDAExtension(
             "amos_fused._C", sources + ["csrc/amos_cuda.cu"],
-            define_macros=[("AMOS_WITH_CUDA", None)],
+            depends=headers, define_macros=[("AMOS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
             extra_link_args=["-fopenmp"])]
     _SUMMARY.append(f"amos_fused: building amos_fused._C with CPU kernels only: {why}")
-    return [cpp_extension.CppExtension("amos_fused._C", sources, extra_compile_args=cxx,
+    return [cpp_extension.CppExtension("amos_fused._C", sources, depends=headers, extra_compile_args=cxx,
                                        extra_link_args=["-fopenmp"])]
 
 
@@ -88,14 +90,4 @@ def _build_ext():
     return Build
 
 
-setup(
-    name="amos_fused",
-    version="0.1.0",
-    description="Fused Amos optimizers for PyTorch",
-    packages=["amos_fused", "amos_fused.kernels"],
-    package_dir={"amos_fused": "amos_fused", "amos_fused.kernels": "kernels"},
-    ext_modules=_ext_modules(),
-    cmdclass={"build_ext": _build_ext()},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
-)
+setup(ext_modules=_ext_modules(), cmdclass={"build_ext": _build_ext()})

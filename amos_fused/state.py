@@ -1,5 +1,5 @@
 """Per-parameter state: v and b (one per slice), m, step and eta; created at a parameter's first
-step, checked against the parameter before a step, checked against the parameter before a step, and loaded from a state dict."""
+step, checked against the parameter before a step, and loaded from a state dict."""
 import collections
 import copy
 

@@ -51,7 +51,9 @@ def assert_same(a, b, where="value"):
     """Equal bit for bit: tensors (dtype, shape, bits), and dicts, lists and plain values inside."""
     if torch.is_tensor(a):
         assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.view(torch.uint8), b.view(torch.uint8))), where
+        if a.is_floating_point():  # the bits: NaN equals NaN, -0.0 differs from 0.0
+            a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+        assert torch.equal(a, b), where
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), where
         for k in a:
