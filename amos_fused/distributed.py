@@ -476,22 +476,15 @@ def _finish_round(rnd, pending, sums, norms, flag):
     if whole:
         return flag
     at = 0
-    for b, pos in rnd.sums:
-        n = sums[b].numel() if pos is None else len(pos)
-        total = flat[at:at + n].to(sums[b].dtype)
-        if pos is None:
-            sums[b].copy_(total)
-        else:
-            sums[b][pos] = total
-        at += n
-    for b, pos in rnd.norms:
-        n = norms[b].numel() if pos is None else len(pos)
-        total = flat[at:at + n].to(norms[b].dtype)
-        if pos is None:
-            norms[b].copy_(total)
-        else:
-            norms[b][pos] = total
-        at += n
+    for vectors, parts in ((sums, rnd.sums), (norms, rnd.norms)):
+        for b, pos in parts:
+            n = vectors[b].numel() if pos is None else len(pos)
+            total = flat[at:at + n].to(vectors[b].dtype)
+            if pos is None:
+                vectors[b].copy_(total)
+            else:
+                vectors[b][pos] = total
+            at += n
     return flat[-1].to(torch.float32) if rnd.flag else flag
 
 

@@ -165,19 +165,21 @@ def two_phase_takes(param, grad):
     return param.dtype in tables.SUPPORTED and grad.dtype in tables.SUPPORTED and param.is_contiguous()
 
 
-def _two_phase_items(grads, rows, chunk):
-    """(items [n, 4] int64 as a list, first item of each slice): every slice cut into chunks."""
-    items, first = [], []
-    at = 0
-    for i, (g, R) in enumerate(zip(grads, rows)):
+def _two_phase_items(grads, rows, idx, starts, chunk):
+    """The work items of one launch over the tensors `idx`: (items [n, 4] as tuples (tensor in the
+    launch, slice in the flat vectors, first element, elements), each slice cut into chunks;
+    the first item of each of the launch's slices; those slices' positions in the flat vectors)."""
+    items, first, slices = [], [], []
+    for k, i in enumerate(idx):
+        g, R = grads[i], rows[i]
         C = g.numel() // R if g.numel() else 0
         for r in range(R):
             first.append(len(items))
+            slices.append(starts[i] + r)
             for c in range(0, C, chunk):
-                items.append((i, at + r, r * C + c, min(chunk, C - c)))
-        at += R
+                items.append((k, starts[i] + r, r * C + c, min(chunk, C - c)))
     first.append(len(items))
-    return items, first
+    return items, first, slices
 
 
 def _table(rows, device, dtype=torch.int64):
@@ -218,13 +220,10 @@ def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         for (_, gd, _), idx in _by_dtypes(gs, gs, [None] * len(gs)).items():
-            sub = [gs[i] for i in idx]
-            items, first = _two_phase_items(sub, [rows[i] for i in idx], h.chunk)
+            items, first, slices = _two_phase_items(gs, rows, idx, starts, h.chunk)
             if not items:
                 continue
-            # slices of this launch sit at their global positions: remap the items' slice column
-            remap = [starts[i] + r for i in idx for r in range(rows[i])]
-            items = [(t, remap[j], off, n) for t, j, off, n in items]
+            sub = [gs[i] for i in idx]
             partial = torch.empty(len(items), dtype=torch.float32, device=device)
             addrs = _table(_addrs(sub, sub, [None] * len(sub), [None] * len(sub)), device)
             T2._sums_kernel[(len(items),)](_table(items, device), addrs, partial, scale, float(group["clip_value"] or 0.0),
@@ -232,10 +231,9 @@ def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
                                            CLIP=group["clip_value"] is not None, CHUNK=h.chunk, BLOCK=h.block,
                                            num_warps=h.num_warps)
             # each slice's chunks are consecutive items: add them in order into its S
-            out = torch.empty(len(first) - 1, dtype=torch.float32, device=device)
-            T2._slice_sums_kernel[(len(first) - 1,)](_table(first, device), partial,
-                                                      out)
-            S[_table(remap, device)] = out
+            out = torch.empty(len(slices), dtype=torch.float32, device=device)
+            T2._slice_sums_kernel[(len(slices),)](_table(first, device), partial, out)
+            S[_table(slices, device)] = out
     return S
 
 
@@ -279,13 +277,11 @@ def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, g
                 HAS_SKIP=skip is not None, HAS_GUARD=guarded is not None, SB=sb, num_warps=4)
         scale = grad_scale.detach().reshape(1).to(device, torch.float32) if grad_scale is not None else dummy
         for (pd, gd, md), idx in _by_dtypes(params, gs, ms).items():
-            sub = [gs[i] for i in idx]
-            items, _ = _two_phase_items(sub, [rows[i] for i in idx], h.chunk)
+            items, _, _ = _two_phase_items(gs, rows, idx, first, h.chunk)
             if not items:
                 continue
-            remap = [first[i] + r for i in idx for r in range(rows[i])]
-            items = [(t, remap[j], off, n) for t, j, off, n in items]
-            addrs = _table(_addrs([params[i] for i in idx], sub, [ms[i] for i in idx], [None] * len(idx)), device)
+            addrs = _table(_addrs([params[i] for i in idx], [gs[i] for i in idx], [ms[i] for i in idx],
+                                  [None] * len(idx)), device)
             T2._apply_kernel[(len(items),)](
                 _table(items, device), addrs, coef_k, coef_d, scale, skip_t, float(group["clip_value"] or 0.0),
                 sc["momentum"], sc["one_minus_momentum"], P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd],

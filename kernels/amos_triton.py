@@ -135,6 +135,12 @@ def _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR: tl.c
         bc = _bias_correction(beta, beta_lo, t, VEC)
     else:
         bc = t
+    return xi, bc, _decay(t, half_life, SCHED)
+
+
+@_helper
+def _decay(t, half_life, SCHED: tl.constexpr):
+    """s(t) of the closed forms (1 for "amos" and "constant")."""
     if SCHED == INVERSE_TIME:
         s = tl.math.div_rn(1.0, 1.0 + tl.math.div_rn(t - 1.0, half_life))
     elif SCHED == INVERSE_SQUARE:
@@ -142,7 +148,7 @@ def _step_scalars(info, i, lr, lr_ptr, beta, beta_lo, half_life, LR_IS_PTR: tl.c
         s = tl.math.div_rn(1.0, x * x)
     else:
         s = t * 0.0 + 1.0
-    return xi, bc, s
+    return s
 
 
 @_helper

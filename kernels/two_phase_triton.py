@@ -14,8 +14,7 @@ A guarded slice (S_r not finite) gets K = GUARDED and keeps v, b, theta and m, a
 import triton
 import triton.language as tl
 
-from .amos_triton import (AMOS, FLT_MAX, GUARDED, INVERSE_SQUARE, INVERSE_TIME, _apply, _as_ptr, _bias_correction,
-                          _count_guarded, _finalize, _load_g)
+from .amos_triton import AMOS, FLT_MAX, GUARDED, _apply, _as_ptr, _bias_correction, _count_guarded, _decay, _finalize, _load_g
 
 P_COL, G_COL, M_COL, V_COL, B_COL, STEP_COL = 0, 1, 2, 3, 4, 5
 NADDR = 6
@@ -86,14 +85,8 @@ def _finalize_kernel(addrs, meta, first, owner, n_slices, S_ptr, norms, coef_k, 
     tl.store(v_ptr + r, v, mask=wmask)
     if SCHED == AMOS:
         tl.store(b_ptr + r, b, mask=wmask)
-    else:  # §5 with the complete ||u||^2
-        if SCHED == INVERSE_TIME:
-            s = tl.math.div_rn(1.0, 1.0 + tl.math.div_rn(t - 1.0, half_life))
-        elif SCHED == INVERSE_SQUARE:
-            x = 1.0 + 0.41421356237309515 * tl.math.div_rn(t - 1.0, half_life)
-            s = tl.math.div_rn(1.0, x * x)
-        else:
-            s = t * 0.0 + 1.0
+    else:  # the closed forms, with the complete ||u||^2
+        s = _decay(t, half_life, SCHED)
         unorm = tl.sqrt_rn(tl.load(norms + i, mask=live, other=0.0))
         eps0 = tl.load(meta + i * 3 + 2)
         A = tl.where(unorm > 0, tl.math.div_rn(xi * eps0 * s, tl.where(unorm > 0, unorm, 1.0)), 0.0)

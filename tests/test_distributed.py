@@ -19,16 +19,14 @@
 Workers assert; a failed assertion in a worker fails the test with its traceback.
 """
 import copy
-import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from amos_fused import Amos
+from dist_util import all_reduces, count_all_reduces, full, spawn
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -36,7 +34,6 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 WORLD = 2
 STEPS = 5
 BATCH = 8  # global batch; each rank takes BATCH // WORLD
-TIMEOUT_S = 240  # per test; the four took 15 s in all on a shared 2-core box (earlier, loaded: 90 s)
 
 # Sharded vs unsharded fp32: the two differ by the order of sums only (FSDP's reduce-scatter
 # averages two half-batch gradients, the all-reduce adds two partial S), ~1e-7 relative per
@@ -49,43 +46,6 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 CONFIGS = [dict(schedule=s, granularity=g, **({"half_life": 3} if s == "inverse_time" else {}))
            for s in ("amos", "inverse_time") for g in ("row", "tensor", "element")]
 MIXED = "mixed param groups"  # a config: the groups of `mixed_groups`
-
-
-# ---- process plumbing ---------------------------------------------------------------------------
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, port, fn, args):
-    torch.set_num_threads(1)  # two workers share the CI box's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        fn(rank, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, *args):
-    """Run fn(rank, *args) in WORLD processes; raise if one fails or they outlive TIMEOUT_S."""
-    # forkserver: workers fork from a server that imported torch once, instead of importing it
-    # again per worker and test (spawn); nothing is inherited from the pytest process
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed.fsdp", "amos_fused"])
-    ctx = mp.start_processes(_entry, args=(_free_port(), fn, args), nprocs=WORLD, join=False,
-                             start_method="forkserver")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
-    try:
-        while not ctx.join(timeout=5):
-            if datetime.datetime.now() > deadline:
-                raise TimeoutError(f"workers still running after {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
 
 
 # ---- model, data, counting ----------------------------------------------------------------------
@@ -139,29 +99,11 @@ def train(model, opt, rank, steps, counts=None, start=0):
         if rank is not None:
             x, y = x[rank::WORLD], y[rank::WORLD]
         torch.nn.functional.mse_loss(model(x), y).backward()
-        before = _ALL_REDUCES[0]
+        before = all_reduces()
         opt.step()
         if counts is not None:
-            counts.append(_ALL_REDUCES[0] - before)
+            counts.append(all_reduces() - before)
         opt.zero_grad()
-
-
-_ALL_REDUCES = [0]
-
-
-def count_all_reduces():
-    """Count calls of dist.all_reduce (amos_fused.distributed calls it through the module)."""
-    original = dist.all_reduce
-
-    def counted(*args, **kwargs):
-        _ALL_REDUCES[0] += 1
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counted
-
-
-def full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 # ---- workers ------------------------------------------------------------------------------------
@@ -249,11 +191,11 @@ def fsdp_edge_worker(rank):
         (loss if scaler is None else scaler.scale(loss)).backward()
 
     def skips(opt, expected_skips, where, scaler=None):
-        before, calls = snapshot(model, opt), _ALL_REDUCES[0]
+        before, calls = snapshot(model, opt), all_reduces()
         opt.step() if scaler is None else scaler.step(opt)
         where = f"rank {rank}, {where}"
         if scaler is None:
-            assert _ALL_REDUCES[0] - calls == 1, f"{where}: {_ALL_REDUCES[0] - calls} all-reduces, expected one"
+            assert all_reduces() - calls == 1, f"{where}: {all_reduces() - calls} all-reduces, expected one"
         assert opt.skipped_steps == expected_skips, f"{where}: not skipped"
         assert_unchanged(before, snapshot(model, opt), where)
         opt.zero_grad()
