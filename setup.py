@@ -60,7 +60,8 @@ def _ext_modules():
     # -ffp-contract=off / --fmad=false: no fused multiply-adds, so each formula rounds like the
     # reference's separate tensor ops, and host and device agree (csrc/amos_math.h).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
-    sources = ["csrc/ops.cpp", "csrc/amos_cpu.cpp", "csrc/checks_cpu.cpp", "csrc/steps_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/amos_cpu.cpp", "csrc/checks_cpu.cpp", "csrc/steps_cpu.cpp",
+               "csrc/plan_cache_trace.cpp"]
     if cuda:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
