@@ -135,7 +135,7 @@ def test_misaligned_views_beside_aligned_tensors_match_the_reference(monkeypatch
                         opt.state[p]["m"] = at_offset(opt.state[p]["m"], o)
         runs[backend] = ([p.detach().cpu() for p in params], [opt.state[p]["m"].cpu() for p in params])
         if backend == "triton":  # the last plan used: aligned and misaligned launches side by side
-            plan = next(reversed(tables._PLANS.values()))
+            plan = next(reversed(tables._PLANS.entries.values()))
             vec = [b[8] for b in plan.buckets]
             assert any(vec) and not all(vec) and not plan.chunk_vec
     rtol, atol = grid.TOL[grid.F32]
@@ -170,15 +170,15 @@ def test_plan_is_built_once_and_reused(monkeypatch):
         for p in params:
             p.grad = torch.randn_like(p)  # new gradient tensors each step, as zero_grad(set_to_none=True)
         opt.step()
-        plan = next(iter(tables._PLANS.values()))
-        g_tables.append(plan._g_key)
+        plan = next(iter(tables._PLANS.entries.values()))
+        g_tables.append(next(reversed(plan.g_tables.entries)))  # the last table used
     assert len(built) == 1, "the plan must be cached while the parameters are the same tensors"
     assert g_tables[-1] == tuple(p.grad.data_ptr() for p in params), "gradient addresses must follow the grads"
     opt.add_param_group({"params": [torch.randn(3, device=DEVICE, requires_grad=True)]})
     opt.param_groups[1]["params"][0].grad = torch.ones(3, device=DEVICE)
     opt.step()
     assert len(built) == 2  # a new group: a new plan; the first group's plan is still cached
-    assert len(tables._PLANS) == 2
+    assert len(tables._PLANS.entries) == 2
 
 
 def test_fp64_and_non_contiguous_params_use_the_reference_path():
