@@ -148,7 +148,8 @@ class Amos(torch.optim.Optimizer):
         self._skipped = 0  # skips decided on the host ...
         self._skipped_on = {}  # ... and on each device: 0-d fp32 counters, read by skipped_steps
         self._guarded_on = {}  # device -> 0-d int64 counter the kernels add guarded slices to
-        self._pending = None  # (event, pinned verdict or None, pinned guarded count, scaled) of the last CUDA step
+        # per CUDA step not yet read, oldest first: (event, pinned verdict or None, pinned guarded count, scaled)
+        self._pending = collections.deque()
         self._warned_nonfinite = False
         self._warned_guarded = False
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
@@ -239,6 +240,16 @@ class Amos(torch.optim.Optimizer):
         self._plan = None
         for p, eta in zip(tensors, etas):
             self.state[p]["eta"] = eta
+        if self.capturable:
+            self._make_counters({distributed.local(p).device for p in tensors})
+
+    def _make_counters(self, devices):
+        """capturable=True: the device counters are made with the optimizer, not at the first step:
+        made inside a CUDA graph capture, their zero-fill would be replayed with the graph."""
+        for device in devices:
+            self._guarded_counter(device)
+            if device not in self._skipped_on:
+                self._skipped_on[device] = torch.zeros((), dtype=torch.float32, device=device)
 
     def _measure_eta(self, name, p, group):
         eta = self.eta_fn(name, p) if self.eta_fn is not None else None
@@ -445,11 +456,14 @@ class Amos(torch.optim.Optimizer):
             self._warned_nonfinite = True
 
     def _check_pending(self):
-        """Warn about a skip decided on the GPU at an earlier step, once its verdict has arrived
-        (without waiting for it: the warning may come a step late)."""
-        if self._pending is not None and self._pending[0].query():
-            event, flag, count, scaled = self._pending
-            self._pending = None
+        """Warn about skips and guarded slices decided on the GPU at earlier steps, once their
+        verdicts have arrived (without waiting for them: a warning may come a step or two late).
+        Every step's verdict is read: a queue, so a CPU running ahead of the GPU misses none."""
+        pending = self._pending
+        if len(pending) >= _MAX_PENDING:  # the GPU is far behind: wait for the oldest (a rare sync)
+            pending[0][0].synchronize()
+        while pending and pending[0][0].query():
+            event, flag, count, scaled = pending.popleft()
             if flag is not None and flag.item() and not scaled:
                 self._warn_nonfinite()
             self._check_guarded(int(count.item()))
@@ -599,7 +613,7 @@ class Amos(torch.optim.Optimizer):
         count.copy_(guarded, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(guarded.device))  # the copies' stream (not the current device's)
-        self._pending = (event, flag, count, getattr(self, "found_inf", None) is not None)
+        self._pending.append((event, flag, count, getattr(self, "found_inf", None) is not None))
 
     def _check_capturable(self, work, calls, on_device):
         """capturable=True: raise, before anything changes, for a setup that needs the host."""
@@ -620,6 +634,7 @@ class Amos(torch.optim.Optimizer):
 
 
 GUARDS = ("step", "slice")
+_MAX_PENDING = 64  # CUDA steps whose verdicts may be in flight before step() waits for the oldest
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FP32_MAX = torch.finfo(torch.float32).max
 
