@@ -54,13 +54,14 @@ class Heuristic:
     block: int  # vector width of `_chunk_kernel`
     norm_tensors: int  # tensors per program of `_norm_kernel`
     num_warps: int
-    final_tile: int = 1024  # partial sums a `_split_finalize_kernel` program holds (ROWS * KB)
+    final_tile: int = 1024  # partial sums a `_split_finalize_kernel` program holds (ROWS * KB):
+    # at most 1024 over its 4 warps kept sm_90 at <= 89 registers, no spills, for every ROWS x KB
 
 
 # GPU: 4096 fp32 per program over 8 warps is 16 values per thread in flight per array; a slice
 # of up to 16k elements (64 KB of fp32 g) per program keeps the apply walk's re-read in L2.
 COMPILED = Heuristic(tile=4096, max_colb=1024, long_row=16384, chunk=16384, block=2048, norm_tensors=8,
-                     num_warps=8)
+                     num_warps=8, final_tile=1024)
 INTERPRETED = Heuristic(tile=16384, max_colb=4096, long_row=32768, chunk=32768, block=32768, norm_tensors=256,
                         num_warps=1, final_tile=65536)
 
