@@ -34,6 +34,8 @@ def _number(value):
 
 
 def _lr_ok(lr):
+    if type(lr) is float:  # the common case, fast (checked at every step)
+        return 0.0 <= lr < math.inf
     if torch.is_tensor(lr):
         return lr.numel() == 1 and lr.is_floating_point()
     return _number(lr) and lr >= 0
@@ -500,15 +502,18 @@ class Amos(torch.optim.Optimizer):
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         all_cpu = all(d.type == "cpu" for d in run.devices)
+        work, steps = [], []  # every group's step counters advance in one call (a call costs ~3 us)
         for group, params, grads, states, group_calls, fused, lists in run.groups:
             if states is None:
                 states = [self._state_for(p, group) for p in params]
-            steps = lists[3] if lists is not None else [st["step"] for st in states]
-            if steps:
-                if skip is None:
-                    _add_one(steps, all_cpu)
-                else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
-                    torch._foreach_add_(steps, [keep] * len(steps))
+            steps += lists[3] if lists is not None else [st["step"] for st in states]
+            work.append((group, params, grads, states, group_calls, fused, lists))
+        if steps:
+            if skip is None:
+                _add_one(steps, all_cpu)
+            else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
+                torch._foreach_add_(steps, [keep] * len(steps))
+        for group, params, grads, states, group_calls, fused, lists in work:
             if fused is not None:  # planned: the op with the plan's lists, no per-tensor Python
                 counter = guarded[params[0].device]
                 fused.kernel_step(params, [g.contiguous() for g in grads], *lists, group["lr"], fused.options,
@@ -714,9 +719,9 @@ class _Plan:
                 or (opt.guard, opt.backend, opt.capturable) != self.mode or len(opt.param_groups) != len(self.groups)
                 or not _same(opt.state.values(), self.state_dicts)):
             return None
-        groups = []
+        groups, resolved = [], {}
         for group, plan in zip(opt.param_groups, self.groups):
-            run = plan.run(group, opt.backend)
+            run = plan.run(group, opt.backend, resolved)
             if run is None:
                 return None
             groups.append(run)
@@ -766,13 +771,16 @@ class _GroupPlan:
             return not any(map(operator.contains, states, itertools.repeat("m")))
         return _same(map(_M, states), self.ms)
 
-    def run(self, group, backend):
-        """This step's `_GroupRun` for `group`, or None when the plan does not hold for it."""
+    def run(self, group, backend, resolved):
+        """This step's `_GroupRun` for `group`, or None when the plan does not hold for it
+        (`resolved`: the step's backend per device, shared by its groups)."""
         plist = group["params"]
         if group is not self.group or len(plist) != len(self.all_params) or not _same(plist, self.all_params):
             return None
         for (fn, _), device in zip(self.calls, self.call_devices):  # a backend can become unavailable
-            if backends.resolve(backend, device) is not fn:
+            if device not in resolved:
+                resolved[device] = backends.resolve(backend, device)
+            if resolved[device] is not fn:
                 return None
         if not _lr_ok(group["lr"]):
             return None
