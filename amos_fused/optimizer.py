@@ -502,22 +502,23 @@ class Amos(torch.optim.Optimizer):
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         all_cpu = all(d.type == "cpu" for d in run.devices)
-        work, steps = [], []  # every group's step counters advance in one call (a call costs ~3 us)
-        for group, params, grads, states, group_calls, fused, lists in run.groups:
-            if states is None:
+        work, steps = run.groups, run.steps  # every group's step counters advance in one call
+        if steps is None:  # the full path: the state is made now, after the verdict
+            work, steps = [], []
+            for group, params, grads, states, group_calls, fused, lists in run.groups:
                 states = [self._state_for(p, group) for p in params]
-            steps += lists[3] if lists is not None else [st["step"] for st in states]
-            work.append((group, params, grads, states, group_calls, fused, lists))
+                steps += [st["step"] for st in states]
+                work.append((group, params, grads, states, group_calls, fused, lists))
         if steps:
             if skip is None:
                 _add_one(steps, all_cpu)
             else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
                 torch._foreach_add_(steps, [keep] * len(steps))
+        single = next(iter(guarded.values())) if len(guarded) == 1 else None  # the usual case: one device
         for group, params, grads, states, group_calls, fused, lists in work:
-            if fused is not None:  # planned: the op with the plan's lists, no per-tensor Python
-                counter = guarded[params[0].device]
-                fused.kernel_step(params, [g.contiguous() for g in grads], *lists, group["lr"], fused.options,
-                                  grad_scale, skip, counter)
+            if fused is not None:  # planned: the op with the plan's lists (contiguous gradients), no per-tensor Python
+                counter = guarded[params[0].device] if single is None else single
+                fused.kernel_step(params, grads, *lists, group["lr"], fused.options, grad_scale, skip, counter)
                 continue
             for fn, idx in group_calls:
                 if idx is None:
@@ -666,7 +667,8 @@ def _max_abs(grads, dtype):
 # ---- the step plan ----------------------------------------------------------------------------
 # One step's work: per group a _GroupRun; `grads` all groups' gradients in order (the verdict
 # reads them), `checks` the verdict's (Amos._verdict_layout), `fresh` when from the full path.
-_Run = collections.namedtuple("_Run", "groups devices on_device checks grads grad_devices fresh")
+_Run = collections.namedtuple("_Run", "groups devices on_device checks grads grad_devices fresh steps",
+                              defaults=(None,))  # steps: all groups' counters (planned runs)
 # states None: created by step(); fused/lists: a planned call of the compiled op (_GroupPlan)
 _GroupRun = collections.namedtuple("_GroupRun", "group params grads states calls fused lists")
 _Fused = collections.namedtuple("_Fused", "kernel_step options")
@@ -676,13 +678,21 @@ _OPTION_KEYS = ("schedule", "granularity", "half_life", "beta", "momentum", "mom
                 "d_coef", "c_coef", "extra_l2", "q", "eps", "eta")
 _options_of = operator.itemgetter(*_OPTION_KEYS)
 _GRAD, _SHAPE, _DTYPE, _DEVICE, _IS_SPARSE = map(operator.attrgetter, ("grad", "shape", "dtype", "device", "is_sparse"))
-_IS_CONTIGUOUS = operator.methodcaller("is_contiguous")
-_V, _B, _STEP, _ETA = map(operator.itemgetter, ("v", "b", "step", "eta"))
+_IS_CONTIGUOUS, _CONTIGUOUS = operator.methodcaller("is_contiguous"), operator.methodcaller("contiguous")
+_V, _B, _STEP, _ETA, _PARAMS, _LR = map(operator.itemgetter, ("v", "b", "step", "eta", "params", "lr"))
 _M, _M_ITEM = operator.methodcaller("get", "m"), operator.itemgetter("m")
 
 
 def _same(xs, ys):
     return all(map(operator.is_, xs, ys))
+
+
+def _lrs_ok(lrs):
+    """`_lr_ok` of every group's lr; all floats (the usual case) in one pass: a NaN or inf makes
+    the sum not finite, a negative one the minimum."""
+    if set(map(type, lrs)) == {float} and 0.0 <= min(lrs) and sum(lrs) < math.inf:
+        return True
+    return all(map(_lr_ok, lrs))
 
 
 def _layout(group):
@@ -697,8 +707,10 @@ class _Plan:
     param groups, their params, the state dicts and the state tensors v and m; the gradients'
     and parameters' layout (which params have a gradient; sparsity, shapes, dtypes, devices,
     the parameters' contiguity), which the full path checks or decides with; the options by
-    identity, and if some changed, check_options again (schedulers change lr, some momentum).
+    value, and if some changed, check_options again (schedulers change lr, some momentum).
     Otherwise the step takes the full path, which raises for bad input and builds a new plan.
+    Each check runs once over all groups (flat lists), not once per group: with many param
+    groups (layer-wise learning rates) a pass per group would multiply its fixed cost.
     """
 
     def __init__(self, opt, run, groups):
@@ -707,6 +719,22 @@ class _Plan:
         self.groups = groups
         self.devices, self.on_device, self.checks, self.grad_devices = (run.devices, run.on_device, run.checks,
                                                                         run.grad_devices)
+        def cat(name):  # all groups' lists end to end
+            return [x for g in groups for x in getattr(g, name)]
+
+        self.all_params, self.missing, self.mask = cat("all_params"), cat("missing"), cat("mask")
+        self.some_missing = any(self.missing)
+        self.params, self.shapes, self.devices_of = cat("params"), cat("shapes"), cat("devices")
+        self.pdtypes, self.gdtypes, self.contiguous = cat("pdtypes"), cat("gdtypes"), cat("contiguous")
+        self.states, self.vs, self.ms = cat("states"), cat("vs"), cat("ms")
+        with_m = sum(m is not None for m in self.ms)
+        self.ms_kind = "all" if with_m == len(self.ms) else "none" if with_m == 0 else "some"
+        ends = list(itertools.accumulate(len(g.params) for g in groups))
+        self.cuts = list(zip([0] + ends[:-1], ends))  # each group's tensors in the flat lists
+        self.group_dicts, self.sizes = [g.group for g in groups], [len(g.all_params) for g in groups]
+        self.options = [g.options for g in groups]
+        self.call_fns = [fn for g in groups for fn, _ in g.calls]
+        self.call_devices = [device for g in groups for device in g.call_devices]
 
     @classmethod
     def build(cls, opt, run):
@@ -719,14 +747,54 @@ class _Plan:
                 or (opt.guard, opt.backend, opt.capturable) != self.mode or len(opt.param_groups) != len(self.groups)
                 or not _same(opt.state.values(), self.state_dicts)):
             return None
-        groups, resolved = [], {}
-        for group, plan in zip(opt.param_groups, self.groups):
-            run = plan.run(group, opt.backend, resolved)
-            if run is None:
-                return None
-            groups.append(run)
-        grads = [] if not self.checks else groups[0].grads if len(groups) == 1 else [g for r in groups for g in r.grads]
-        return _Run(groups, self.devices, self.on_device, self.checks, grads, self.grad_devices, fresh=False)
+        groups, one = opt.param_groups, len(self.groups) == 1
+        if not _same(groups, self.group_dicts) or list(map(len, map(_PARAMS, groups))) != self.sizes:
+            return None
+        resolved = {device: backends.resolve(opt.backend, device) for device in set(self.call_devices)}
+        if not _same(map(resolved.__getitem__, self.call_devices), self.call_fns):  # a backend can become unavailable
+            return None
+        if not _lrs_ok(list(map(_LR, groups))):
+            return None
+        options = list(map(_options_of, groups))
+        if options != self.options:  # a value changed (a scheduler's momentum, say): checked as the full path would
+            for plan, group, now in zip(self.groups, groups, options):
+                if now != plan.options and not plan.update(group, now):
+                    return None
+            self.options = options
+        plist = groups[0]["params"] if one else list(itertools.chain.from_iterable(map(_PARAMS, groups)))
+        if len(plist) != len(self.all_params) or not _same(plist, self.all_params):
+            return None
+        grads = list(map(_GRAD, plist))
+        if list(map(operator.is_, grads, itertools.repeat(None))) != self.missing:
+            return None
+        if self.some_missing:
+            grads = list(itertools.compress(grads, self.mask))
+        params = self.params
+        if (any(map(_IS_SPARSE, grads)) or list(map(_SHAPE, grads)) != self.shapes
+                or list(map(_SHAPE, params)) != self.shapes or list(map(_DTYPE, grads)) != self.gdtypes
+                or list(map(_DTYPE, params)) != self.pdtypes or list(map(_DEVICE, grads)) != self.devices_of
+                or list(map(_DEVICE, params)) != self.devices_of
+                or list(map(_IS_CONTIGUOUS, params)) != self.contiguous):
+            return None
+        grads = list(map(_CONTIGUOUS, grads))  # as the kernels take them (the same values for the verdict)
+        states = self.states
+        if not _same(map(_V, states), self.vs) or not self.same_ms(states):
+            return None
+        etas, bs, steps = list(map(float, map(_ETA, states))), list(map(_B, states)), list(map(_STEP, states))
+        if one:
+            groups = [self.groups[0].part(grads, bs, steps, etas)]
+        else:
+            groups = [plan.part(grads[a:b], bs[a:b], steps[a:b], etas[a:b]) for plan, (a, b) in zip(self.groups, self.cuts)]
+        return _Run(groups, self.devices, self.on_device, self.checks, grads if self.checks else [], self.grad_devices,
+                    fresh=False, steps=steps)
+
+    def same_ms(self, states):
+        """m unchanged (a new m is checked again, like v), tested the cheapest way for the usual cases."""
+        if self.ms_kind == "all":
+            return _same(map(_M_ITEM, states), self.ms)
+        if self.ms_kind == "none":
+            return not any(map(operator.contains, states, itertools.repeat("m")))
+        return _same(map(_M, states), self.ms)
 
 
 class _GroupPlan:
@@ -740,7 +808,6 @@ class _GroupPlan:
         with_grad = {id(p) for p in params}
         self.mask = [id(p) in with_grad for p in self.all_params]
         self.missing = [not m for m in self.mask]
-        self.some_missing = not all(self.mask)
         self.params = list(params)
         self.shapes = [p.shape for p in params]
         self.devices = [p.device for p in params]
@@ -760,54 +827,21 @@ class _GroupPlan:
                  and all(cpp_backend._kernel_takes(p, st, momentum) for p, st in zip(params, self.states)))
         self.fused = _Fused(cpp_backend.kernel_step, cpp_backend.option_args(group)) if fused else None
         self.op_ms = self.ms if momentum > 0 else []
-        with_m = sum(m is not None for m in self.ms)
-        self.ms_kind = "all" if with_m == len(self.ms) else "none" if with_m == 0 else "some"
 
-    def same_ms(self, states):
-        """m unchanged (a new m is checked again, like v), tested the cheapest way for the usual cases."""
-        if self.ms_kind == "all":
-            return _same(map(_M_ITEM, states), self.ms)
-        if self.ms_kind == "none":
-            return not any(map(operator.contains, states, itertools.repeat("m")))
-        return _same(map(_M, states), self.ms)
+    def update(self, group, options):
+        """The group's options changed to `options`: raise for a bad value (as the full path
+        would), False when the plan cannot follow (its layout changed), else follow them."""
+        check_options(group, f"Amos param group {self.index}")
+        if _layout(group) != self.layout:
+            return False
+        self.options = options
+        if self.fused is not None:
+            self.fused = self.fused._replace(options=self.option_args(group))
+        return True
 
-    def run(self, group, backend, resolved):
-        """This step's `_GroupRun` for `group`, or None when the plan does not hold for it
-        (`resolved`: the step's backend per device, shared by its groups)."""
-        plist = group["params"]
-        if group is not self.group or len(plist) != len(self.all_params) or not _same(plist, self.all_params):
-            return None
-        for (fn, _), device in zip(self.calls, self.call_devices):  # a backend can become unavailable
-            if device not in resolved:
-                resolved[device] = backends.resolve(backend, device)
-            if resolved[device] is not fn:
-                return None
-        if not _lr_ok(group["lr"]):
-            return None
-        options = _options_of(group)
-        if not _same(options, self.options):
-            check_options(group, f"Amos param group {self.index}")  # raises for a bad value (the full path again)
-            if _layout(group) != self.layout:
-                return None
-            self.options = options
-            if self.fused is not None:
-                self.fused = self.fused._replace(options=self.option_args(group))
-        grads = list(map(_GRAD, plist))
-        if list(map(operator.is_, grads, itertools.repeat(None))) != self.missing:
-            return None
-        if self.some_missing:
-            grads = list(itertools.compress(grads, self.mask))
-        params = self.params
-        if (any(map(_IS_SPARSE, grads)) or list(map(_SHAPE, grads)) != self.shapes
-                or list(map(_SHAPE, params)) != self.shapes or list(map(_DTYPE, grads)) != self.gdtypes
-                or list(map(_DTYPE, params)) != self.pdtypes or list(map(_DEVICE, grads)) != self.devices
-                or list(map(_DEVICE, params)) != self.devices or list(map(_IS_CONTIGUOUS, params)) != self.contiguous):
-            return None
-        states = self.states
-        if not _same(map(_V, states), self.vs) or not self.same_ms(states):
-            return None
+    def part(self, grads, bs, steps, etas):
+        """This step's `_GroupRun`, from its part of the flat lists `_Plan.run` checked."""
         if self.fused is None:
-            return _GroupRun(group, params, grads, states, self.calls, None, None)
-        etas = list(map(float, map(_ETA, states)))
-        lists = (self.vs, list(map(_B, states)), self.op_ms, list(map(_STEP, states)), etas)
-        return _GroupRun(group, params, grads, states, self.calls, self.fused, lists)
+            return _GroupRun(self.group, self.params, grads, self.states, self.calls, None, None)
+        return _GroupRun(self.group, self.params, grads, self.states, self.calls, self.fused,
+                         (self.vs, bs, self.op_ms, steps, etas))
