@@ -735,6 +735,7 @@ class _Plan:
         self.options = [g.options for g in groups]
         self.call_fns = [fn for g in groups for fn, _ in g.calls]
         self.call_devices = [device for g in groups for device in g.call_devices]
+        self.etas = self.bs = self.steps = None  # set by split() at the first run
 
     @classmethod
     def build(cls, opt, run):
@@ -781,12 +782,19 @@ class _Plan:
         if not _same(map(_V, states), self.vs) or not self.same_ms(states):
             return None
         etas, bs, steps = list(map(float, map(_ETA, states))), list(map(_B, states)), list(map(_STEP, states))
+        if etas != self.etas or not _same(bs, self.bs) or not _same(steps, self.steps):
+            self.split(etas, bs, steps)  # the op's lists of each group, kept while these hold
         if one:
-            groups = [self.groups[0].part(grads, bs, steps, etas)]
+            groups = [self.groups[0].part(grads)]
         else:
-            groups = [plan.part(grads[a:b], bs[a:b], steps[a:b], etas[a:b]) for plan, (a, b) in zip(self.groups, self.cuts)]
+            groups = [plan.part(grads[a:b]) for plan, (a, b) in zip(self.groups, self.cuts)]
         return _Run(groups, self.devices, self.on_device, self.checks, grads if self.checks else [], self.grad_devices,
                     fresh=False, steps=steps)
+
+    def split(self, etas, bs, steps):
+        self.etas, self.bs, self.steps = etas, bs, steps
+        for plan, (a, b) in zip(self.groups, self.cuts):
+            plan.lists = (plan.vs, bs[a:b], plan.op_ms, steps[a:b], etas[a:b])
 
     def same_ms(self, states):
         """m unchanged (a new m is checked again, like v), tested the cheapest way for the usual cases."""
@@ -827,6 +835,7 @@ class _GroupPlan:
                  and all(cpp_backend._kernel_takes(p, st, momentum) for p, st in zip(params, self.states)))
         self.fused = _Fused(cpp_backend.kernel_step, cpp_backend.option_args(group)) if fused else None
         self.op_ms = self.ms if momentum > 0 else []
+        self.lists = None  # the op's lists but the gradients (set by _Plan.split)
 
     def update(self, group, options):
         """The group's options changed to `options`: raise for a bad value (as the full path
@@ -839,9 +848,7 @@ class _GroupPlan:
             self.fused = self.fused._replace(options=self.option_args(group))
         return True
 
-    def part(self, grads, bs, steps, etas):
-        """This step's `_GroupRun`, from its part of the flat lists `_Plan.run` checked."""
-        if self.fused is None:
-            return _GroupRun(self.group, self.params, grads, self.states, self.calls, None, None)
+    def part(self, grads):
+        """This step's `_GroupRun`, with its part of the gradients `_Plan.run` checked."""
         return _GroupRun(self.group, self.params, grads, self.states, self.calls, self.fused,
-                         (self.vs, bs, self.op_ms, steps, etas))
+                         None if self.fused is None else self.lists)
