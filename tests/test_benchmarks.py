@@ -170,3 +170,17 @@ def test_memory_tiny_reports_state_for_every_row(tmp_path, capsys, one_thread):
     assert rows["amos element m=0.9 fp32"]["state_bytes"] > 12 * n
     assert rows["amos row m=0.9 bf16"]["state_bytes"] < rows["amos row m=0.9 fp32"]["state_bytes"]
     assert rows["amos tensor m=0"]["state_bytes"] < 0.05 * rows["adamw fused"]["state_bytes"]
+
+
+def test_host_overhead_group_rows_split_every_tensor_once_and_print_the_ratio(capsys, one_thread, monkeypatch):
+    host = _load("host_overhead")
+    shapes = host.TINY_SIZES["gpt2-124m"]
+    opt = host.make_optimizer(shapes, host.ROWS["guard=slice m=0.9 16 groups"])
+    assert len(opt.param_groups) == 16
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(shapes)
+    assert len({g["lr"] for g in opt.param_groups}) == 16  # layer-wise: a learning rate each
+    monkeypatch.setattr("sys.argv", ["host_overhead.py", "--rows", "guard=slice m=0.9,guard=slice m=0.9 16 groups",
+                                     "--steps", "2", "--repeats", "2"])
+    host.main()
+    out = capsys.readouterr().out
+    assert "guard=slice m=0.9 16 groups / guard=slice m=0.9:" in out and "target <= 1.2" in out
