@@ -92,16 +92,15 @@ def option_args(group):
 def kernel_step(params, gs, vs, bs, ms, steps, etas, lr, options, grad_scale=None, skip=None, guarded=None):
     """The op on tensors the kernels take (`kernel_takes`), with contiguous fp32/bf16/fp16
     gradients `gs`; `ms` is empty without momentum; `options` from `option_args`."""
-    device = params[0].device
     # A tensor lr stays a tensor: the kernels read it (on the device for CUDA: no host sync),
     # and under torch.compile a new value is new data, not a recompilation.
     lr_tensor = None
     if torch.is_tensor(lr):
         lr, lr_tensor = 0.0, lr.detach().to(torch.float32)
     if grad_scale is not None:
-        grad_scale = grad_scale.to(device, torch.float32)
+        grad_scale = grad_scale.to(params[0].device, torch.float32)
     if skip is not None:
-        skip = skip.to(device, torch.float32)
+        skip = skip.to(params[0].device, torch.float32)
     torch.ops.amos_fused.amos_step_(params, gs, vs, bs, ms, steps, etas, float(lr), lr_tensor, grad_scale, skip,
                                     guarded, *options)
 

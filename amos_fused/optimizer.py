@@ -148,6 +148,16 @@ class Amos(torch.optim.Optimizer):
         self._plan = None
         for p, eta in zip(tensors, etas):
             self.state[p]["eta"] = eta
+        if self.capturable:
+            self._make_counters({distributed.local(p).device for p in tensors})
+
+    def _make_counters(self, devices):
+        """capturable=True: the device counters are made with the optimizer, not at the first step:
+        made inside a CUDA graph capture, their zero-fill would be replayed with the graph."""
+        for device in devices:
+            self._guarded_counter(device)
+            if device not in self._skipped_on:
+                self._skipped_on[device] = torch.zeros((), dtype=torch.float32, device=device)
 
     def _state_for(self, p, group):
         """The state of `p`, created at its first step: v, b (one per slice), m, step."""

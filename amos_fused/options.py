@@ -35,6 +35,8 @@ def is_number(value):
 
 def lr_ok(lr):
     """A number >= 0 or a 1-element floating-point tensor (of any shape: see `scalar_lr`)."""
+    if type(lr) is float:  # the common case, fast (checked at every step)
+        return 0.0 <= lr < math.inf
     if torch.is_tensor(lr):
         return lr.numel() == 1 and lr.is_floating_point()
     return is_number(lr) and lr >= 0

@@ -9,9 +9,11 @@ combination it fetches a cached launch plan (kernels/tables.py) and launches:
   (||u|| per tensor, summed in a fixed order) and apply launches.
 Every kernel guards slices: one whose S_r is not finite keeps theta, m, v and b, and is counted
 into `guarded` with an integer atomic add (kernels/amos_triton.py).
-Every per-step scalar is read on the device (t from state["step"], lr when it is a tensor,
-GradScaler's scale), and nothing is copied to the host, so a step is CUDA-graph capturable once
-the plan exists (warm up one step before capturing).
+Every per-step scalar is read on the device (t from state["step"], lr when it is a tensor on the
+device, GradScaler's scale; a CPU tensor lr is read on the host, which costs nothing), and nothing
+is copied to the host, so a step is CUDA-graph capturable once its plan and gradient table exist:
+warm up one eager step with the same gradient tensors before capturing (a capture that would
+need a new one raises, saying so).
 
 Tensors the kernels do not take run on the reference path instead (same results, slower):
 fp64 params or grads (the kernels compute in fp32, the reference in fp64 for them),
@@ -47,8 +49,11 @@ def _on_kernels(p, g, st, momentum):
 def _scalars(group, device):
     """Kernel arguments that do not depend on the tensor; no host synchronisation."""
     lr = group["lr"]
-    out = dict(lr=0.0, lr_ptr=None, LR_IS_PTR=torch.is_tensor(lr))
-    if torch.is_tensor(lr):
+    # a tensor lr on the CPU beside CUDA parameters is read on the host (free for a CPU tensor;
+    # a copy to the device would wait for it at every step); elsewhere the kernels read it
+    on_host = torch.is_tensor(lr) and lr.device.type == "cpu" and device.type != "cpu"
+    out = dict(lr=0.0, lr_ptr=None, LR_IS_PTR=torch.is_tensor(lr) and not on_host)
+    if out["LR_IS_PTR"]:
         out["lr_ptr"] = lr.detach().reshape(1).to(device=device, dtype=torch.float32)
     else:
         out["lr"] = float(lr)
@@ -94,9 +99,10 @@ def triton_step(params, grads, states, group, grad_scale=None, skip=None, guarde
     closed = group["schedule"] != "amos"
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
+        capturing = tables.capturing(device)  # then the plans must exist (tables.Cache)
         for (pd, gd, md), (ps, gs, sts) in combos.items():
-            plan = tables.get_plan(ps, gs, sts, closed, HEURISTIC, momentum)
-            _launch(plan, plan.g_table(gs), sc, group["schedule"], grad_scale, skip, guarded,
+            plan = tables.get_plan(ps, gs, sts, closed, HEURISTIC, momentum, capturing)
+            _launch(plan, plan.g_table(gs, capturing), sc, group["schedule"], grad_scale, skip, guarded,
                     dict(P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd], M_DTYPE=_TL_DTYPE[md or pd],
                          MOMENTUM=momentum, CLIP=group["clip_value"] is not None))
 

@@ -7,6 +7,7 @@ clipped gradient x NaN/Inf or C * max|x|**2 past the compute dtype's range (C: t
 max|g| per gradient takes one fused read of all gradients (torch._foreach_norm with ord=inf on
 CUDA; the extension's max_abs on the CPU, faster than torch's there: backends.max_abs).
 """
+import collections
 import math
 import warnings
 
@@ -80,18 +81,22 @@ def _bound_vectors(cache, device, cdt, items):
     return hit
 
 
+MAX_PENDING = 64  # CUDA steps whose verdicts may be in flight before a step waits for the oldest
+
+
 class Notices:
-    """The warnings shown once (a skipped step, guarded slices), and the last CUDA step's verdict
-    and guarded count, awaited for them without waiting for the GPU."""
+    """The warnings shown once (a skipped step, guarded slices), and the CUDA steps' verdicts and
+    guarded counts, awaited for them without waiting for the GPU."""
 
     def __init__(self):
         self.warned_nonfinite = False
         self.warned_guarded = False
-        self.pending = None  # (event, pinned verdict or None, pinned guarded count, scaled)
+        # per CUDA step not yet read, oldest first: (event, pinned verdict or None, pinned guarded count, scaled)
+        self.pending = collections.deque()
 
     def __getstate__(self):
-        # a CUDA event cannot be copied: a copy starts without the last step's pending verdict
-        return {**self.__dict__, "pending": None}
+        # a CUDA event cannot be copied: a copy starts without the pending verdicts
+        return {**self.__dict__, "pending": collections.deque()}
 
     def skipped(self):
         if not self.warned_nonfinite:
@@ -120,14 +125,17 @@ class Notices:
         count.copy_(guarded, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(guarded.device))  # the copies' stream (not the current device's)
-        self.pending = (event, flag, count, scaled)
+        self.pending.append((event, flag, count, scaled))
 
     def check_pending(self):
-        """Warn about a skip decided on the GPU at an earlier step, once its verdict has arrived
-        (without waiting for it: the warning may come a step late)."""
-        if self.pending is not None and self.pending[0].query():
-            event, flag, count, scaled = self.pending
-            self.pending = None
+        """Warn about skips and guarded slices decided on the GPU at earlier steps, once their
+        verdicts have arrived (without waiting for them: a warning may come a step or two late).
+        Every step's verdict is read: a queue, so a CPU running ahead of the GPU misses none."""
+        pending = self.pending
+        if len(pending) >= MAX_PENDING:  # the GPU is far behind: wait for the oldest (a rare sync)
+            pending[0][0].synchronize()
+        while pending and pending[0][0].query():
+            event, flag, count, scaled = pending.popleft()
             if flag is not None and flag.item() and not scaled:
                 self.skipped()
             self.guarded(int(count.item()))

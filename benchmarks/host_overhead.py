@@ -5,8 +5,10 @@ This measures it on the CPU: the parameter set has a model's tensor COUNT (gpt2-
 tensors) with tiny shapes, and by default the fused op `torch.ops.amos_fused.amos_step_` is
 replaced by a Python no-op, so what is left is the Python around it (checks, state lookups,
 list building, the skip verdict's small ops). `--real-op` keeps the op (on tiny tensors).
-torch.optim.AdamW(fused=True) on the same tensors is the host overhead to beat. The rows are
-appended to benchmarks/results/cpu/host_overhead.jsonl (bench_common.record; --results DIR elsewhere).
+torch.optim.AdamW(fused=True) on the same tensors is the host overhead to beat. The "16 groups"
+rows split the same tensors into 16 param groups (layer-wise learning rates); their cost over the
+one-group row is printed as a ratio (target: at most 1.2). The rows are appended to
+benchmarks/results/cpu/host_overhead.jsonl (bench_common.record; --results DIR elsewhere).
 
     python benchmarks/host_overhead.py
     python benchmarks/host_overhead.py --profile 'guard=step m=0.9'
@@ -38,6 +40,8 @@ ROWS = {  # label -> Amos options (None: torch AdamW fused)
     "guard=slice m=0": dict(guard="slice", momentum=0.0),
     "guard=slice m=0.9": dict(guard="slice", momentum=0.9),
     "guard=step m=0.9 capturable": dict(guard="step", momentum=0.9, capturable=True),
+    "guard=step m=0.9 16 groups": dict(guard="step", momentum=0.9, groups=16),
+    "guard=slice m=0.9 16 groups": dict(guard="slice", momentum=0.9, groups=16),
     "adamw fused": None,
     "step counters only": "counters",
 }
@@ -80,22 +84,32 @@ def make_optimizer(shapes, options):
     params = bc.make_params(shapes, torch.float32, torch.device("cpu"))
     if options is None:
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
+    options = dict(options)
+    n = options.pop("groups", 1)
+    if n > 1:  # consecutive tensors per group (as layers), each its own lr
+        cut = [len(params) * i // n for i in range(n + 1)]
+        params = [{"params": params[a:b], "lr": 1e-3 * 0.9**i} for i, (a, b) in enumerate(zip(cut, cut[1:]))]
     return Amos(params, backend="cpu", **options)
 
 
-def time_row(shapes, options, steps, repeats, clock):
-    """(median, min) microseconds of one step over `repeats` blocks of `steps` steps (after warm-up)."""
-    opt = make_optimizer(shapes, options)
-    for _ in range(5):
-        opt.step()
-    now = bc.CLOCKS[clock]
-    blocks = []
-    for _ in range(repeats):
-        t0 = now()
-        for _ in range(steps):
+def time_rows(shapes, labels, steps, repeats, clock):
+    """{label: microseconds of one step in each of `repeats` blocks of `steps` steps}, after a
+    warm-up. The rows take turns block by block (the first of a turn rotating), so a shared
+    machine's load drifts over all rows alike and ratios can be taken block by block."""
+    opts = {label: make_optimizer(shapes, ROWS[label]) for label in labels}
+    for opt in opts.values():
+        for _ in range(5):
             opt.step()
-        blocks.append((now() - t0) / steps * 1e6)
-    return statistics.median(blocks), min(blocks)
+    now = bc.CLOCKS[clock]
+    blocks = {label: [] for label in labels}
+    for r in range(repeats):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            opt = opts[label]
+            t0 = now()
+            for _ in range(steps):
+                opt.step()
+            blocks[label].append((now() - t0) / steps * 1e6)
+    return blocks
 
 
 def profile_row(shapes, options, steps, top):
@@ -115,7 +129,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="gpt2-124m", choices=sorted(TINY_SIZES))
     ap.add_argument("--steps", type=int, default=200, help="steps per timed block")
-    ap.add_argument("--repeats", type=int, default=7, help="timed blocks (their median and min are reported)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed blocks per row, the rows taking turns "
+                    "(their median and min are reported)")
     ap.add_argument("--clock", default="process", choices=sorted(bc.CLOCKS),
                     help="process (default): this process' CPU time, robust on a shared machine; wall: perf_counter")
     ap.add_argument("--real-op", action="store_true", help="run the fused op (tiny tensors) instead of a no-op")
@@ -138,12 +153,18 @@ def main(argv=None):
         print(f"{args.size}: {len(shapes)} tensors, fused op {'run' if args.real_op else 'replaced by a no-op'}, "
               f"{args.clock} clock, amos_fused from {os.path.dirname(amos_fused.__file__)}")
         print(f"{'row':32s} {'us/step':>9s} {'us/tensor':>10s} {'min us/step':>12s}")
+        blocks = time_rows(shapes, labels, args.steps, args.repeats, args.clock)
         for label in labels:
-            us, low = time_row(shapes, ROWS[label], args.steps, args.repeats, args.clock)
+            us, low = statistics.median(blocks[label]), min(blocks[label])
             print(f"{label:32s} {us:9.1f} {us / len(shapes):10.2f} {low:12.1f}")
             results.append(dict(size=args.size, n_tensors=len(shapes), row=label, us_per_step=us,
                                 us_per_tensor=us / len(shapes), min_us_per_step=low, clock=args.clock,
                                 real_op=args.real_op, steps=args.steps, repeats=args.repeats))
+        for label in labels:  # "X 16 groups" against "X": the median of the turns' ratios
+            one = label.rsplit(" ", 2)[0]
+            if label.endswith(" groups") and one in blocks:
+                ratio = statistics.median(b / a for a, b in zip(blocks[one], blocks[label]))
+                print(f"{label} / {one}: {ratio:.2f} (median of {args.repeats} turns; target <= 1.2)")
     path = bc.record("host_overhead", results, device="cpu", date=date, command=bc.command_line(__file__, argv),
                      results_dir=args.results)
     print(f"appended {len(results)} rows to {path}")

@@ -3,9 +3,11 @@
 // Launcher (multi-tensor apply of this project's design). The host cuts every tensor into work
 // items and writes one metadata buffer: per tensor its pointers, shape, dtypes and scalars; per
 // item its rows (and columns); per long row where its partial sums go. The buffer lives on the
-// device and is cached, keyed by every pointer and shape, so a training loop whose tensors keep
-// their addresses reuses it: no host work beyond a lookup and no copy. A tensor's rows go to one
-// of four paths by the slice length C:
+// device and is cached, keyed by every pointer and shape but the gradients', so a training loop
+// reuses it: no host work beyond a lookup and no copy. The gradients' addresses are a small table
+// of their own (cached too), so gradients that move cost a new table, not a new plan. Neither is
+// built while a CUDA graph is captured, and what a capture used is never freed (plan_cache.h).
+// A tensor's rows go to one of four paths by the slice length C:
 //   W1    C <= 8:      a thread owns a row    (element granularity: one thread per element)
 //   W32   C <= 1024:   a warp owns a row
 //   W256  C <= 8192:   a block owns a row
@@ -31,7 +33,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <list>
 #include <type_traits>
 #include <memory>
 #include <mutex>
@@ -39,6 +40,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "plan_cache.h"
 
 namespace amos {
 namespace {
@@ -49,9 +51,11 @@ constexpr int64_t kPiece = 8192;  // elements per block of a long row
 enum Path : int32_t { kW1 = 0, kW32 = 1, kW256 = 2, kLong = 3 };
 enum Phase : int32_t { kOnePass = 0, kReduce = 1, kApply = 2 };
 
+constexpr size_t kKeepPlans = 256;     // unpinned plans kept (a plan per param group and device)
+constexpr size_t kKeepGradTables = 8;  // unpinned gradient tables kept per plan
+
 struct TMeta {
-  void* p;
-  const void* g;
+  void* p;  // (the gradients' addresses are a table of their own: Grads)
   void* m;
   float* v;
   float* b;
@@ -85,6 +89,11 @@ struct Scalars {
   unsigned long long* guarded_ptr;  // null: no counter; else += the number of guarded slices
   int32_t prefetch;  // 1: L2 prefetches ahead of the loads (AMOS_FUSED_CUDA_PREFETCH=0 turns them off)
 };
+
+// The gradients' addresses, one per tensor of the plan: a device table of its own, keyed apart
+// from the plan, so gradients that move (zero_grad(set_to_none=True)) cost a small new table,
+// not a new plan.
+using Grads = const void* const* __restrict__;
 
 // GradScaler's found_inf or Amos' own non-finite check, decided on the device (optimizer.py):
 // every kernel of the step returns before touching anything, so a skipped step is a no-op.
@@ -222,13 +231,13 @@ __device__ __forceinline__ float group_sum(float x, float* smem) {
 
 // sum of g*g over elements [c0, c1) of the span at off, chunks of 4 dealt to `lanes` threads
 template <typename Index>
-__device__ __forceinline__ float partial_sumsq(const TMeta& T, Index off, int64_t n, int lane, int lanes, bool vec,
-                                               float scale, const Hyper& h) {
+__device__ __forceinline__ float partial_sumsq(const TMeta& T, const void* G, Index off, int64_t n, int lane, int lanes,
+                                               bool vec, float scale, const Hyper& h) {
   float acc = 0.0f;
   for (int64_t c = 4 * static_cast<int64_t>(lane); c < n; c += 4 * static_cast<int64_t>(lanes)) {
     float x[4];
     const int k = n - c < 4 ? static_cast<int>(n - c) : 4;
-    ld4(T.g, T.tg, off + static_cast<Index>(c), k, vec, x);
+    ld4(G, T.tg, off + static_cast<Index>(c), k, vec, x);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float g = j < k ? prep_grad(x[j], scale, h) : 0.0f;
@@ -240,14 +249,14 @@ __device__ __forceinline__ float partial_sumsq(const TMeta& T, Index off, int64_
 
 // the apply of §6 over [off, off + n), chunks of 4 dealt to `lanes` threads
 template <typename Index>
-__device__ __forceinline__ void apply_span(const TMeta& T, Index off, int64_t n, int lane, int lanes, bool vec,
-                                           float K, float D, float scale, const Hyper& h) {
+__device__ __forceinline__ void apply_span(const TMeta& T, const void* G, Index off, int64_t n, int lane, int lanes,
+                                           bool vec, float K, float D, float scale, const Hyper& h) {
   const bool has_m = T.tm != kNone;
   for (int64_t c = 4 * static_cast<int64_t>(lane); c < n; c += 4 * static_cast<int64_t>(lanes)) {
     const int k = n - c < 4 ? static_cast<int>(n - c) : 4;
     const Index i = off + static_cast<Index>(c);
     float g[4], p[4], m[4];
-    ld4(T.g, T.tg, i, k, vec, g);
+    ld4(G, T.tg, i, k, vec, g);
     ld4(T.p, T.tp, i, k, vec, p);
     if (has_m) ld4(T.m, T.tm, i, k, vec, m);
 #pragma unroll
@@ -271,14 +280,16 @@ __device__ __forceinline__ void apply_span(const TMeta& T, Index off, int64_t n,
 // guarded row, and kApply, in those items only, sums S_r again (same lanes, same order: the same
 // bits) to skip the same rows. Items without a guarded row cost kApply one flag read per block.
 template <typename Index, int W, int PHASE>
-__global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict__ metas, const Item* __restrict__ items,
-                                                        int64_t item0, Hyper h, Scalars sc, float* __restrict__ itemq,
+__global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict__ metas, Grads grads,
+                                                        const Item* __restrict__ items, int64_t item0, Hyper h,
+                                                        Scalars sc, float* __restrict__ itemq,
                                                         float* __restrict__ itemG, const float* __restrict__ tAD) {
   if (skipped(sc)) return;
   __shared__ float smem[kWarps];
   const int64_t it = item0 + blockIdx.x;
   const Item item = items[it];
   const TMeta& T = metas[item.tensor];
+  const void* G = grads[item.tensor];
   const int group = threadIdx.x / W, lane = threadIdx.x % W, groups = kThreads / W;
   const float scale = read_scale(sc), xi = read_lr(sc), t = *T.step;
   const float bc = bias_correction(h, t), C = static_cast<float>(T.C);
@@ -300,21 +311,21 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict_
         prefetch_l2(T.p, T.tp, here, T.C, lane, W);
         prefetch_l2(T.m, T.tm, here, T.C, lane, W);
       }
-      if (more) prefetch_l2(T.g, T.tg, next, T.C, lane, W);
+      if (more) prefetch_l2(G, T.tg, next, T.C, lane, W);
       if (PHASE == kApply && more) {
         prefetch_l2(T.p, T.tp, next, T.C, lane, W);
         prefetch_l2(T.m, T.tm, next, T.C, lane, W);
       }
     }
     if (PHASE == kApply) {
-      if (recheck && guarded_slice(group_sum<W>(partial_sumsq<Index>(T, off, T.C, lane, W, vec, scale, h), smem)))
+      if (recheck && guarded_slice(group_sum<W>(partial_sumsq<Index>(T, G, off, T.C, lane, W, vec, scale, h), smem)))
         continue;  // kReduce guarded it (and counted it)
       const float K = closed_slice_K(tAD[2 * item.tensor], inv_vhat(h, T.v[r], bc));
-      apply_span<Index>(T, off, T.C, lane, W, vec, K, tAD[2 * item.tensor + 1], scale, h);
+      apply_span<Index>(T, G, off, T.C, lane, W, vec, K, tAD[2 * item.tensor + 1], scale, h);
       continue;
     }
     float v = T.v[r], b = T.b[r];  // read before the group sum: the leader writes them after it
-    const float S = group_sum<W>(partial_sumsq<Index>(T, off, T.C, lane, W, vec, scale, h), smem);
+    const float S = group_sum<W>(partial_sumsq<Index>(T, G, off, T.C, lane, W, vec, scale, h), smem);
     if (guarded_slice(S)) {  // v, b (and theta, m) stay; no S_r * r_r
       nguard += lane == 0;
       continue;
@@ -324,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict_
       float K, D;
       amos_slice(h, at, S, C, rr, b, K, D);
       if (lane == 0) T.v[r] = v, T.b[r] = b;
-      apply_span<Index>(T, off, T.C, lane, W, vec, K, D, scale, h);
+      apply_span<Index>(T, G, off, T.C, lane, W, vec, K, D, scale, h);
     } else {
       if (lane == 0) T.v[r] = v, q += S * rr;
     }
@@ -339,7 +350,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const TMeta* __restrict_
 
 // Long rows, stage 1: the sum of g*g over one piece.
 template <typename Index>
-__global__ void __launch_bounds__(kThreads) piece_sum_kernel(const TMeta* __restrict__ metas,
+__global__ void __launch_bounds__(kThreads) piece_sum_kernel(const TMeta* __restrict__ metas, Grads grads,
                                                              const Item* __restrict__ items, int64_t item0, Hyper h,
                                                              Scalars sc, float* __restrict__ pieceS,
                                                              float* __restrict__ itemq) {
@@ -350,7 +361,9 @@ __global__ void __launch_bounds__(kThreads) piece_sum_kernel(const TMeta* __rest
   const TMeta& T = metas[item.tensor];
   const Index off = static_cast<Index>(item.row0) * static_cast<Index>(T.C) + static_cast<Index>(item.col0);
   const float S = block_sum(
-      partial_sumsq<Index>(T, off, item.col1 - item.col0, threadIdx.x, kThreads, T.vec, read_scale(sc), h), smem);
+      partial_sumsq<Index>(T, grads[item.tensor], off, item.col1 - item.col0, threadIdx.x, kThreads, T.vec,
+                           read_scale(sc), h),
+      smem);
   if (threadIdx.x == 0) {
     pieceS[it - item0] = S;
     itemq[it] = 0.0f;  // the row's first piece gets S_r * r_r from row_finalize_kernel
@@ -407,7 +420,7 @@ __global__ void __launch_bounds__(kThreads) tensor_finalize_kernel(const TMeta* 
 
 // Long rows, stage 2: apply one piece (none of a row that row_finalize_kernel guarded).
 template <typename Index>
-__global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __restrict__ metas,
+__global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __restrict__ metas, Grads grads,
                                                                const Item* __restrict__ items, int64_t item0, Hyper h,
                                                                Scalars sc, const float* __restrict__ rowKD,
                                                                const float* __restrict__ rowG,
@@ -415,6 +428,7 @@ __global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __re
   if (skipped(sc)) return;
   const Item item = items[item0 + blockIdx.x];
   const TMeta& T = metas[item.tensor];
+  const void* G = grads[item.tensor];
   const int64_t L = T.long_row_base + item.row0;
   if (rowG[L] != 0.0f) return;  // guarded: theta and m stay
   float K, D;
@@ -427,20 +441,30 @@ __global__ void __launch_bounds__(kThreads) piece_apply_kernel(const TMeta* __re
   const Index off = static_cast<Index>(item.row0) * static_cast<Index>(T.C) + static_cast<Index>(item.col0);
   if (sc.prefetch) {  // the piece's later chunks: under way while the first ones are applied
     const int64_t at = item.row0 * T.C + item.col0, n = item.col1 - item.col0;
-    prefetch_l2(T.g, T.tg, at, n, threadIdx.x, kThreads);
+    prefetch_l2(G, T.tg, at, n, threadIdx.x, kThreads);
     prefetch_l2(T.p, T.tp, at, n, threadIdx.x, kThreads);
     prefetch_l2(T.m, T.tm, at, n, threadIdx.x, kThreads);
   }
-  apply_span<Index>(T, off, item.col1 - item.col0, threadIdx.x, kThreads, T.vec, K, D, read_scale(sc), h);
+  apply_span<Index>(T, G, off, item.col1 - item.col0, threadIdx.x, kThreads, T.vec, K, D, read_scale(sc), h);
 }
 
-// ---- host: plans (metadata on the device), cached by every pointer and shape -----------------
+// ---- host: plans (metadata on the device) and gradient tables, cached -------------------------
+// A plan holds everything but the gradients' addresses, keyed by every pointer, shape and dtype
+// it depends on and by each gradient's alignment; the gradients' addresses are a small table of
+// their own, cached per plan and keyed by those addresses. Both caches follow plan_cache.h: a
+// plan or table that a CUDA graph captured is never freed, and neither is built while capturing.
+struct GradTable {
+  at::Tensor dev;  // const void*[nt]
+};
+
 struct Plan {
   at::Tensor host, dev;  // metadata bytes: TMeta[nt], Item[ni], LongRow[nl]
   at::Tensor scratch;    // fp32: itemq[ni], pieceS[long items], rowKD[2 nl], tAD[2 nt], itemG[ni], rowG[nl]
   int64_t nt = 0, nl = 0;
   int64_t range[5] = {0, 0, 0, 0, 0};  // items of path k are [range[k], range[k + 1])
   bool idx64 = false;
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> tensors;  // of its key's tensors: gone = dead
+  PlanCache<GradTable> gtables{kKeepGradTables};
   const TMeta* metas() const { return reinterpret_cast<const TMeta*>(dev.data_ptr<uint8_t>()); }
   const Item* items() const { return reinterpret_cast<const Item*>(metas() + nt); }
   const LongRow* rows() const { return reinterpret_cast<const LongRow*>(items() + range[4]); }
@@ -450,6 +474,11 @@ struct Plan {
   float* tAD() const { return rowKD() + 2 * nl; }
   float* itemG() const { return tAD() + 2 * nt; }  // 1: the item had a guarded row (closed forms)
   float* rowG() const { return itemG() + range[4]; }  // 1: the long row is guarded
+  bool dead() const {
+    for (const auto& t : tensors)
+      if (t.expired()) return true;
+    return false;
+  }
 };
 
 Path path_of(int64_t C) { return C <= 8 ? kW1 : C <= 1024 ? kW32 : C <= kPiece ? kW256 : kLong; }
@@ -458,8 +487,22 @@ bool aligned4(const void* ptr, int32_t dt) {
   return reinterpret_cast<uintptr_t>(ptr) % (dt == kF32 ? 16 : 8) == 0;
 }
 
+std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages_of(const StepArgs& a) {
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> out;
+  for (const auto* list : {&a.params, &a.vs, &a.bs, &a.ms, &a.steps})
+    for (const at::Tensor& t : *list) out.emplace_back(t.storage().getWeakStorageImpl());
+  return out;
+}
+
+// Host memory to the device: a stream-ordered copy from pinned memory, no host sync (the
+// allocator keeps the pinned block until the copy has run).
+at::Tensor to_device(const at::Tensor& host, const at::Device& device) {
+  return host.to(at::TensorOptions().device(device).dtype(host.scalar_type()), /*non_blocking=*/true);
+}
+
 std::shared_ptr<Plan> build_plan(const StepArgs& a) {
   auto plan = std::make_shared<Plan>();
+  plan->tensors = storages_of(a);
   const int64_t nt = static_cast<int64_t>(a.params.size());
   std::vector<TMeta> metas(nt);
   std::vector<Item> by_path[4];
@@ -469,7 +512,6 @@ std::shared_ptr<Plan> build_plan(const StepArgs& a) {
     TMeta& T = metas[i];
     const at::Tensor& p = a.params[i];
     T.p = p.data_ptr();
-    T.g = a.grads[i].data_ptr();
     T.m = a.ms.empty() ? nullptr : a.ms[i].data_ptr();
     T.v = a.vs[i].data_ptr<float>();
     T.b = a.bs[i].data_ptr<float>();
@@ -481,7 +523,7 @@ std::shared_ptr<Plan> build_plan(const StepArgs& a) {
     T.tp = dtype_of(p);
     T.tg = dtype_of(a.grads[i]);
     T.tm = a.ms.empty() ? kNone : dtype_of(a.ms[i]);
-    T.vec = T.C % 4 == 0 && aligned4(T.p, T.tp) && aligned4(T.g, T.tg) && (T.m == nullptr || aligned4(T.m, T.tm));
+    T.vec = T.C % 4 == 0 && aligned4(T.p, T.tp) && aligned4(a.grads[i].data_ptr(), T.tg) && (T.m == nullptr || aligned4(T.m, T.tm));
     max_numel = std::max<int64_t>(max_numel, p.numel());
     const Path path = path_of(T.C);
     T.item_begin = static_cast<int64_t>(by_path[path].size());  // made global below
@@ -528,50 +570,61 @@ std::shared_ptr<Plan> build_plan(const StepArgs& a) {
     dst += by_path[k].size() * sizeof(Item);
   }
   std::memcpy(dst, rows.data(), rows.size() * sizeof(LongRow));
-  // stream-ordered copy from pinned memory: no host sync, and the allocator keeps the pinned
-  // block until the copy has run
-  plan->dev = plan->host.to(at::TensorOptions().device(a.params[0].device()).dtype(at::kByte), /*non_blocking=*/true);
+  plan->dev = to_device(plan->host, a.params[0].device());
   const int64_t nscratch = ni + (ni - plan->range[3]) + 2 * plan->nl + 2 * nt + ni + plan->nl;
   plan->scratch = at::empty({std::max<int64_t>(nscratch, 1)}, a.params[0].options().dtype(at::kFloat));
   return plan;
 }
 
+
 std::vector<int64_t> plan_key(const StepArgs& a) {
   std::vector<int64_t> key;
+  key.reserve(1 + 13 * a.params.size());
   key.push_back(a.params[0].device().index());
   auto ptr = [](const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); };
   for (size_t i = 0; i < a.params.size(); ++i) {
     const float eta = static_cast<float>(a.etas[i]);
     int32_t eta_bits;
     std::memcpy(&eta_bits, &eta, sizeof eta_bits);
-    key.insert(key.end(), {ptr(a.params[i]), ptr(a.grads[i]), ptr(a.vs[i]), ptr(a.bs[i]), ptr(a.steps[i]),
+    const at::Tensor& g = a.grads[i];
+    key.insert(key.end(), {ptr(a.params[i]), ptr(a.vs[i]), ptr(a.bs[i]), ptr(a.steps[i]),
                            a.ms.empty() ? 0 : ptr(a.ms[i]), a.params[i].numel(), a.vs[i].numel(),
                            a.params[i].dim(), static_cast<int64_t>(a.params[i].scalar_type()),
-                           static_cast<int64_t>(a.grads[i].scalar_type()),
+                           static_cast<int64_t>(g.scalar_type()), aligned4(g.data_ptr(), dtype_of(g)),
                            a.ms.empty() ? -1 : static_cast<int64_t>(a.ms[i].scalar_type()), eta_bits});
   }
   return key;
 }
 
-// A few recent plans: a training loop alternates few layouts (grads may move between steps).
-// The cache is never destroyed: freeing device memory from a static destructor at exit can run
-// after CUDA and the allocator are gone.
-std::shared_ptr<Plan> get_plan(const StepArgs& a) {
+std::shared_ptr<GradTable> build_grad_table(const std::vector<int64_t>& addresses, const at::Device& device) {
+  auto table = std::make_shared<GradTable>();
+  const int64_t n = static_cast<int64_t>(addresses.size());
+  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::memcpy(host.data_ptr<int64_t>(), addresses.data(), n * sizeof(int64_t));
+  table->dev = to_device(host, device);
+  return table;
+}
+
+// The plan and gradient table of this step. Capturing: both must exist already (and are pinned).
+// Plans are few (one per param group and device), so the cache keeps every plan of a realistic
+// training loop; gradients in a loop take a few address sets at most (set_to_none=True).
+std::pair<std::shared_ptr<Plan>, std::shared_ptr<GradTable>> get_plan(const StepArgs& a, bool capturing) {
+  // never destroyed: freeing device memory from a static destructor at exit can run after CUDA
+  // and the allocator are gone
   static std::mutex* mu = new std::mutex;
-  static auto* cache = new std::list<std::pair<std::vector<int64_t>, std::shared_ptr<Plan>>>;
-  constexpr size_t kKeep = 8;
-  std::vector<int64_t> key = plan_key(a);
+  static auto* cache = new PlanCache<Plan>(kKeepPlans);
+  const std::vector<int64_t> key = plan_key(a);
+  std::vector<int64_t> gkey;
+  gkey.reserve(a.grads.size());
+  for (const at::Tensor& g : a.grads) gkey.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(g.data_ptr())));
+  const at::Device device = a.params[0].device();
   std::lock_guard<std::mutex> lock(*mu);
-  for (auto it = cache->begin(); it != cache->end(); ++it) {
-    if (it->first == key) {
-      cache->splice(cache->begin(), *cache, it);  // most recent first
-      return cache->front().second;
-    }
-  }
-  auto plan = build_plan(a);
-  cache->emplace_front(std::move(key), plan);
-  if (cache->size() > kKeep) cache->pop_back();
-  return plan;
+  auto plan = cache->get(key, capturing, [&] { return build_plan(a); }, [](const Plan& p) { return p.dead(); });
+  TORCH_CHECK(plan != nullptr, capture_miss_message("launch plan"));
+  auto table = plan->gtables.get(gkey, capturing, [&] { return build_grad_table(gkey, device); },
+                               [](const GradTable&) { return false; });
+  TORCH_CHECK(table != nullptr, capture_miss_message("gradient table"));
+  return {plan, table};
 }
 
 dim3 blocks(int64_t n) {
@@ -580,24 +633,24 @@ dim3 blocks(int64_t n) {
 }
 
 template <typename Index>
-void launch(const Plan& P, const Hyper& h, const Scalars& sc, cudaStream_t stream) {
+void launch(const Plan& P, Grads G, const Hyper& h, const Scalars& sc, cudaStream_t stream) {
   const bool amos = h.schedule == kAmos;
   auto rows = [&](auto phase) {
     constexpr int PH = decltype(phase)::value;
     const int64_t* R = P.range;
     if (R[1] > R[0])
-      rows_kernel<Index, 1, PH><<<blocks(R[1] - R[0]), kThreads, 0, stream>>>(P.metas(), P.items(), R[0], h, sc, P.itemq(), P.itemG(), P.tAD());
+      rows_kernel<Index, 1, PH><<<blocks(R[1] - R[0]), kThreads, 0, stream>>>(P.metas(), G, P.items(), R[0], h, sc, P.itemq(), P.itemG(), P.tAD());
     if (R[2] > R[1])
-      rows_kernel<Index, 32, PH><<<blocks(R[2] - R[1]), kThreads, 0, stream>>>(P.metas(), P.items(), R[1], h, sc, P.itemq(), P.itemG(), P.tAD());
+      rows_kernel<Index, 32, PH><<<blocks(R[2] - R[1]), kThreads, 0, stream>>>(P.metas(), G, P.items(), R[1], h, sc, P.itemq(), P.itemG(), P.tAD());
     if (R[3] > R[2])
-      rows_kernel<Index, 256, PH><<<blocks(R[3] - R[2]), kThreads, 0, stream>>>(P.metas(), P.items(), R[2], h, sc, P.itemq(), P.itemG(), P.tAD());
+      rows_kernel<Index, 256, PH><<<blocks(R[3] - R[2]), kThreads, 0, stream>>>(P.metas(), G, P.items(), R[2], h, sc, P.itemq(), P.itemG(), P.tAD());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const int64_t long0 = P.range[3], nlong = P.range[4] - P.range[3];
   if (amos) rows(std::integral_constant<int, kOnePass>());
   else rows(std::integral_constant<int, kReduce>());
   if (nlong) {
-    piece_sum_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), P.items(), long0, h, sc, P.pieceS(), P.itemq());
+    piece_sum_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), G, P.items(), long0, h, sc, P.pieceS(), P.itemq());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     row_finalize_kernel<<<blocks((P.nl + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         P.metas(), P.rows(), P.nl, long0, h, sc, P.pieceS(), P.itemq(), P.rowKD(), P.rowG());
@@ -609,7 +662,7 @@ void launch(const Plan& P, const Hyper& h, const Scalars& sc, cudaStream_t strea
     rows(std::integral_constant<int, kApply>());
   }
   if (nlong) {
-    piece_apply_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), P.items(), long0, h, sc, P.rowKD(), P.rowG(), P.tAD());
+    piece_apply_kernel<Index><<<blocks(nlong), kThreads, 0, stream>>>(P.metas(), G, P.items(), long0, h, sc, P.rowKD(), P.rowG(), P.tAD());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -618,8 +671,11 @@ void launch(const Plan& P, const Hyper& h, const Scalars& sc, cudaStream_t strea
 
 void step_cuda(const StepArgs& a) {
   const c10::cuda::CUDAGuard guard(a.params[0].device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  std::shared_ptr<Plan> plan = get_plan(a);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;  // active, or invalidated
+  auto [plan, table] = get_plan(a, capturing);
   Scalars sc;
   sc.lr = static_cast<float>(a.lr);
   sc.lr_ptr = nullptr;
@@ -636,16 +692,15 @@ void step_cuda(const StepArgs& a) {
   sc.guarded_ptr = a.guarded ? reinterpret_cast<unsigned long long*>(a.guarded->data_ptr<int64_t>()) : nullptr;
   const char* prefetch = std::getenv("AMOS_FUSED_CUDA_PREFETCH");  // "0": off (an A/B switch for benchmarks)
   sc.prefetch = !(prefetch && std::strcmp(prefetch, "0") == 0);
-  if (plan->idx64) launch<int64_t>(*plan, a.h, sc, stream);
-  else launch<int32_t>(*plan, a.h, sc, stream);
-  // A plan dropped from the cache frees its buffers; mark them used by this stream so the
-  // allocator waits for these kernels (not during graph capture: a captured graph replays
-  // with the plan's addresses, which stay valid while the plan is among the cached ones).
-  cudaStreamCaptureStatus capturing;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-  if (capturing == cudaStreamCaptureStatusNone) {
-    plan->dev.record_stream(c10::cuda::getCurrentCUDAStream());
-    plan->scratch.record_stream(c10::cuda::getCurrentCUDAStream());
+  Grads G = reinterpret_cast<const void* const*>(table->dev.data_ptr<int64_t>());
+  if (plan->idx64) launch<int64_t>(*plan, G, a.h, sc, stream.stream());
+  else launch<int32_t>(*plan, G, a.h, sc, stream.stream());
+  // A plan or table dropped from its cache frees its buffers: mark them used by this stream so
+  // the allocator waits for these kernels. Not while capturing: the captured ones are pinned.
+  if (!capturing) {
+    plan->dev.record_stream(stream);
+    plan->scratch.record_stream(stream);
+    table->dev.record_stream(stream);
   }
 }
 

@@ -5,7 +5,10 @@ It holds, on the device: `info` (int64, one row of addresses and geometry per te
 names in amos_triton.py), `finfo` (fp32 eta, eps0, C per tensor), the tile tables of every
 launch, and fp32 scratch for per-slice coefficients and partial sums. Plans are cached while the
 parameters are the same tensors (same data_ptr, shape and state buffers), so after the first
-step a step builds nothing; the gradients' address table is rebuilt only when a gradient moved.
+step a step builds nothing; the gradients' addresses are a small table of their own, cached per
+plan by those addresses, so gradients that move cost a new table, not a new plan.
+Both caches follow `Cache`'s rules for CUDA graphs: what a capture used is never dropped, and
+nothing is built while capturing (that raises `capture_miss`, with the fix).
 This module needs torch only (no triton), so it can be read and tested anywhere.
 
 Block sizes come from a fixed heuristic, not autotuning (autotuning would re-apply the in-place
@@ -23,7 +26,8 @@ step while it times configurations):
   buffer) only moves its own tensor to a plain launch.
 - Longer slices (a big 1-D tensor, `"tensor"` granularity) are split into chunks of `chunk`
   columns (one program each, walking `block`-wide vectors): partial sums, a fixed-order sum per
-  slice, then the apply; no atomics, so results do not depend on scheduling.
+  slice (a finalize program sums ROWS slices of KB chunks at a time, ROWS * KB <= `final_tile`),
+  then the apply; no atomics, so results do not depend on scheduling.
 - Closed forms: `_norm_kernel` sums each tensor's per-slice S*r in a fixed order,
   `norm_tensors` tensors per program (one program walks all slices of its tensors: fine for
   "row"/"tensor", slow for a huge tensor under "element" granularity).
@@ -33,6 +37,7 @@ step while it times configurations):
 import collections
 import dataclasses
 import math
+import weakref
 
 import torch
 
@@ -49,14 +54,16 @@ class Heuristic:
     block: int  # vector width of `_chunk_kernel`
     norm_tensors: int  # tensors per program of `_norm_kernel`
     num_warps: int
+    final_tile: int = 1024  # partial sums a `_split_finalize_kernel` program holds (ROWS * KB):
+    # at most 1024 over its 4 warps kept sm_90 at <= 89 registers, no spills, for every ROWS x KB
 
 
 # GPU: 4096 fp32 per program over 8 warps is 16 values per thread in flight per array; a slice
 # of up to 16k elements (64 KB of fp32 g) per program keeps the apply walk's re-read in L2.
 COMPILED = Heuristic(tile=4096, max_colb=1024, long_row=16384, chunk=16384, block=2048, norm_tensors=8,
-                     num_warps=8)
+                     num_warps=8, final_tile=1024)
 INTERPRETED = Heuristic(tile=16384, max_colb=4096, long_row=32768, chunk=32768, block=32768, norm_tensors=256,
-                        num_warps=1)
+                        num_warps=1, final_tile=65536)
 
 
 def next_pow2(x):
@@ -141,19 +148,20 @@ class Plan:
         chunk_tiles, final_tiles = [], []
         self.final_rows = self.kb = 1
         if split:
-            self.final_rows = min(64, next_pow2(max(geometry[i][0] for i in split)))
-            nsplits = []
-            for i in split:
+            nsplits = [-(-geometry[i][1] // h.chunk) for i in split]
+            self.kb = min(1024, next_pow2(max(nsplits)))
+            # ROWS x KB partials per program, at most `final_tile`: each row's finalize math stays
+            # in registers (64 rows x 512 chunks, a 1-D tensor of 8M elements beside wide
+            # matrices, spilled 10 KB per thread on sm_90)
+            self.final_rows = max(1, min(64, next_pow2(max(geometry[i][0] for i in split)), h.final_tile // self.kb))
+            for i, nsplit in zip(split, nsplits):
                 R, C = geometry[i]
-                nsplit = -(-C // h.chunk)
-                nsplits.append(nsplit)
                 info[i][8], info[i][9] = n_part, nsplit
                 n_part += R * nsplit
                 for row in range(R):
                     for k in range(nsplit):
                         chunk_tiles.append((i, row, k * h.chunk, k))
                 final_tiles += [(i, row0) for row0 in range(0, R, self.final_rows)]
-            self.kb = min(1024, next_pow2(max(nsplits)))
         self.chunk_tiles = (self._to_device(chunk_tiles, torch.int64), len(chunk_tiles))
         self.chunk_vec = bool(split) and all(aligned[i] for i in split) and h.chunk % 4 == 0
         self.final_tiles = (self._to_device(final_tiles, torch.int64), len(final_tiles))
@@ -167,7 +175,9 @@ class Plan:
         self.coef_d = torch.empty(max(n_coef, 1), **f32)
         self.partial = torch.empty(max(n_part, 1), **f32)
         self.tensor_a = torch.empty(self.n, **f32)
-        self._g_key, self._g_table = None, None
+        self.g_tables = Cache(KEEP_GRAD_TABLES)
+        self._tensors = [weakref.ref(t) for p, st in zip(params, states)
+                         for t in (p, st["v"], st["b"], st["step"]) + ((st["m"],) if momentum else ())]
 
     def _to_device(self, rows, dtype):
         """A host list (of lists) as a flat device tensor; pinned + non-blocking on CUDA."""
@@ -179,12 +189,19 @@ class Plan:
             return host.pin_memory().to(self.device, non_blocking=True)
         return host.to(self.device)
 
-    def g_table(self, grads):
-        """The gradients' addresses; rebuilt only when one moved (zero_grad(set_to_none=True))."""
+    def g_table(self, grads, capturing=False):
+        """The gradients' addresses on the device, built when a gradient moved to addresses not
+        seen lately (zero_grad(set_to_none=True)); tables of other addresses stay (an eager step
+        with other gradients leaves a captured graph's table alone)."""
         key = tuple(g.data_ptr() for g in grads)
-        if key != self._g_key:
-            self._g_table, self._g_key = self._to_device(list(key), torch.int64), key
-        return self._g_table
+        table = self.g_tables.get(key, capturing, lambda: self._to_device(list(key), torch.int64))
+        if table is None:
+            raise RuntimeError(capture_miss("gradient table"))
+        return table
+
+    def dead(self):
+        """Whether a tensor it was built for is gone (its plan can then never be found again)."""
+        return any(ref() is None for ref in self._tensors)
 
 
 def _aligned4(t):
@@ -194,8 +211,63 @@ def _aligned4(t):
     return t.data_ptr() % (4 * t.element_size()) == 0
 
 
-_PLANS = collections.OrderedDict()
-_MAX_PLANS = 32
+class Cache:
+    """Launch plans (or gradient tables) by key, with the rules CUDA graphs need:
+    - at most `keep` entries that are not pinned; past that the least recently used one goes;
+    - an entry found while a CUDA graph is being captured is pinned: the graph replays with its
+      device addresses, so it is never dropped;
+    - a miss while capturing builds nothing and returns None (the caller raises): building
+      copies host memory to the device, which a graph replays from a buffer that gets reused;
+    - on a miss, unpinned entries that `dead(entry)` calls gone are dropped first (a key found is
+      used as is: the same key means tensors at the same addresses, with the layout it fits).
+    csrc/plan_cache.h is the same for backend="cuda"."""
+
+    def __init__(self, keep):
+        self.keep = keep
+        self.entries = collections.OrderedDict()  # least recently used first
+        self.pinned = set()
+
+    def get(self, key, capturing, build, dead=None):
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+            if capturing:
+                self.pinned.add(key)
+            return value
+        if capturing:
+            return None
+        if dead is not None:
+            for k in [k for k, v in self.entries.items() if k not in self.pinned and dead(v)]:
+                del self.entries[k]
+        value = self.entries[key] = build()
+        excess = len(self.entries) - len(self.pinned) - self.keep
+        if excess > 0:
+            for k in [k for k in self.entries if k not in self.pinned][:excess]:
+                del self.entries[k]
+        return value
+
+    def clear(self):
+        self.entries.clear()
+        self.pinned.clear()
+
+
+KEEP_PLANS = 256  # unpinned plans kept: one per param group, device and dtype combination
+KEEP_GRAD_TABLES = 8  # unpinned gradient tables kept per plan
+_PLANS = Cache(KEEP_PLANS)
+
+
+def capturing(device):
+    """Whether the current stream of `device` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def capture_miss(what):
+    return (f"amos_fused (backend='triton'): a CUDA graph is being captured, but the {what} of this step was "
+            "never built: it is built from host memory, which a graph cannot replay. Run one eager step first "
+            "(e.g. torch's warm-up iterations on a side stream) with the same parameters, optimizer state and "
+            "gradient tensors, and keep the gradients in place between that step and the capture "
+            "(optimizer.zero_grad(set_to_none=False), not set_to_none=True, which makes the backward inside the "
+            "capture allocate new gradients).")
 
 
 def plan_key(params, grads, states, closed, heuristic, momentum):
@@ -209,16 +281,13 @@ def plan_key(params, grads, states, closed, heuristic, momentum):
     return (per_tensor, closed, heuristic, momentum, params[0].device)
 
 
-def get_plan(params, grads, states, closed, heuristic, momentum):
-    """The cached plan for these tensors (all of one dtype combination), built on first use."""
+def get_plan(params, grads, states, closed, heuristic, momentum, capturing=False):
+    """The cached plan for these tensors (all of one dtype combination), built on first use;
+    `capturing`: a CUDA graph is being captured (then it must exist, and stays for good)."""
     key = plan_key(params, grads, states, closed, heuristic, momentum)
-    plan = _PLANS.get(key)
+    plan = _PLANS.get(key, capturing, lambda: Plan(params, grads, states, closed, heuristic, momentum), Plan.dead)
     if plan is None:
-        plan = _PLANS[key] = Plan(params, grads, states, closed, heuristic, momentum)
-        while len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
+        raise RuntimeError(capture_miss("launch plan"))
     return plan
 
 

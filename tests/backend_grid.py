@@ -57,6 +57,9 @@ SCALE = 2.0**10  # GradScaler-like scale: a power of two, so scaling is exact
 MIX = [(), (7,), (3, 5), (1, 1), (5, 4097), (4, 3, 3, 3), (0,), (0, 5), (2, 0)]
 MANY_SMALL = [(1 + i % 13,) for i in range(150)] + [(2 + i % 5, 3) for i in range(50)]
 LONG_ROW = [(70000,)]
+# rows of 2048-4096 (the kernels' vector loads and next-row prefetch; 2050 and 4097 are not
+# 4-aligned) beside small odd shapes
+WIDE = [(12, 2048), (6, 3072), (4, 4096), (3, 2050), (2, 4097), (3, 5), (7,), (1, 1), (5, 33)]
 
 
 def _case(shapes, options, dtypes=(F32, F32), scaler=None, steps=5, tag="", poison=False):
@@ -123,6 +126,12 @@ def _cases():
         _case(MIX, dict(guard="slice", schedule="inverse_time", half_life=3, momentum=0.9), dtypes=(BF16, F16),
               scaler="inf", tag="guard-scaler-inf", poison=True),
     ]
+    # 16-bit vector loads and stores: bf16 params, grads and momentum on wide rows, guarded slices
+    for sched in ("amos", "inverse_time"):
+        opts = dict(guard="slice", schedule=sched, momentum=0.9, momentum_dtype=BF16)
+        if sched == "inverse_time":
+            opts["half_life"] = 3
+        out.append(_case(WIDE, opts, dtypes=(BF16, BF16), tag=f"guard-wide-bf16-{sched}", poison=True))
     return out
 
 

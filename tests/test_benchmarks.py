@@ -241,3 +241,16 @@ def test_sharded_step_tiny_records_every_row(tmp_path, one_thread):
     assert set(rows) == set(names) | {f"{n} (unsharded)" for n in names}
     assert rows["AdamW fused"]["adamw_ratio"] == 1.0 and rows["AdamW fused (unsharded)"]["adamw_ratio"] == 1.0
     assert all(len(r["times_ms"]) == 2 and r["numel"] == 2 * (32 * 32 + 32) for r in rows.values())
+
+
+def test_host_overhead_group_rows_split_every_tensor_once_and_print_the_ratio(capsys, one_thread, tmp_path):
+    host = _load("host_overhead")
+    shapes = host.TINY_SIZES["gpt2-124m"]
+    opt = host.make_optimizer(shapes, host.ROWS["guard=slice m=0.9 16 groups"])
+    assert len(opt.param_groups) == 16
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(shapes)
+    assert len({g["lr"] for g in opt.param_groups}) == 16  # layer-wise: a learning rate each
+    host.main(["--rows", "guard=slice m=0.9,guard=slice m=0.9 16 groups", "--steps", "2", "--repeats", "2",
+               "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "guard=slice m=0.9 16 groups / guard=slice m=0.9:" in out and "target <= 1.2" in out

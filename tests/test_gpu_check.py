@@ -34,6 +34,7 @@ def test_dry_run_creates_the_layout_and_runs_nothing(tmp_path):
     # what it would run is printed
     assert "pip install --no-build-isolation --no-deps --use-pep517 -e ." in res.stdout
     assert "pytest" in res.stdout and "tests/test_triton.py" in res.stdout
+    assert "tests/test_graphs.py" in res.stdout and "tests/test_plan_cache.py" in res.stdout  # CUDA graphs
     assert "step_time.py --device cuda" in res.stdout
 
 

@@ -227,3 +227,34 @@ def test_bad_input_after_the_plan_raises_before_anything_changes():
             p.grad = torch.ones_like(p)
     opt.step()  # all put back: steps again
     assert not torch.equal(params[0].detach(), before[0][0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_groups_planned_match_full_steps_bitwise(backend, monkeypatch):
+    """16 groups (the plan checks them all at once, over flat lists): layer-wise lr schedules,
+    one group's momentum changed, and a tensor moved to the next group (the flat list of
+    parameters unchanged: the plan must still notice) give the full path's bits."""
+    def steps(planned):
+        with monkeypatch.context() as m:
+            if not planned:
+                m.setattr(Amos, "_planned_run", lambda self: None)
+            full = CountFullSteps(m)
+            gen = torch.Generator().manual_seed(3)
+            params = [(torch.randn(2 + i % 3, 4, generator=gen) * 0.1).requires_grad_() for i in range(32)]
+            opt = Amos([{"params": params[2 * i:2 * i + 2], "lr": 0.05 * 0.9**i} for i in range(16)],
+                       backend=backend, momentum=0.9)
+            for step in range(6):
+                new_grads(params, gen)
+                for group in opt.param_groups:
+                    group["lr"] *= 0.8
+                if step == 2:
+                    opt.param_groups[5]["momentum"] = 0.5  # re-checked, the plan kept
+                if step == 4:
+                    opt.param_groups[7]["params"].append(opt.param_groups[8]["params"].pop(0))
+                opt.step()
+            return [p.detach().clone() for p in params], [dict(opt.state[p]) for p in params], full.n
+
+    params_full, state_full, _ = steps(planned=False)
+    params_planned, state_planned, n = steps(planned=True)
+    assert n == 2  # the first step and the one after the move
+    assert_bitwise((params_planned, state_planned), (params_full, state_full), "16 groups")

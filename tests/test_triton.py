@@ -135,7 +135,7 @@ def test_misaligned_views_beside_aligned_tensors_match_the_reference(monkeypatch
                         opt.state[p]["m"] = at_offset(opt.state[p]["m"], o)
         runs[backend] = ([p.detach().cpu() for p in params], [opt.state[p]["m"].cpu() for p in params])
         if backend == "triton":  # the last plan used: aligned and misaligned launches side by side
-            plan = next(reversed(tables._PLANS.values()))
+            plan = next(reversed(tables._PLANS.entries.values()))
             vec = [b[8] for b in plan.buckets]
             assert any(vec) and not all(vec) and not plan.chunk_vec
     rtol, atol = grid.TOL[grid.F32]
@@ -170,15 +170,15 @@ def test_plan_is_built_once_and_reused(monkeypatch):
         for p in params:
             p.grad = torch.randn_like(p)  # new gradient tensors each step, as zero_grad(set_to_none=True)
         opt.step()
-        plan = next(iter(tables._PLANS.values()))
-        g_tables.append(plan._g_key)
+        plan = next(iter(tables._PLANS.entries.values()))
+        g_tables.append(next(reversed(plan.g_tables.entries)))  # the last table used
     assert len(built) == 1, "the plan must be cached while the parameters are the same tensors"
     assert g_tables[-1] == tuple(p.grad.data_ptr() for p in params), "gradient addresses must follow the grads"
     opt.add_param_group({"params": [torch.randn(3, device=DEVICE, requires_grad=True)]})
     opt.param_groups[1]["params"][0].grad = torch.ones(3, device=DEVICE)
     opt.step()
     assert len(built) == 2  # a new group: a new plan; the first group's plan is still cached
-    assert len(tables._PLANS) == 2
+    assert len(tables._PLANS.entries) == 2
 
 
 def test_fp64_and_non_contiguous_params_use_the_reference_path():
@@ -354,3 +354,61 @@ def test_kernels_compile_for_sm90_without_a_gpu():
                          timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("compiled") == 7
+
+
+_FINALIZE_SCRIPT = r"""
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from amos_fused.kernels import amos_triton as mod
+assert not mod.INTERPRET
+rows, kb = int(sys.argv[1]), int(sys.argv[2])
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+fn = mod._split_finalize_kernel
+types = {"info": "*i64", "tiles": "*i64", "guarded_ptr": "*i64"}
+scalars = {"lr", "beta", "beta_lo", "one_minus_beta", "eps", "c_coef", "d_coef", "extra_l2", "half_life"}
+for sched in (0, 2):  # amos, and a closed form
+    constexprs = dict(SCHED=sched, LR_IS_PTR=True, HAS_SKIP=True, HAS_GUARD=True, ROWS=rows, KB=kb)
+    signature = {n: "constexpr" if n in constexprs else "fp32" if n in scalars else types.get(n, "*fp32")
+                 for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    arch = re.search(r"\.target\s+(\S+)", ptx).group(1)
+    with tempfile.TemporaryDirectory() as d:
+        open(os.path.join(d, "k.ptx"), "w").write(ptx)
+        out = subprocess.run([ptxas, "-arch=" + arch, "-v", os.path.join(d, "k.ptx"), "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    print("finalize", sched, regs, spills)
+"""
+
+
+def test_split_finalize_fits_in_registers_on_sm90():
+    """The plan of a 1-D tensor of 8M elements (512 chunks in one slice) beside a wide matrix (64
+    split rows) once gave the finalize 64 x 512 partials per program: 10 KB of spills per thread
+    on sm_90. The plan bounds ROWS x KB by `final_tile`; ptxas (bundled with triton, no GPU
+    needed) must then report no spills and at most 128 registers."""
+    import os
+    import re
+    import subprocess
+
+    h = tables.COMPILED
+    params = [torch.empty(512 * h.chunk), torch.empty(64, 2 * h.long_row)]
+    states = [dict(v=torch.zeros(R), b=torch.zeros(R), step=torch.zeros(()), eta=0.5) for R in (1, 64)]
+    plan = tables.Plan(params, params, states, closed=False, heuristic=h, momentum=False)
+    assert plan.kb == 512 and plan.final_rows * plan.kb <= h.final_tile
+    ptxas = Path(triton_backend.K.triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"no ptxas bundled with triton at {ptxas}")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _FINALIZE_SCRIPT, str(plan.final_rows), str(plan.kb)],
+                         capture_output=True, text=True, env=env, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = re.findall(r"finalize (\d) (\d+) (\d+)", res.stdout)
+    assert len(found) == 2, res.stdout
+    for sched, regs, spills in found:
+        assert int(spills) == 0 and int(regs) <= 128, (f"finalize (schedule code {sched}, ROWS={plan.final_rows}, "
+                                                       f"KB={plan.kb}): {regs} registers, {spills} bytes spilled")
