@@ -496,12 +496,19 @@ def _before_step(optimizer, plan, bk, states):
     """(v before this step, t of this step) of a bucket's slices, as phase 2 needs them. `states`:
     the local state views once the step counters have moved this step (t = step), or None when
     they have not (t = step + 1; a parameter's first step has no state yet: v = 0, t = 1)."""
+    moved = states is not None
+    if states is None:
+        states = plan.local_states(optimizer)
+    if all(states[i] is not None and "v" in states[i] for i in bk.entries):  # the usual case: a few ops
+        v = torch.cat([states[i]["v"].reshape(-1) for i in bk.entries]).to(bk.dtype)
+        t = torch.stack([states[i]["step"] for i in bk.entries]).to(bk.dtype)
+        return v, (t if moved else t + 1)[bk.entry_of]
     vs, ts = [], []
     for i, R in zip(bk.entries, bk.rows):
-        st = states[i] if states is not None else optimizer.state[plan.params[i]]
-        if "v" in st:
-            vs.append(local(st["v"]).reshape(-1).to(bk.dtype))
-            ts.append(st["step"].to(bk.device, bk.dtype) + (0 if states is not None else 1))
+        st = states[i]
+        if st is not None and "v" in st:
+            vs.append(st["v"].reshape(-1).to(bk.dtype))
+            ts.append(st["step"].to(bk.device, bk.dtype) + (0 if moved else 1))
         else:
             vs.append(torch.zeros(R, dtype=bk.dtype, device=bk.device))
             ts.append(torch.ones((), dtype=bk.dtype, device=bk.device))
