@@ -252,7 +252,9 @@ def _schedule(buckets, flag_groups):
         for g in groups:
             if g not in order:
                 order.append(g)
-    order.sort(key=lambda g: not any(g in gs for gs in need_S.values()))  # stable: slice-sum groups first
+    # stable: groups completing slice sums first, then those also splitting slices for a norm
+    # (whose rounds must wait for complete sums), so each group needs one round
+    order.sort(key=lambda g: (not any(g in gs for gs in need_S.values()), any(g in gs for gs in need_N.values())))
     flag_left = set(flag_groups)
     computed = set()  # (b, e) whose local ||u||**2 exists
     rounds = []
@@ -264,7 +266,7 @@ def _schedule(buckets, flag_groups):
             norms = [k for k, gs in need_N.items() if not need_S[k] and g in gs]
             if not sums and not norms and g not in flag_left:
                 continue
-            rounds.append((g, sums, norms, [k for k in ready if k in norms], g in flag_groups))
+            rounds.append((g, sums, norms, [k for k in ready if k in norms], g in flag_left))
             computed.update(k for k in ready if k in norms)
             for k in sums:
                 need_S[k].remove(g)
@@ -321,8 +323,8 @@ class ShardedStep:
                 for pg in lay.split_groups:
                     if pg not in split_groups:
                         split_groups.append(pg)
-                if not lay.sum_groups and not (group["schedule"] != "amos" and lay.norm_groups):
-                    onepass[fn].append(pos)
+                if p.numel() == 0 or not lay.sum_groups and not (group["schedule"] != "amos" and lay.norm_groups):
+                    onepass[fn].append(pos)  # (an empty parameter has nothing to step: the backends skip it)
                 else:
                     ops = backends.two_phase(fn, local(p), _local_grad(p, g))
                     twophase[(ops, reference.compute_dtype(p))].append((pos, p, lay))

@@ -172,18 +172,18 @@ def two_phase_takes(param, grad):
 
 
 def _two_phase_items(grads, rows, idx, starts, chunk):
-    """The work items of one launch over the tensors `idx`: (items [n, 4] as tuples (tensor in the
-    launch, slice in the flat vectors, first element, elements), each slice cut into chunks;
-    the first item of each of the launch's slices; those slices' positions in the flat vectors)."""
+    """The work items of one launch over the tensors `idx`: (items [n, 4] as tuples (tensor, slice
+    in the flat vectors, first element, elements), each slice cut into chunks; the first item of
+    each of the launch's slices; those slices' positions in the flat vectors)."""
     items, first, slices = [], [], []
-    for k, i in enumerate(idx):
+    for i in idx:
         g, R = grads[i], rows[i]
         C = g.numel() // R if g.numel() else 0
         for r in range(R):
             first.append(len(items))
             slices.append(starts[i] + r)
             for c in range(0, C, chunk):
-                items.append((k, starts[i] + r, r * C + c, min(chunk, C - c)))
+                items.append((i, starts[i] + r, r * C + c, min(chunk, C - c)))
     first.append(len(items))
     return items, first, slices
 
@@ -197,18 +197,66 @@ def _table(rows, device, dtype=torch.int64):
     return t.to(device)
 
 
-def _addrs(params, grads, ms, states):
-    ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
-    return [(ptr(p), ptr(g), ptr(m), ptr(st["v"]) if st else 0, ptr(st["b"]) if st else 0,
-             ptr(st["step"]) if st else 0) for p, g, m, st in zip(params, grads, ms, states)]
-
-
 def _by_dtypes(params, grads, ms):
     """Tensor positions per (param, grad, m) dtype combination: one launch each."""
     combos = {}
     for i, (p, g, m) in enumerate(zip(params, grads, ms)):
         combos.setdefault((p.dtype, g.dtype, None if m is None else m.dtype), []).append(i)
     return combos
+
+
+class _TwoPhasePlan:
+    """The tables of the two-phase kernels for one call's tensors (phase 1: the gradients' layout;
+    phase 3: also the parameters and state), cached like the one-pass plans (tables.Cache): built
+    at a first call, found by the next ones and by a capture; the gradients' addresses are a table
+    of their own, keyed by those addresses."""
+
+    def __init__(self, device, rows, grads, params=None, ms=None, states=None, slice_lens=None, numels=None):
+        chunk = HEURISTIC.chunk
+        self.first_slice = [0]
+        for R in rows:
+            self.first_slice.append(self.first_slice[-1] + R)
+        ms = ms or [None] * len(grads)
+        self.launches = []  # (dtypes, positions, items, n_items, first item of each slice, slices)
+        for dtypes, idx in _by_dtypes(params or grads, grads, ms).items():
+            items, first, slices = _two_phase_items(grads, rows, idx, self.first_slice, chunk)
+            if items:
+                self.launches.append((dtypes, idx, _table(items, device), len(items), _table(first, device),
+                                      _table(slices, device), len(slices)))
+        self.gtables = tables.Cache(tables.KEEP_GRAD_TABLES)
+        if params is None:
+            return
+        ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+        self.addrs = _table([(ptr(p), 0, ptr(m), ptr(st["v"]), ptr(st["b"]), ptr(st["step"]))
+                             for p, m, st in zip(params, ms, states)], device)
+        self.meta = _table([(float(st["eta"]), float(C), _eps0(n, p.ndim, float(st["eta"])))
+                            for p, st, C, n in zip(params, states, slice_lens, numels)], device, torch.float32)
+        self.first = _table(self.first_slice[:-1], device)
+        self.owner = _table([i for i, R in enumerate(rows) for _ in range(R)], device, torch.int32)
+
+    def g_table(self, grads, device, capturing):
+        addresses = tuple(g.data_ptr() for g in grads)
+        table = self.gtables.get(addresses, capturing, lambda: _table(list(addresses), device))
+        if table is None:
+            raise RuntimeError(tables.capture_miss("gradient table"))
+        return table
+
+
+_TWO_PHASE_PLANS = tables.Cache(tables.KEEP_PLANS)
+
+
+def _two_phase_plan(device, rows, grads, params=None, ms=None, states=None, slice_lens=None, numels=None):
+    capturing = tables.capturing(device)
+    key = (device, tuple(rows), tuple((g.numel(), g.dtype) for g in grads))
+    if params is not None:
+        key += tuple((p.data_ptr(), p.dtype, p.ndim, 0 if m is None else m.data_ptr(), None if m is None else m.dtype,
+                      st["v"].data_ptr(), st["b"].data_ptr(), st["step"].data_ptr(), float(st["eta"]), C, n)
+                     for p, m, st, C, n in zip(params, ms, states, slice_lens, numels))
+    plan = _TWO_PHASE_PLANS.get(key, capturing, lambda: _TwoPhasePlan(device, rows, grads, params, ms, states,
+                                                                      slice_lens, numels))
+    if plan is None:
+        raise RuntimeError(tables.capture_miss("two-phase table"))
+    return plan, capturing
 
 
 @torch.no_grad()
@@ -220,26 +268,20 @@ def two_phase_sums(grads, rows, group, grad_scale=None, dtype=torch.float32):
     S = torch.zeros(sum(rows), dtype=torch.float32, device=device)
     h = HEURISTIC
     scale = grad_scale.detach().reshape(1).to(device, torch.float32) if grad_scale is not None else S
-    starts = [0]
-    for R in rows:
-        starts.append(starts[-1] + R)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        for (_, gd, _), idx in _by_dtypes(gs, gs, [None] * len(gs)).items():
-            items, first, slices = _two_phase_items(gs, rows, idx, starts, h.chunk)
-            if not items:
-                continue
-            sub = [gs[i] for i in idx]
-            partial = torch.empty(len(items), dtype=torch.float32, device=device)
-            addrs = _table(_addrs(sub, sub, [None] * len(sub), [None] * len(sub)), device)
-            T2._sums_kernel[(len(items),)](_table(items, device), addrs, partial, scale, float(group["clip_value"] or 0.0),
-                                           G_DTYPE=_TL_DTYPE[gd], HAS_SCALE=grad_scale is not None,
-                                           CLIP=group["clip_value"] is not None, CHUNK=h.chunk, BLOCK=h.block,
-                                           num_warps=h.num_warps)
+        plan, capturing = _two_phase_plan(device, rows, gs)
+        g_addrs = plan.g_table(gs, device, capturing)
+        for (_, gd, _), idx, items, n_items, first, slices, n_slices in plan.launches:
+            partial = torch.empty(n_items, dtype=torch.float32, device=device)
+            T2._sums_kernel[(n_items,)](items, g_addrs, partial, scale,
+                                        float(group["clip_value"] or 0.0), G_DTYPE=_TL_DTYPE[gd],
+                                        HAS_SCALE=grad_scale is not None, CLIP=group["clip_value"] is not None,
+                                        CHUNK=h.chunk, BLOCK=h.block, num_warps=h.num_warps)
             # each slice's chunks are consecutive items: add them in order into its S
-            out = torch.empty(len(slices), dtype=torch.float32, device=device)
-            T2._slice_sums_kernel[(len(slices),)](_table(first, device), partial, out)
-            S[_table(slices, device)] = out
+            out = torch.empty(n_slices, dtype=torch.float32, device=device)
+            T2._slice_sums_kernel[(n_slices,)](first, partial, out)
+            S[slices] = out
     return S
 
 
@@ -252,6 +294,13 @@ def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, g
     gs = [g.contiguous() for g in grads]
     momentum = group["momentum"] > 0
     ms = [st["m"] for st in states] if momentum else [None] * len(params)
+    for i, st in enumerate(states):  # the tables hold addresses: what they point at must be as the kernels read it
+        if not all(st[k].dtype == torch.float32 and st[k].is_contiguous() and st[k].device == device
+                   for k in ("v", "b", "step")) or (momentum and not (ms[i].dtype in tables.SUPPORTED
+                                                                      and ms[i].is_contiguous())):
+            raise RuntimeError(f"amos_fused (backend='triton'): the state of sharded tensor {i} is not as the kernels "
+                               "take it (fp32 contiguous v, b, step on the parameter's device; a contiguous "
+                               "fp32/bf16/fp16 m); load state in those dtypes or use backend='reference'")
     S = S.to(torch.float32).contiguous()
     ns = S.numel()
     sc = _scalars(group, device)
@@ -259,41 +308,30 @@ def two_phase_apply(params, grads, states, rows, slice_lens, numels, S, norms, g
     h = HEURISTIC
     coef_k = torch.empty(ns, dtype=torch.float32, device=device)
     coef_d = torch.empty(ns, dtype=torch.float32, device=device)
-    first = [0]
-    for R in rows:
-        first.append(first[-1] + R)
-    owner = [i for i, R in enumerate(rows) for _ in range(R)]
-    meta = [(float(st["eta"]), float(C), _eps0(n, p.ndim, float(st["eta"])))
-            for p, st, C, n in zip(params, states, slice_lens, numels)]
     closed = group["schedule"] != "amos"
     lr_ptr = sc["lr_ptr"] if sc["lr_ptr"] is not None else dummy
     skip_t = skip.detach().reshape(1).to(device, torch.float32) if skip is not None else dummy
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
+        plan, capturing = _two_phase_plan(device, rows, gs, params, ms, states, slice_lens, numels)
+        g_addrs = plan.g_table(gs, device, capturing)
         if ns:
-            addrs = _table(_addrs(params, gs, ms, states), device)
             sb = 256 if K.INTERPRET else 128
             T2._finalize_kernel[(-(-ns // sb),)](
-                addrs, _table(meta, device, torch.float32), _table(first[:-1], device),
-                _table(owner, device, torch.int32), ns, S,
+                plan.addrs, plan.meta, plan.first, plan.owner, ns, S,
                 norms.to(torch.float32).contiguous() if closed else dummy, coef_k, coef_d, skip_t,
                 guarded if guarded is not None else dummy, sc["lr"], lr_ptr, sc["beta"], sc["beta_lo"],
                 sc["one_minus_beta"], sc["eps"], sc["c_coef"], sc["d_coef"], sc["extra_l2"], sc["two_q"],
                 sc["half_life"], SCHED=K.SCHEDULE_CODE[group["schedule"]], LR_IS_PTR=sc["LR_IS_PTR"],
                 HAS_SKIP=skip is not None, HAS_GUARD=guarded is not None, SB=sb, num_warps=4)
         scale = grad_scale.detach().reshape(1).to(device, torch.float32) if grad_scale is not None else dummy
-        for (pd, gd, md), idx in _by_dtypes(params, gs, ms).items():
-            items, _, _ = _two_phase_items(gs, rows, idx, first, h.chunk)
-            if not items:
-                continue
-            addrs = _table(_addrs([params[i] for i in idx], [gs[i] for i in idx], [ms[i] for i in idx],
-                                  [None] * len(idx)), device)
-            T2._apply_kernel[(len(items),)](
-                _table(items, device), addrs, coef_k, coef_d, scale, skip_t, float(group["clip_value"] or 0.0),
-                sc["momentum"], sc["one_minus_momentum"], P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd],
-                M_DTYPE=_TL_DTYPE[md or pd], MOMENTUM=momentum, HAS_SCALE=grad_scale is not None,
-                HAS_SKIP=skip is not None, CLIP=group["clip_value"] is not None, RTNE=K.INTERPRET, CHUNK=h.chunk,
-                BLOCK=h.block, num_warps=h.num_warps)
+        for (pd, gd, md), idx, items, n_items, _, _, _ in plan.launches:
+            T2._apply_kernel[(n_items,)](
+                items, plan.addrs, g_addrs, coef_k, coef_d, scale, skip_t,
+                float(group["clip_value"] or 0.0), sc["momentum"], sc["one_minus_momentum"], P_DTYPE=_TL_DTYPE[pd],
+                G_DTYPE=_TL_DTYPE[gd], M_DTYPE=_TL_DTYPE[md or pd], MOMENTUM=momentum,
+                HAS_SCALE=grad_scale is not None, HAS_SKIP=skip is not None, CLIP=group["clip_value"] is not None,
+                RTNE=K.INTERPRET, CHUNK=h.chunk, BLOCK=h.block, num_warps=h.num_warps)
 
 
 def _eps0(numel, ndim, eta):

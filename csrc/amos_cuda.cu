@@ -709,12 +709,12 @@ void step_cuda(const StepArgs& a) {
 // Work items are pieces of at most kPiece elements of one slice; a slice's S is its pieces' sums
 // added in order (deterministic). Phase 3 finalizes each slice in a thread of its own (v, b, K_r,
 // D_r from the complete S_r; the closed forms' A from the tensor's complete ||u||^2), then applies
-// item by item. The table is built per call: these tensors are few (a sharded model's 1-D
-// parameters, or row-split matrices), and the path is not captured in CUDA graphs.
+// item by item. The tables are cached like the one-pass plans (plan_cache.h): a table holds all
+// but the gradients' addresses, which are a small table of their own keyed by those addresses; a
+// CUDA graph may capture a step whose tables an eager step built, and keeps them.
 namespace {
 
 struct TwoPhaseTensor {
-  const void* g;
   void* p;
   void* m;
   float* v;
@@ -732,22 +732,31 @@ struct TwoPhaseItem {
   int64_t slice, off, n;
 };
 
-struct TwoPhaseTable {
+struct TwoPhasePlan {
   at::Tensor host, dev;
   int64_t nt = 0, ni = 0, ns = 0;
-  const TwoPhaseTensor* tensors() const { return reinterpret_cast<const TwoPhaseTensor*>(dev.data_ptr<uint8_t>()); }
-  const TwoPhaseItem* items() const { return reinterpret_cast<const TwoPhaseItem*>(tensors() + nt); }
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> tensors;  // of its key's tensors: gone = dead
+  PlanCache<GradTable> gtables{kKeepGradTables};
+  const TwoPhaseTensor* tensors_meta() const {
+    return reinterpret_cast<const TwoPhaseTensor*>(dev.data_ptr<uint8_t>());
+  }
+  const TwoPhaseItem* items() const { return reinterpret_cast<const TwoPhaseItem*>(tensors_meta() + nt); }
   const int64_t* first() const { return reinterpret_cast<const int64_t*>(items() + ni); }  // per slice, ns + 1
   const int32_t* owner() const { return reinterpret_cast<const int32_t*>(first() + ns + 1); }  // per slice
+  bool dead() const {
+    for (const auto& t : tensors)
+      if (t.expired()) return true;
+    return false;
+  }
 };
 
-TwoPhaseTable two_phase_table(const TwoPhaseArgs& a, bool phase3) {
-  cudaStreamCaptureStatus capturing;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &capturing));
-  TORCH_CHECK(capturing == cudaStreamCaptureStatusNone,
-              "amos_fused: the two-phase step of sharded tensors cannot be captured in a CUDA graph; "
-              "use capturable=False with DTensor parameters whose slices or norms span ranks");
-  TwoPhaseTable T;
+static_assert(sizeof(TwoPhaseTensor) % 8 == 0 && sizeof(TwoPhaseItem) % 8 == 0,
+              "the int64 arrays packed after these structs must stay 8-byte aligned");
+
+constexpr float kGuardedK = -1.0f;  // K of a guarded slice (K >= 0, or NaN, for every other slice)
+
+std::shared_ptr<TwoPhasePlan> build_two_phase_plan(const TwoPhaseArgs& a, bool phase3) {
+  auto plan = std::make_shared<TwoPhasePlan>();
   std::vector<TwoPhaseTensor> ts;
   std::vector<TwoPhaseItem> items;
   std::vector<int64_t> first;
@@ -755,21 +764,23 @@ TwoPhaseTable two_phase_table(const TwoPhaseArgs& a, bool phase3) {
   for (size_t i = 0; i < a.grads.size(); ++i) {
     const int64_t n = a.grads[i].numel(), R = a.rows[i], C = n ? n / R : 0;
     TwoPhaseTensor t{};
-    t.g = a.grads[i].data_ptr();
-    t.p = a.params[i].data_ptr();
-    t.m = a.ms.empty() ? nullptr : a.ms[i].data_ptr();
     t.C = C;
     t.first = a.offsets[i];
     t.tg = dtype_of(a.grads[i]);
-    t.tp = dtype_of(a.params[i]);
-    t.tm = a.ms.empty() ? kNone : dtype_of(a.ms[i]);
     if (phase3) {
+      t.p = a.params[i].data_ptr();
+      t.m = a.ms.empty() ? nullptr : a.ms[i].data_ptr();
+      t.tp = dtype_of(a.params[i]);
+      t.tm = a.ms.empty() ? kNone : dtype_of(a.ms[i]);
       t.v = a.vs[i].data_ptr<float>();
       t.b = a.bs[i].data_ptr<float>();
       t.step = a.steps[i].data_ptr<float>();
       t.C_global = static_cast<float>(a.slice_lens[i]);
       t.eta = static_cast<float>(a.etas[i]);
       t.eps0 = eps0_of(a.numels[i], a.params[i].dim(), a.etas[i]);
+      for (const at::Tensor* x : {&a.params[i], &a.vs[i], &a.bs[i], &a.steps[i]})
+        plan->tensors.emplace_back(x->storage().getWeakStorageImpl());
+      if (!a.ms.empty()) plan->tensors.emplace_back(a.ms[i].storage().getWeakStorageImpl());
     }
     ts.push_back(t);
     for (int64_t r = 0; r < R; ++r) {
@@ -780,13 +791,14 @@ TwoPhaseTable two_phase_table(const TwoPhaseArgs& a, bool phase3) {
     }
   }
   first.push_back(static_cast<int64_t>(items.size()));
-  T.nt = static_cast<int64_t>(ts.size());
-  T.ni = static_cast<int64_t>(items.size());
-  T.ns = static_cast<int64_t>(owner.size());
+  plan->nt = static_cast<int64_t>(ts.size());
+  plan->ni = static_cast<int64_t>(items.size());
+  plan->ns = static_cast<int64_t>(owner.size());
+  // TwoPhaseTensor and TwoPhaseItem are multiples of 8 bytes: the int64 array after them is aligned
   const size_t bytes = ts.size() * sizeof(TwoPhaseTensor) + items.size() * sizeof(TwoPhaseItem) +
                        first.size() * sizeof(int64_t) + owner.size() * sizeof(int32_t);
-  T.host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  uint8_t* dst = T.host.data_ptr<uint8_t>();
+  plan->host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* dst = plan->host.data_ptr<uint8_t>();
   std::memcpy(dst, ts.data(), ts.size() * sizeof(TwoPhaseTensor));
   dst += ts.size() * sizeof(TwoPhaseTensor);
   std::memcpy(dst, items.data(), items.size() * sizeof(TwoPhaseItem));
@@ -794,22 +806,62 @@ TwoPhaseTable two_phase_table(const TwoPhaseArgs& a, bool phase3) {
   std::memcpy(dst, first.data(), first.size() * sizeof(int64_t));
   dst += first.size() * sizeof(int64_t);
   std::memcpy(dst, owner.data(), owner.size() * sizeof(int32_t));
-  T.dev = T.host.to(at::TensorOptions().device(a.grads[0].device()).dtype(at::kByte), /*non_blocking=*/true);
-  return T;
+  plan->dev = to_device(plan->host, a.grads[0].device());
+  return plan;
+}
+
+std::vector<int64_t> two_phase_key(const TwoPhaseArgs& a, bool phase3) {
+  auto ptr = [](const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); };
+  std::vector<int64_t> key{phase3, a.grads[0].device().index()};
+  for (size_t i = 0; i < a.grads.size(); ++i) {
+    key.insert(key.end(), {a.rows[i], a.grads[i].numel(), static_cast<int64_t>(a.grads[i].scalar_type())});
+    if (!phase3) continue;
+    const float eta = static_cast<float>(a.etas[i]);
+    int32_t eta_bits;
+    std::memcpy(&eta_bits, &eta, sizeof eta_bits);
+    key.insert(key.end(), {ptr(a.params[i]), ptr(a.vs[i]), ptr(a.bs[i]), ptr(a.steps[i]),
+                           a.ms.empty() ? 0 : ptr(a.ms[i]), static_cast<int64_t>(a.params[i].scalar_type()),
+                           a.ms.empty() ? -1 : static_cast<int64_t>(a.ms[i].scalar_type()), a.params[i].dim(),
+                           a.slice_lens[i], a.numels[i], eta_bits});
+  }
+  return key;
+}
+
+// The plan and gradient table of this call; capturing, both must exist already (and are pinned).
+std::pair<std::shared_ptr<TwoPhasePlan>, std::shared_ptr<GradTable>> get_two_phase(const TwoPhaseArgs& a,
+                                                                                   bool phase3) {
+  static std::mutex* mu = new std::mutex;  // never destroyed, like get_plan's cache
+  static auto* cache = new PlanCache<TwoPhasePlan>(kKeepPlans);
+  cudaStreamCaptureStatus capturing;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &capturing));
+  const bool in_capture = capturing != cudaStreamCaptureStatusNone;
+  const std::vector<int64_t> key = two_phase_key(a, phase3);
+  std::vector<int64_t> gkey;
+  for (const at::Tensor& g : a.grads) gkey.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(g.data_ptr())));
+  std::lock_guard<std::mutex> lock(*mu);
+  auto plan = cache->get(key, in_capture, [&] { return build_two_phase_plan(a, phase3); },
+                         [](const TwoPhasePlan& p) { return p.dead(); });
+  TORCH_CHECK(plan != nullptr, capture_miss_message("two-phase table"));
+  auto table = plan->gtables.get(gkey, in_capture, [&] { return build_grad_table(gkey, a.grads[0].device()); },
+                                 [](const GradTable&) { return false; });
+  TORCH_CHECK(table != nullptr, capture_miss_message("gradient table"));
+  return {plan, table};
 }
 
 __global__ void __launch_bounds__(kThreads) two_phase_piece_sum_kernel(const TwoPhaseTensor* __restrict__ ts,
                                                                        const TwoPhaseItem* __restrict__ items,
-                                                                       Hyper h, const float* __restrict__ scale_ptr,
+                                                                       Grads G, Hyper h,
+                                                                       const float* __restrict__ scale_ptr,
                                                                        float* __restrict__ partial) {
   __shared__ float smem[kWarps];
   const TwoPhaseItem it = items[blockIdx.x];
   const TwoPhaseTensor& T = ts[it.tensor];
+  const void* g = G[it.tensor];
   const float scale = scale_ptr ? *scale_ptr : 1.0f;
   float acc = 0.0f;
   for (int64_t k = threadIdx.x; k < it.n; k += kThreads) {
-    const float g = prep_grad(ld1(T.g, T.tg, it.off + k), scale, h);
-    acc += g * g;
+    const float x = prep_grad(ld1(g, T.tg, it.off + k), scale, h);
+    acc += x * x;
   }
   const float S = block_sum(acc, smem);
   if (threadIdx.x == 0) partial[blockIdx.x] = S;
@@ -824,7 +876,7 @@ __global__ void two_phase_slice_sum_kernel(const int64_t* __restrict__ first, in
   S[j] = total;
 }
 
-// One thread per slice: v (and b), and K_r, D_r into KD; KD[2j] = NaN marks a guarded slice.
+// One thread per slice: v (and b), and K_r, D_r into KD; KD[2j] = kGuardedK marks a guarded slice.
 __global__ void two_phase_finalize_kernel(const TwoPhaseTensor* __restrict__ ts, const int32_t* __restrict__ owner,
                                           int64_t ns, Hyper h, Scalars sc, const float* __restrict__ S,
                                           const float* __restrict__ norms, float* __restrict__ KD) {
@@ -835,7 +887,7 @@ __global__ void two_phase_finalize_kernel(const TwoPhaseTensor* __restrict__ ts,
   const int64_t r = j - T.first;
   const float Sj = S[j];
   if (guarded_slice(Sj)) {
-    KD[2 * j] = NAN;
+    KD[2 * j] = kGuardedK;
     if (sc.guarded_ptr) atomicAdd(sc.guarded_ptr, 1ull);
     return;
   }
@@ -858,18 +910,19 @@ __global__ void two_phase_finalize_kernel(const TwoPhaseTensor* __restrict__ ts,
 }
 
 __global__ void __launch_bounds__(kThreads) two_phase_apply_kernel(const TwoPhaseTensor* __restrict__ ts,
-                                                                   const TwoPhaseItem* __restrict__ items, Hyper h,
-                                                                   Scalars sc, const float* __restrict__ KD) {
+                                                                   const TwoPhaseItem* __restrict__ items, Grads G,
+                                                                   Hyper h, Scalars sc, const float* __restrict__ KD) {
   if (skipped(sc)) return;
   const TwoPhaseItem it = items[blockIdx.x];
   const float k = KD[2 * it.slice], d = KD[2 * it.slice + 1];
-  if (isnan(k)) return;  // guarded: theta and m keep their values
+  if (k == kGuardedK) return;  // theta and m keep their values
   const TwoPhaseTensor& T = ts[it.tensor];
+  const void* g = G[it.tensor];
   const float scale = read_scale(sc);
   for (int64_t e = threadIdx.x; e < it.n; e += kThreads) {
     const int64_t i = it.off + e;
     const float theta = ld1(T.p, T.tp, i);
-    float delta = update(theta, prep_grad(ld1(T.g, T.tg, i), scale, h), k, d);
+    float delta = update(theta, prep_grad(ld1(g, T.tg, i), scale, h), k, d);
     if (T.tm != kNone) {
       const float m = momentum_update(h, ld1(T.m, T.tm, i), delta);
       st1(T.m, T.tm, i, m);
@@ -884,25 +937,25 @@ __global__ void __launch_bounds__(kThreads) two_phase_apply_kernel(const TwoPhas
 void two_phase_sums_cuda(const TwoPhaseArgs& a, const at::Tensor& S) {
   const c10::cuda::CUDAGuard guard(a.grads[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto [plan, table] = get_two_phase(a, false);
   S.zero_();  // slices of empty local shards have no items
-  TwoPhaseTable T = two_phase_table(a, false);
-  if (T.ni) {
-    at::Tensor partial = at::empty({T.ni}, S.options());
-    two_phase_piece_sum_kernel<<<blocks(T.ni), kThreads, 0, stream>>>(
-        T.tensors(), T.items(), a.h, a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr,
+  if (plan->ni) {
+    at::Tensor partial = at::empty({plan->ni}, S.options());
+    Grads G = reinterpret_cast<const void* const*>(table->dev.data_ptr<int64_t>());
+    two_phase_piece_sum_kernel<<<blocks(plan->ni), kThreads, 0, stream>>>(
+        plan->tensors_meta(), plan->items(), G, a.h, a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr,
         partial.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    two_phase_slice_sum_kernel<<<blocks((T.ns + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        T.first(), T.ns, partial.data_ptr<float>(), S.data_ptr<float>());
+    two_phase_slice_sum_kernel<<<blocks((plan->ns + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        plan->first(), plan->ns, partial.data_ptr<float>(), S.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  T.dev.record_stream(c10::cuda::getCurrentCUDAStream());
 }
 
 void two_phase_apply_cuda(const TwoPhaseArgs& a, const at::Tensor& S) {
   const c10::cuda::CUDAGuard guard(a.grads[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  TwoPhaseTable T = two_phase_table(a, true);
+  auto [plan, table] = get_two_phase(a, true);
   Scalars sc{};
   sc.lr = static_cast<float>(a.lr);
   if (a.lr_tensor && a.lr_tensor->is_cuda()) sc.lr_ptr = a.lr_tensor->data_ptr<float>();
@@ -910,19 +963,19 @@ void two_phase_apply_cuda(const TwoPhaseArgs& a, const at::Tensor& S) {
   sc.scale_ptr = a.grad_scale ? a.grad_scale->data_ptr<float>() : nullptr;
   sc.skip_ptr = a.skip ? a.skip->data_ptr<float>() : nullptr;
   sc.guarded_ptr = a.guarded ? reinterpret_cast<unsigned long long*>(a.guarded->data_ptr<int64_t>()) : nullptr;
-  if (T.ns) {
-    at::Tensor KD = at::empty({2 * T.ns}, S.options());
-    two_phase_finalize_kernel<<<blocks((T.ns + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        T.tensors(), T.owner(), T.ns, a.h, sc, S.data_ptr<float>(), a.norms ? a.norms->data_ptr<float>() : nullptr,
-        KD.data_ptr<float>());
+  if (plan->ns) {
+    at::Tensor KD = at::empty({2 * plan->ns}, S.options());
+    two_phase_finalize_kernel<<<blocks((plan->ns + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        plan->tensors_meta(), plan->owner(), plan->ns, a.h, sc, S.data_ptr<float>(),
+        a.norms ? a.norms->data_ptr<float>() : nullptr, KD.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (T.ni) {
-      two_phase_apply_kernel<<<blocks(T.ni), kThreads, 0, stream>>>(T.tensors(), T.items(), a.h, sc,
-                                                                   KD.data_ptr<float>());
+    if (plan->ni) {
+      Grads G = reinterpret_cast<const void* const*>(table->dev.data_ptr<int64_t>());
+      two_phase_apply_kernel<<<blocks(plan->ni), kThreads, 0, stream>>>(plan->tensors_meta(), plan->items(), G, a.h,
+                                                                      sc, KD.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  T.dev.record_stream(c10::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace amos

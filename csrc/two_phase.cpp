@@ -137,8 +137,9 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList vs, at::T
   a.numels = numels.vec();
   a.lr = lr;
   if (lr_tensor) {
-    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->scalar_type() == at::kFloat,
-                "amos_fused.two_phase_apply_: lr_tensor must be a one-element fp32 tensor");
+    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->scalar_type() == at::kFloat &&
+                    (lr_tensor->is_cpu() || lr_tensor->device() == dev),
+                "amos_fused.two_phase_apply_: lr_tensor must be a one-element fp32 tensor on the CPU or on ", dev);
     a.lr_tensor = lr_tensor;
   }
   if (guarded) {

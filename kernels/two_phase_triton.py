@@ -3,9 +3,10 @@
 For tensors whose slices (or the closed forms' ||u||) span ranks: phase 1 sums g*g over every
 local slice, the ranks complete the sums, and phase 3 finalizes every slice from the complete S_r
 and applies -- the CPU and CUDA kernels' protocol (csrc/two_phase.cpp), here for backend="triton".
-Tables (int64 addresses, built per call by amos_fused/triton_backend.py):
+Tables (int64 addresses, built at a first call and cached by amos_fused/triton_backend.py):
   items   [n_items, 4]: (tensor, slice, first element, elements), chunks of at most CHUNK of a slice
-  addrs   [n_tensors, 6]: addresses of p, g, m, v, b, step
+  g_addrs [n_tensors]: the gradients' addresses (a table of their own: gradients move)
+  addrs   [n_tensors, 6]: addresses of p, (unused), m, v, b, step
   meta    [n_tensors, 3] fp32: eta, global slice length C, eps0; `first` [n_tensors]: first slice
   owner   [n_slices]: the tensor of each slice
 Every sum has a fixed order (a chunk's block tree, then a slice's chunks in order): deterministic.
@@ -21,17 +22,17 @@ NADDR = 6
 
 
 @triton.jit
-def _sums_kernel(items, addrs, partial, scale_ptr, clip, G_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr,
+def _sums_kernel(items, g_addrs, partial, scale_ptr, clip, G_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr,
                  CLIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Phase 1: the sum of g*g over one chunk of one slice."""
     pid = tl.program_id(0).to(tl.int64)
     i = tl.load(items + pid * 4)
     off = tl.load(items + pid * 4 + 2)
     n = tl.load(items + pid * 4 + 3)
-    g_ptr = _as_ptr(tl.load(addrs + i * 6 + 1), G_DTYPE, False)
+    g_ptr = _as_ptr(tl.load(g_addrs + i), G_DTYPE, False)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c in range(0, CHUNK, BLOCK):
+    for c in range(0, n, BLOCK):  # n <= CHUNK
         mask = (c + cols) < n
         g = _load_g(g_ptr, off + c + cols, mask, scale_ptr, clip, HAS_SCALE, CLIP)
         acc += g * g
@@ -97,7 +98,7 @@ def _finalize_kernel(addrs, meta, first, owner, n_slices, S_ptr, norms, coef_k, 
 
 
 @triton.jit
-def _apply_kernel(items, addrs, coef_k, coef_d, scale_ptr, skip_ptr, clip, momentum, one_minus_momentum,
+def _apply_kernel(items, addrs, g_addrs, coef_k, coef_d, scale_ptr, skip_ptr, clip, momentum, one_minus_momentum,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr, RTNE: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -114,9 +115,9 @@ def _apply_kernel(items, addrs, coef_k, coef_d, scale_ptr, skip_ptr, clip, momen
     if HAS_SKIP:
         keep = keep & (tl.load(skip_ptr + tl.zeros_like(cols)) == 0)
     p_ptr = _as_ptr(tl.load(addrs + i * 6), P_DTYPE, False)
-    g_ptr = _as_ptr(tl.load(addrs + i * 6 + 1), G_DTYPE, False)
+    g_ptr = _as_ptr(tl.load(g_addrs + i), G_DTYPE, False)
     m_ptr = _as_ptr(tl.load(addrs + i * 6 + 2), M_DTYPE, False)
-    for c in range(0, CHUNK, BLOCK):
+    for c in range(0, n, BLOCK):  # n <= CHUNK
         mask = ((c + cols) < n) & keep
         g = _load_g(g_ptr, off + c + cols, mask, scale_ptr, clip, HAS_SCALE, CLIP)
         _apply(p_ptr, m_ptr, off + c + cols, mask, g, K, D, momentum, one_minus_momentum, P_DTYPE, M_DTYPE,

@@ -58,6 +58,8 @@ CASES = [
     _case(dict(schedule="amos", momentum=0.9), dtypes=(BF16, BF16), mdt=BF16, poison=True),
     _case(dict(schedule="inverse_square", half_life=2, momentum=0.5), dtypes=(F16, F32), mdt=F16),
     _case(dict(schedule="amos", momentum=0.9), skip=True),
+    _case(dict(schedule="inverse_time", half_life=3, momentum=0.9), poison=True,  # several launches a call
+          dtypes=[(F32, F32), (BF16, BF16), (F16, F32), (F32, BF16), (BF16, F16), (F32, F32)]),
 ]
 
 
@@ -70,10 +72,10 @@ def _group(options):
 
 def _inputs(case, device):
     gen = torch.Generator().manual_seed(3)
-    pd, gd = case["dtypes"]
+    dtypes = case["dtypes"] if isinstance(case["dtypes"], list) else [case["dtypes"]] * len(TENSORS)
     momentum = case["options"].get("momentum", 0.9) > 0
     params, grads, states = [], [], []
-    for k, (shape, R, C, n) in enumerate(TENSORS):
+    for k, ((shape, R, C, n), (pd, gd)) in enumerate(zip(TENSORS, dtypes)):
         params.append((torch.randn(shape, generator=gen) * 0.1).to(device, pd))
         g = torch.randn(shape, generator=gen) * 0.01 * (case["scale"] or 1.0)
         grads.append(g.to(device, gd))
@@ -109,7 +111,7 @@ def _run(name, case, device):
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c["options"].items())
                          + ("-poison" if c["poison"] else "") + ("-skip" if c["skip"] else "")
-                         + f"-{c['dtypes'][0]}".replace("torch.", ""))
+                         + ("-mixed" if isinstance(c["dtypes"], list) else f"-{c['dtypes'][0]}".replace("torch.", "")))
 def test_two_phase_ops_match_the_reference(backend, case):
     S, params, states, guarded = _run(backend, case, DEVICE)
     S_ref, params_ref, states_ref, guarded_ref = _run("reference", case, DEVICE)
@@ -126,7 +128,7 @@ def test_two_phase_ops_match_the_reference(backend, case):
 
 
 def test_a_skipped_phase_3_changes_nothing():
-    case = CASES[-1]
+    case = next(c for c in CASES if c["skip"])
     params, _, states = _inputs(case, DEVICE)
     _, after, states_after, guarded = _run("reference", case, DEVICE)
     for p, q, st, sq in zip(params, after, states, states_after):
