@@ -44,9 +44,8 @@ class Amos(torch.optim.Optimizer):
         capturable: no host synchronisation at all in ``step()``, so a whole training step can be
             captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device
             (LR schedulers fill it in place, so replays see new values). Needs a fused backend
-            ("cuda" or "triton") for CUDA parameters. With DTensor parameters the verdict stays on
-            the device too; the two-phase step of tensors whose slices span ranks builds its
-            tables at every call, so only steps without such tensors can be captured.
+            ("cuda" or "triton") for CUDA parameters, and an eager step before the capture (it
+            builds the kernels' tables). With DTensor parameters the verdict stays on the device too.
 
     Each parameter is listed once: one that appears twice, in a group or across groups, raises
     ValueError (torch warns about duplicates within a group, and steps them twice). A tensor lr
