@@ -238,26 +238,27 @@ class Amos(torch.optim.Optimizer):
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         all_cpu = all(d.type == "cpu" for d in run.devices)
-        for group, params, grads, states, group_calls, fused, lists in run.groups:
-            if states is None:
-                states = [self._state_for(p, group) for p in params]
-            steps = lists[3] if lists is not None else [st["step"] for st in states]
-            if steps:
-                if skip is None:
-                    backends.add_one(steps, all_cpu)
-                else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
-                    torch._foreach_add_(steps, [keep] * len(steps))
-            if fused is not None:  # planned: the op with the plan's lists, no per-tensor Python
-                counter = guarded[params[0].device]
-                fused.kernel_step(params, [g.contiguous() for g in grads], *lists, group["lr"], fused.options,
-                                  grad_scale, skip, counter)
+        group_runs, steps = run.groups, run.steps
+        if steps is None:  # the full path: the state is made now, after the verdict
+            group_runs = [gr._replace(states=[self._state_for(p, gr.group) for p in gr.params]) for gr in run.groups]
+            steps = [st["step"] for gr in group_runs for st in gr.states]
+        if steps:  # every group's counters in one call (a call costs a few us)
+            if skip is None:
+                backends.add_one(steps, all_cpu)
+            else:  # a list, not one tensor: torch 2.11 reads a tensor scalar on the host (seen on an H200)
+                torch._foreach_add_(steps, [keep] * len(steps))
+        one = next(iter(guarded.values())) if len(guarded) == 1 else None  # the usual case: one device
+        for group, params, grads, states, group_calls, fused, lists in group_runs:
+            if fused is not None:  # planned: the op with the plan's lists (contiguous gradients), no per-tensor Python
+                counter = guarded[params[0].device] if one is None else one
+                fused.kernel_step(params, grads, *lists, group["lr"], fused.options, grad_scale, skip, counter)
                 continue
             for fn, idx in group_calls:
                 if idx is None:
                     args = (params, grads, states, group, grad_scale)
                 else:
                     args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
-                counter = guarded[(params if idx is None else [params[i] for i in idx])[0].device]
+                counter = guarded[params[0 if idx is None else idx[0]].device] if one is None else one
                 fn(*args, guarded=counter) if skip is None else fn(*args, skip=skip, guarded=counter)
         if run.fresh:
             self._plan = Plan(self, run)

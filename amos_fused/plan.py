@@ -3,10 +3,12 @@ backends) and the step plan (`Plan`), which lets later steps skip the full path'
 Python while nothing it was built from changes.
 
 One step's work is a `Run`: per group a `GroupRun`; `grads` all groups' gradients in order (the
-verdict reads them), `checks` the verdict's (verdict.layout), `fresh` when from the full path.
+verdict reads them), `checks` the verdict's (verdict.layout), `fresh` when from the full path,
+`steps` all groups' step counters in order (None: the step makes the state first).
 """
 import collections
 import itertools
+import math
 import operator
 
 import torch
@@ -18,7 +20,8 @@ from .state import check_state
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-Run = collections.namedtuple("Run", "groups devices on_device checks grads grad_devices fresh")
+Run = collections.namedtuple("Run", "groups devices on_device checks grads grad_devices fresh steps",
+                             defaults=(None,))
 # states None: created by step(); fused/lists: a planned call of the compiled op (GroupPlan)
 GroupRun = collections.namedtuple("GroupRun", "group params grads states calls fused lists")
 Fused = collections.namedtuple("Fused", "kernel_step options")
@@ -106,13 +109,22 @@ def _check_capturable(work, calls, on_device, backend):
 # ---- the step plan --------------------------------------------------------------------------
 _options_of = operator.itemgetter(*OPTION_KEYS)
 _GRAD, _SHAPE, _DTYPE, _DEVICE, _IS_SPARSE = map(operator.attrgetter, ("grad", "shape", "dtype", "device", "is_sparse"))
-_IS_CONTIGUOUS = operator.methodcaller("is_contiguous")
-_V, _B, _STEP, _ETA = map(operator.itemgetter, ("v", "b", "step", "eta"))
+_IS_CONTIGUOUS, _CONTIGUOUS = torch.Tensor.is_contiguous, torch.Tensor.contiguous  # twice methodcaller's speed
+_V, _B, _STEP, _ETA, _PARAMS, _LR = map(operator.itemgetter, ("v", "b", "step", "eta", "params", "lr"))
 _M, _M_ITEM = operator.methodcaller("get", "m"), operator.itemgetter("m")
 
 
 def _same(xs, ys):
     return all(map(operator.is_, xs, ys))
+
+
+def _lrs_ok(lrs):
+    """Every group's lr as the full path takes it unchanged: `lr_ok`, and a tensor lr 0-d (the
+    full path makes others 0-d: `scalar_lr`). All floats, the usual case, in one pass: a NaN or
+    inf makes the sum not finite, a negative one the minimum."""
+    if set(map(type, lrs)) == {float}:
+        return 0.0 <= min(lrs) and sum(lrs) < math.inf
+    return all(lr_ok(lr) and not (torch.is_tensor(lr) and lr.dim()) for lr in lrs)
 
 
 def _layout(group):
@@ -127,8 +139,10 @@ class Plan:
     param groups, their params, the state dicts and the state tensors v and m; the gradients'
     and parameters' layout (which params have a gradient; sparsity, shapes, dtypes, devices,
     the parameters' contiguity), which the full path checks or decides with; the options by
-    identity, and if some changed, check_options again (schedulers change lr, some momentum).
+    value, and if some changed, check_options again (schedulers change lr, some momentum).
     Otherwise the step takes the full path, which raises for bad input and builds a new plan.
+    Each check is one pass over all groups' lists end to end, not one per group: with many
+    param groups (layer-wise learning rates) a pass per group would multiply its fixed cost.
     """
 
     def __init__(self, opt, run):
@@ -137,56 +151,27 @@ class Plan:
         self.groups = [GroupPlan(opt, gi, gr) for gi, gr in enumerate(run.groups)]
         self.devices, self.on_device, self.checks, self.grad_devices = (run.devices, run.on_device, run.checks,
                                                                         run.grad_devices)
-
-    def run(self, opt):
-        """This step's `Run`, or None when the plan does not hold any more."""
-        if (opt.state is not self.state_map or len(opt.state) != len(self.state_dicts)
-                or (opt.guard, opt.backend, opt.capturable) != self.mode or len(opt.param_groups) != len(self.groups)
-                or not _same(opt.state.values(), self.state_dicts)):
-            return None
-        groups = []
-        for group, plan in zip(opt.param_groups, self.groups):
-            run = plan.run(group, opt.backend)
-            if run is None:
-                return None
-            groups.append(run)
-        grads = [] if not self.checks else groups[0].grads if len(groups) == 1 else [g for r in groups for g in r.grads]
-        return Run(groups, self.devices, self.on_device, self.checks, grads, self.grad_devices, fresh=False)
-
-
-class GroupPlan:
-    """One param group's part of a `Plan`."""
-
-    def __init__(self, opt, index, run):
-        group, params = run.group, run.params
-        self.group, self.index = group, index
-        self.all_params = list(group["params"])
-        self.options, self.layout = _options_of(group), _layout(group)
+        self.group_dicts = [gr.group for gr in run.groups]
+        self.sizes = [len(gr.group["params"]) for gr in run.groups]
+        self.options = [plan.options for plan in self.groups]
+        # every group on a device has that device's backend
+        self.backends = {gr.params[0 if idx is None else idx[0]].device: fn for gr in run.groups for fn, idx in gr.calls}
+        self.all_params = [p for gr in run.groups for p in gr.group["params"]]
+        params = self.params = [p for gr in run.groups for p in gr.params]
         with_grad = {id(p) for p in params}
         self.mask = [id(p) in with_grad for p in self.all_params]
         self.missing = [not m for m in self.mask]
         self.some_missing = not all(self.mask)
-        self.params = list(params)
-        self.shapes = [p.shape for p in params]
-        self.devices = [p.device for p in params]
-        self.pdtypes = [p.dtype for p in params]
-        self.gdtypes = [g.dtype for g in run.grads]
-        self.contiguous = [p.is_contiguous() for p in params]
-        self.states = [opt.state[p] for p in params]
+        self.shapes, self.pdtypes = [p.shape for p in params], [p.dtype for p in params]
+        self.gdtypes = [g.dtype for gr in run.groups for g in gr.grads]
+        self.tensor_devices, self.contiguous = [p.device for p in params], [p.is_contiguous() for p in params]
+        self.states = [st for plan in self.groups for st in plan.states]
         self.vs, self.ms = [st["v"] for st in self.states], [st.get("m") for st in self.states]
-        self.calls = run.calls
-        self.call_devices = [params[0 if idx is None else idx[0]].device for _, idx in self.calls]
-        momentum = group["momentum"]
-        # the op called straight from the plan's lists when the kernels take every tensor
-        # (the op's own test: m's layout is the optimizer's, fixed while m is)
-        op = backends.kernel_op(self.calls[0][0]) if len(self.calls) == 1 and params else None
-        fused = (op is not None and torch.float64 not in self.gdtypes
-                 and all(op.takes(p, st, momentum) for p, st in zip(params, self.states)))
-        self.fused = Fused(op.step, op.options(group)) if fused else None
-        self.option_args = op.options if fused else None
-        self.op_ms = self.ms if momentum > 0 else []
         with_m = sum(m is not None for m in self.ms)
         self.ms_kind = "all" if with_m == len(self.ms) else "none" if with_m == 0 else "some"
+        ends = list(itertools.accumulate(len(plan.params) for plan in self.groups))
+        self.cuts = list(zip([0] + ends[:-1], ends))  # each group's part of the flat lists
+        self.any_fused = any(plan.fused is not None for plan in self.groups)
 
     def same_ms(self, states):
         """m unchanged (a new m is checked again, like v), tested the cheapest way for the usual cases."""
@@ -196,25 +181,28 @@ class GroupPlan:
             return not any(map(operator.contains, states, itertools.repeat("m")))
         return _same(map(_M, states), self.ms)
 
-    def run(self, group, backend):
-        """This step's `GroupRun` for `group`, or None when the plan does not hold for it."""
-        plist = group["params"]
-        if group is not self.group or len(plist) != len(self.all_params) or not _same(plist, self.all_params):
+    def run(self, opt):
+        """This step's `Run`, or None when the plan does not hold any more."""
+        groups = opt.param_groups
+        if (opt.state is not self.state_map or len(opt.state) != len(self.state_dicts)
+                or (opt.guard, opt.backend, opt.capturable) != self.mode or len(groups) != len(self.group_dicts)
+                or not _same(groups, self.group_dicts) or list(map(len, map(_PARAMS, groups))) != self.sizes
+                or not _same(opt.state.values(), self.state_dicts)):
             return None
-        for (fn, _), device in zip(self.calls, self.call_devices):  # a backend can become unavailable
-            if backends.resolve(backend, device) is not fn:
+        for device, fn in self.backends.items():
+            if backends.resolve(opt.backend, device) is not fn:  # a backend can become unavailable
                 return None
-        lr = group["lr"]
-        if not lr_ok(lr) or (torch.is_tensor(lr) and lr.dim()):  # the full path checks it, or makes it 0-d
-            return None
-        options = _options_of(group)
-        if not _same(options, self.options):
-            check_options(group, f"Amos param group {self.index}")  # raises for a bad value (the full path again)
-            if _layout(group) != self.layout:
-                return None
+        if not _lrs_ok(list(map(_LR, groups))):
+            return None  # the full path checks it, or makes it 0-d
+        options = list(map(_options_of, groups))
+        if options != self.options:  # a value changed (a scheduler's momentum, say)
+            for plan, group, now in zip(self.groups, groups, options):
+                if now != plan.options and not plan.update(group, now):
+                    return None
             self.options = options
-            if self.fused is not None:
-                self.fused = self.fused._replace(options=self.option_args(group))
+        plist = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
+        if not _same(plist, self.all_params):
+            return None
         grads = list(map(_GRAD, plist))
         if list(map(operator.is_, grads, itertools.repeat(None))) != self.missing:
             return None
@@ -223,17 +211,59 @@ class GroupPlan:
         params = self.params
         if (any(map(_IS_SPARSE, grads)) or list(map(_SHAPE, grads)) != self.shapes
                 or list(map(_SHAPE, params)) != self.shapes or list(map(_DTYPE, grads)) != self.gdtypes
-                or list(map(_DTYPE, params)) != self.pdtypes or list(map(_DEVICE, grads)) != self.devices
-                or list(map(_DEVICE, params)) != self.devices or list(map(_IS_CONTIGUOUS, params)) != self.contiguous):
+                or list(map(_DTYPE, params)) != self.pdtypes or list(map(_DEVICE, grads)) != self.tensor_devices
+                or list(map(_DEVICE, params)) != self.tensor_devices
+                or list(map(_IS_CONTIGUOUS, params)) != self.contiguous):
             return None
         states = self.states
         if not _same(map(_V, states), self.vs) or not self.same_ms(states):
             return None
-        if self.fused is None:
-            return GroupRun(group, params, grads, states, self.calls, None, None)
-        etas = list(map(float, map(_ETA, states)))
-        lists = (self.vs, list(map(_B, states)), self.op_ms, list(map(_STEP, states)), etas)
-        return GroupRun(group, params, grads, states, self.calls, self.fused, lists)
+        # built at every step: cheaper than checking that kept lists still hold
+        bs, steps, etas = list(map(_B, states)), list(map(_STEP, states)), list(map(float, map(_ETA, states)))
+        # the op takes contiguous gradients (made once here); the other backends get them as they are
+        op_grads = list(map(_CONTIGUOUS, grads)) if self.any_fused else grads
+        parts = [plan.part((grads if plan.fused is None else op_grads)[a:b], bs[a:b], steps[a:b], etas[a:b])
+                 for plan, (a, b) in zip(self.groups, self.cuts)]
+        return Run(parts, self.devices, self.on_device, self.checks, grads if self.checks else [], self.grad_devices,
+                   fresh=False, steps=steps)
+
+
+class GroupPlan:
+    """One param group's part of a `Plan`: its backend calls, and when one call of the compiled
+    op takes all its tensors, that op's arguments but the gradients (`fused`, `lists`)."""
+
+    def __init__(self, opt, index, run):
+        group, params = run.group, run.params
+        self.group, self.index, self.calls = group, index, run.calls
+        self.options, self.layout = _options_of(group), _layout(group)
+        self.params = list(params)
+        self.states = [opt.state[p] for p in params]
+        self.vs, self.ms = [st["v"] for st in self.states], [st.get("m") for st in self.states]
+        momentum = group["momentum"]
+        # the op called straight from the plan's lists when the kernels take every tensor
+        # (the op's own test: m's layout is the optimizer's, fixed while m is)
+        op = backends.kernel_op(self.calls[0][0]) if len(self.calls) == 1 and params else None
+        fused = (op is not None and not any(g.dtype == torch.float64 for g in run.grads)
+                 and all(op.takes(p, st, momentum) for p, st in zip(params, self.states)))
+        self.fused = Fused(op.step, op.options(group)) if fused else None
+        self.option_args = op.options if fused else None
+        self.op_ms = self.ms if momentum > 0 else []
+
+    def update(self, group, options):
+        """The group's options changed to `options`: raise for a bad value (as the full path
+        would), False when the plan cannot follow (its layout changed), else follow them."""
+        check_options(group, f"Amos param group {self.index}")
+        if _layout(group) != self.layout:
+            return False
+        self.options = options
+        if self.fused is not None:
+            self.fused = self.fused._replace(options=self.option_args(group))
+        return True
+
+    def part(self, grads, bs, steps, etas):
+        """This step's `GroupRun`, from its part of the flat lists `Plan.run` checked."""
+        lists = None if self.fused is None else (self.vs, bs, self.op_ms, steps, etas)
+        return GroupRun(self.group, self.params, grads, self.states, self.calls, self.fused, lists)
 
 
 # ---- steps of DTensor parameters ------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 The plan must change nothing but host time: planned steps are compared bit for bit with the
 same steps on the full path (the plan switched off), through the changes a plan depends on
-(gradients missing, lr and momentum changed by a schedule, gradients in another dtype,
-non-finite gradients, a state dict loaded, a parameter's data replaced), and bad input given
-after the plan was built must still raise before anything changes.
+(gradients missing or not contiguous, lr and momentum changed by a schedule, gradients in
+another dtype, non-finite gradients, a state dict loaded, a parameter's data replaced), and bad
+input given after the plan was built must still raise before anything changes.
 """
 import copy
 
@@ -45,6 +45,8 @@ def set_grads(params, step, gen):
         g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
         if step == 3 and i == 1:
             g = None  # a parameter without a gradient for one step (full path at steps 3 and 4)
+        elif step == 5 and i in (0, 5):  # a transposed gradient: the op's copy made contiguous, the reference's as is
+            g = torch.randn(p.shape[::-1], generator=gen, dtype=p.dtype).t()
         elif step == 6 and i == 0:
             g = g.to(torch.bfloat16)  # another gradient dtype (full path at steps 6 and 7)
         elif step == 8 and i == 3:
