@@ -1,10 +1,10 @@
-"""Param groups: a new group checked and completed (options, tensors, backends), and each
-parameter's eta, measured once when its group is added (docs/algorithm.md, "The scale eta")."""
+"""Param groups: a new group checked and completed (options, tensors, backends; an lr left out
+from the lr rule), and each parameter's eta, measured once when its group is added by the eta
+rule (defaults.py; docs/defaults.md)."""
 import torch
 
-from . import backends, distributed
-from .options import DEFAULT_LR, check_options, is_number, scalar_lr
-from .slices import default_eta
+from . import backends, defaults, distributed
+from .options import check_options, is_number, scalar_lr
 
 
 def _entries(group):
@@ -12,18 +12,25 @@ def _entries(group):
     return [group["params"]] if torch.is_tensor(group["params"]) else list(group["params"])
 
 
-def prepare(param_group, defaults, param_groups, backend, capturable, eta_fn):
-    """(group, tensors, etas): `param_group` completed with `defaults` and checked against the
-    optimizer's settings and its `param_groups` so far, raising before anything changes; its
-    tensors, and the eta of each."""
+def prepare(param_group, options, param_groups, backend, capturable, eta_fn, total_steps):
+    """(group, tensors, etas): `param_group` completed with `options` (the optimizer's defaults)
+    and checked against the optimizer's settings and its `param_groups` so far, raising before
+    anything changes; its tensors, and the eta of each."""
     group = dict(param_group)
     if not torch.is_tensor(group.get("params")) and not isinstance(group.get("params"), set):
         group["params"] = list(group["params"])  # a generator (model.parameters()) reads only once
-    for key, value in defaults.items():
+    for key, value in options.items():
         group.setdefault(key, value)
-    if group["lr"] is None and group.get("schedule") in DEFAULT_LR:
-        group["lr"] = DEFAULT_LR[group["schedule"]]
     where = f"Amos param group {len(param_groups)}"
+    if group["lr"] is None and group.get("schedule") in defaults.DEFAULT_LR:
+        group["lr"] = defaults.lr(group["schedule"], total_steps)
+        scheduled = defaults.lr_schedule(group["schedule"], total_steps)
+        if scheduled is not None:
+            if capturable:
+                raise ValueError(f"{where}: total_steps schedules the lr on the host inside step(), which a "
+                                 "captured graph would freeze; with capturable=True pass lr and step an LR "
+                                 "scheduler outside the graph")
+            group[defaults.SCHEDULE_KEY] = scheduled
     check_options(group, where)
     scalar_lr(group)
     if capturable:
@@ -82,8 +89,8 @@ def measure_etas(eta_fn, names, params, group):
     etas = [group["eta"] if eta is None else eta for eta in etas]
     measure = [i for i, (eta, p) in enumerate(zip(etas, params)) if eta is None and p.ndim >= 2]
     for i, ms in zip(measure, distributed.mean_squares([params[i] for i in measure])):
-        etas[i] = default_eta(params[i].shape, ms)
-    etas = [default_eta(p.shape, None) if eta is None else eta for eta, p in zip(etas, params)]
+        etas[i] = defaults.eta(params[i].shape, ms)
+    etas = [defaults.eta(p.shape, None) if eta is None else eta for eta, p in zip(etas, params)]
     for name, p, eta in zip(names, params, etas):
         if not (is_number(eta) and eta > 0):
             raise ValueError(f"Amos: eta for parameter {name or tuple(p.shape)} is {eta!r}; "

@@ -5,7 +5,9 @@ import torch
 
 from . import backends, distributed, pickling, verdict
 from .groups import prepare
-from .options import DEFAULT_LR, check_settings  # noqa: F401  (DEFAULT_LR: amos_fused.optimizer.DEFAULT_LR)
+from . import defaults as default_rules
+from .defaults import DEFAULT_LR  # noqa: F401  (amos_fused.optimizer.DEFAULT_LR)
+from .options import check_settings
 from .plan import Plan, WorkCheck, collect, full_run, sharded_work
 from .state import check_loadable, loaded, new_state
 
@@ -17,30 +19,34 @@ class Amos(torch.optim.Optimizer):
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or group dicts;
             every option below except ``eta_fn`` and ``backend`` can be overridden per group.
         lr: the global learning rate ``xi`` (``alpha0``); read at every step, so LR schedulers
-            work. None picks the family's default (``DEFAULT_LR``).
+            work. None: the lr rule (``defaults.lr``: ``DEFAULT_LR``, or a schedule from ``total_steps``).
         schedule: ``"amos"`` (official, adaptive decay) or ``"constant"``, ``"inverse_time"``,
             ``"inverse_square"`` (closed forms; the last two need ``half_life`` in steps).
         q: closed forms only: the decoupled decay rate is ``lr**2 / (2q) * s(t)``.
         beta: decay of the second moment ``v``.
         momentum: EMA of the whole update (0 disables it and its state ``m``).
-        momentum_dtype: storage of ``m``: None (fp32), float32, bfloat16 or float16.
+        momentum_dtype: storage of ``m``: "auto" (default: bfloat16; fp64 for fp64 parameters),
+            None (the compute dtype: fp32, fp64 for fp64 parameters), float32, bfloat16 or float16.
         clip_value: element-wise gradient clipping (after unscaling), or None.
         d_coef, c_coef, extra_l2: ``"amos"`` only, as in the official code.
         eps: floor of ``v`` (not an addend).
-        eta: the expected RMS of each parameter's entries. None measures it once, from the
-            initial weights (matrices) or uses 0.5 (vectors and scalars); a float sets it.
+        eta: the expected RMS of each parameter's entries. None: the eta rule (``defaults.eta``),
+            measured once from the initial weights; a float sets it.
         eta_fn: ``eta_fn(name, param) -> float or None`` per parameter (name is None when
             params came without names); None falls back to the group's ``eta`` rule.
         granularity: ``"row"`` (default), ``"tensor"`` or ``"element"``: the slices of ``v``.
         backend: ``"auto"`` or an explicit backend from ``amos_fused.backends.BACKENDS``.
-        guard: what a non-finite gradient skips. ``"step"`` (default): the whole step, exactly
-            (one extra read of the gradients decides it before anything changes). ``"slice"``:
-            only the slices (rows) whose sum of squares ``S_r`` is not finite keep their
-            parameters and state, the rest of the step goes ahead; no extra read (one pass over
-            the gradients, the byte floor of the fused kernels), counted in ``guarded_slices``.
-            GradScaler's ``found_inf`` skips the whole step in both modes. With DTensor
+        guard: what a non-finite gradient skips. ``"slice"`` (default): only the slices (rows)
+            whose sum of squares ``S_r`` is not finite keep their parameters and state, the rest
+            of the step goes ahead; no extra read (one pass over the gradients, the byte floor of
+            the fused kernels), counted in ``guarded_slices``. ``"step"``: the whole step, exactly
+            (one extra read of the gradients decides it before anything changes). GradScaler's ``found_inf`` skips the whole step in both modes. With DTensor
             parameters (FSDP2, HSDP, tensor parallel) every rank takes the same decision: the
             verdicts ride on the step's all-reduce.
+        total_steps: the number of optimizer steps the run will take, or None. Read only by the
+            lr rule, for groups without an lr: a warmup and a linear decay to 0 at ``total_steps``
+            (``defaults.lr_schedule``), kept in the group's ``"lr_schedule"``, so a resumed run
+            continues it. Not with an LR scheduler (pass lr then) or ``capturable=True``.
         capturable: no host synchronisation at all in ``step()``, so a whole training step can be
             captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device
             (LR schedulers fill it in place, so replays see new values). Needs a fused backend
@@ -66,15 +72,16 @@ class Amos(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
 
     def __init__(self, params, lr=None, *, schedule="amos", half_life=None, q=1.0, beta=0.999,
-                 momentum=0.9, momentum_dtype=None, clip_value=None, d_coef=0.25, c_coef=0.25,
+                 momentum=0.9, momentum_dtype="auto", clip_value=None, d_coef=0.25, c_coef=0.25,
                  extra_l2=0.0, eps=2.0**-125, eta=None, eta_fn=None, granularity="row",
-                 backend="auto", guard="step", capturable=False):
+                 backend="auto", guard="slice", capturable=False, total_steps=None):
         defaults = dict(lr=lr, schedule=schedule, half_life=half_life, q=q, beta=beta,
                         momentum=momentum, momentum_dtype=momentum_dtype, clip_value=clip_value,
                         d_coef=d_coef, c_coef=c_coef, extra_l2=extra_l2, eps=eps, eta=eta,
                         granularity=granularity)
-        check_settings(backend, eta_fn, guard, capturable)
+        check_settings(backend, eta_fn, guard, capturable, total_steps)
         self.backend = backend
+        self.total_steps = total_steps  # read by the lr rule when a group without lr is added
         self.eta_fn = eta_fn
         self.capturable = capturable
         self.guard = guard
@@ -110,7 +117,7 @@ class Amos(torch.optim.Optimizer):
         text = super().__repr__()  # "Amos (" and the param groups
         head = f"{type(self).__name__} ("
         settings = (f"backend={self.backend!r}, guard={self.guard!r}, capturable={self.capturable}, "
-                    f"eta_fn={self.eta_fn!r}")
+                    f"eta_fn={self.eta_fn!r}, total_steps={self.total_steps!r}")
         return head + settings + text[len(head):]
 
     @property
@@ -142,7 +149,7 @@ class Amos(torch.optim.Optimizer):
     # ---- groups and state -----------------------------------------------------------------
     def add_param_group(self, param_group):
         group, tensors, etas = prepare(param_group, self.defaults, self.param_groups, self.backend,
-                                       self.capturable, self.eta_fn)  # raises before anything changes
+                                       self.capturable, self.eta_fn, self.total_steps)  # raises before anything changes
         super().add_param_group(group)
         self._plan = None
         for p, eta in zip(tensors, etas):
@@ -208,17 +215,21 @@ class Amos(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._notices.check_pending()
+        default_rules.schedule_lr(self.param_groups)  # the lr of groups that follow total_steps
         run = self._planned_run()
         if run is None:  # the full path: every check, then a plan for the next steps
             work = sharded_work(self._sharded_checks, self.param_groups) if self._sharded is not None else None
-            if work is not None:  # DTensor parameters, nothing changed since the last step
-                return self._sharded_step(work, getattr(self, "grad_scale", None), loss)
-            work = self._collect()
-            if any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
+            fresh = work is None  # else DTensor parameters, nothing changed since the last step
+            if fresh:
+                work = self._collect()
+            if not fresh or any(distributed.is_dtensor(p) for _, ps, _ in work for p in ps):
                 loss = self._sharded_step(work, getattr(self, "grad_scale", None), loss)
-                self._sharded_checks = [WorkCheck(group, params, grads) for group, params, grads in work]
+                if fresh:
+                    self._sharded_checks = [WorkCheck(group, params, grads) for group, params, grads in work]
+                default_rules.count_scheduled_step(self.param_groups)
                 return loss
             run = full_run(work, self.backend, self.guard, self.capturable, self._bound_cache)
+        default_rules.count_scheduled_step(self.param_groups)  # checks passed: this step is taken
         # the rest in this frame, as one function: Dynamo splits it at the host reads below
         flags = verdict.flags(run.checks, run.grads, run.grad_devices, getattr(self, "grad_scale", None),
                               getattr(self, "found_inf", None))

@@ -5,18 +5,13 @@ import numbers
 import torch
 
 from . import backends
+from .defaults import MOMENTUM_AUTO, check_total_steps
 from .schedules import CLOSED_FORMS, DECAYING
 from .slices import GRANULARITIES
 
 SCHEDULES = ("amos",) + CLOSED_FORMS
-MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+MOMENTUM_DTYPES = (MOMENTUM_AUTO, None, torch.float32, torch.bfloat16, torch.float16)
 GUARDS = ("step", "slice")
-
-# Default lr per family, measured by the main job (benchmarks/convergence.py, default preset:
-# 400 steps, one seed; benchmarks/results/convergence_lr_sweep.md, README "Defaults"): "amos" was
-# best at 0.03 of 0.01/0.03/0.1/0.3, "inverse_time" at 0.1 of 0.03/0.1/0.3; "constant" and
-# "inverse_square" were not swept and take inverse_time's value.
-DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
 
 # Options only one family reads, with their neutral values: setting them for the other family
 # is an error rather than a silent no-op.
@@ -74,7 +69,8 @@ def check_options(o, where):
         if not (is_number(o[name]) and 0 <= o[name] < 1):
             bad(name, "use a number in [0, 1)")
     if o["momentum_dtype"] not in MOMENTUM_DTYPES:
-        bad("momentum_dtype", "use None (fp32), torch.float32, torch.bfloat16 or torch.float16")
+        bad("momentum_dtype", "use 'auto' (bf16; fp64 for fp64 params), None (the compute dtype: fp32, fp64 for "
+            "fp64 params), torch.float32, torch.bfloat16 or torch.float16")
     if o["clip_value"] is not None and not (is_number(o["clip_value"]) and o["clip_value"] > 0):
         bad("clip_value", "use None (no clipping) or a number > 0")
     for name in ("d_coef", "c_coef", "extra_l2"):
@@ -91,9 +87,10 @@ def check_options(o, where):
             bad(name, f"schedule={o['schedule']!r} does not use it; leave it at {neutral}")
 
 
-def check_settings(backend, eta_fn, guard, capturable):
+def check_settings(backend, eta_fn, guard, capturable, total_steps):
     """Raise for a bad optimizer-wide setting (those a param group cannot override)."""
     backends.check_backend(backend)
+    check_total_steps(total_steps)
     if eta_fn is not None and not callable(eta_fn):
         raise TypeError(f"Amos: eta_fn must be callable as eta_fn(name, param), got {eta_fn!r}")
     if guard not in GUARDS:

@@ -4,7 +4,8 @@ verdict's vectors) are keyed by the old tensors and rebuilt by the copy."""
 import pickle
 
 # kept: the settings a param group cannot override, and the counters and once-only warnings
-KEPT = ("backend", "guard", "capturable", "eta_fn", "_skipped", "_skipped_on", "_guarded_on", "_notices")
+KEPT = ("backend", "guard", "capturable", "eta_fn", "total_steps", "_skipped", "_skipped_on", "_guarded_on",
+        "_notices")
 
 
 class EtaFn:

@@ -53,7 +53,9 @@ def collect(param_groups, state, checked):
                 raise ValueError(f"{param_name(gi, group, i)}: gradient is on {g.device}, parameter on "
                                  f"{p.device}; move them together")
             st = state.get(p)
-            if st:
+            if st and torch.compiler.is_compiling():
+                check_state(st, p, group, gi, i)  # a hit or miss of `checked` would be a guard: a recompile
+            elif st:
                 key = (group["granularity"], id(st.get("v")), id(st.get("m")))
                 if checked.get(id(p)) != key:
                     check_state(st, p, group, gi, i)

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from . import distributed
+from . import defaults, distributed
 from .groups import param_name
 from .options import check_options, is_number
 from .reference import compute_dtype
@@ -20,7 +20,7 @@ def new_state(state, p, group):
         state["v"] = distributed.new_slice_state(p, group["granularity"], wide)
         state["b"] = distributed.new_slice_state(p, group["granularity"], wide)
     if group["momentum"] > 0 and "m" not in state:
-        mdt = group["momentum_dtype"] or compute_dtype(p)
+        mdt = defaults.momentum_dtype(group["momentum_dtype"], p)
         state["m"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
     return state
 

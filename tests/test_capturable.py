@@ -91,8 +91,8 @@ def test_the_guard_catches_a_host_read():
 def test_capturable_step_reads_nothing_on_the_host_and_matches(backend, options):
     eager, graphable = make(), make()
     # the same tensor lr for both (a float lr reaches the interpreted Triton kernels as fp64)
-    opt_e = Amos(eager, lr=torch.tensor(0.05), backend=backend, **options)
-    opt_c = Amos(graphable, lr=0.05, backend=backend, capturable=True, **options)
+    opt_e = Amos(eager, lr=torch.tensor(0.05), backend=backend, guard="step", **options)
+    opt_c = Amos(graphable, lr=0.05, backend=backend, capturable=True, guard="step", **options)
     assert torch.is_tensor(opt_c.param_groups[0]["lr"]), "capturable keeps lr as a tensor"
     for step in range(5):
         bad = step == 2

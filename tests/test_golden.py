@@ -87,7 +87,8 @@ def replay(config, dtype, options=None, lr_of_step=None, device="cpu"):
     groups = [dict(params=[params[n]], eta=config["eta"][n], granularity=granularity(config, n)) for n in names]
     kwargs = dict(lr=steps[0]["lr"], schedule="amos", beta=o["beta"], momentum=o["momentum"],
                   clip_value=o["clip_value"], d_coef=o["d_coef"], c_coef=o["c_coef"],
-                  extra_l2=o["extra_l2"], eps=o["epsilon"], backend="reference")
+                  extra_l2=o["extra_l2"], eps=o["epsilon"], backend="reference",
+                  momentum_dtype=None)  # m in the compute dtype, as the official code keeps it (default: bf16)
     opt = Amos(groups, **{**kwargs, **(options or {})})
     for t, step in enumerate(steps, start=1):
         for group in opt.param_groups:

@@ -1,6 +1,7 @@
 """Non-finite gradients never reach parameters or state, on every backend that runs here.
 
-Policy (Amos docstring, docs/reliability.md): a step is skipped as a whole (parameters, v, b, m and the step
+Policy of guard="step" (Amos docstring, docs/reliability.md; test_guard.py has the default,
+guard="slice"): a step is skipped as a whole (parameters, v, b, m and the step
 count unchanged) when a gradient holds NaN or +-Inf, or when some slice's sum of squares
 S_r = sum g*g of the unscaled, clipped gradient overflows its compute dtype (1e30**2 in fp32: the
 spec's math would then write v = inf and b = NaN); the skip is counted in
@@ -49,7 +50,7 @@ def assert_all_finite(opt, params, where):
 def train(backend, config, dtype, bad=None, bad_step=2, steps=4):
     """`steps` steps; with `bad`, an extra step whose gradient has one element set to `bad`."""
     params = make(dtype)
-    opt = Amos(params, lr=0.1, backend=backend, **config)
+    opt = Amos(params, lr=0.1, guard="step", backend=backend, **config)
     schedule = list(range(steps))
     if bad is not None:
         schedule.insert(bad_step, "bad")
@@ -101,7 +102,7 @@ def test_nonfinite_gradient_skips_the_step_and_training_continues(backend, confi
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_warning_is_shown_once_and_every_skip_is_counted(backend):
     params = make()
-    opt = Amos(params, lr=0.1, backend=backend)
+    opt = Amos(params, lr=0.1, guard="step", backend=backend)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for k in range(3):
@@ -117,7 +118,7 @@ def test_warning_is_shown_once_and_every_skip_is_counted(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scaler_with_inf(backend):
     params = make()
-    opt = Amos(params, lr=0.1, backend=backend, momentum=0.9)
+    opt = Amos(params, lr=0.1, guard="step", backend=backend, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
 
@@ -144,7 +145,7 @@ def test_grad_scaler_with_inf(backend):
 
 # ---- huge but finite gradients: S_r = sum g*g can overflow ------------------------------------
 def one_step(backend, grads, params, grad_scale=None, **options):
-    opt = Amos(params, lr=0.1, backend=backend, momentum=0.0, **options)
+    opt = Amos(params, lr=0.1, guard="step", backend=backend, momentum=0.0, **options)
     for p, g in zip(params, grads):
         p.grad = g
     if grad_scale is not None:  # GradScaler's fused protocol, as GradScaler.step sets it
@@ -231,7 +232,7 @@ def test_large_gradient_path_skips(bad):
     from amos_fused import Amos
     p = torch.nn.Parameter(torch.randn(300, 300) * 0.1)
     small = torch.nn.Parameter(torch.randn(7))
-    opt = Amos([p, small], backend="reference")
+    opt = Amos([p, small], guard="step", backend="reference")
     p.grad = torch.randn(300, 300) * 0.01
     small.grad = torch.randn(7)
     opt.step()

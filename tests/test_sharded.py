@@ -66,7 +66,19 @@ def _configs():
     for c in out:
         if c.get("schedule") in ("inverse_time", "inverse_square"):
             c.setdefault("half_life", 3)
+        # what these configs mean unless they say otherwise: the whole-step verdict, m in the compute dtype
+        c.setdefault("guard", "step")
+        c.setdefault("momentum_dtype", None)
+    out.append(dict(lr=None, total_steps=STEPS))  # the lr rule's schedule, counted by the sharded step
+    out.append(DEFAULTS)
     return out
+
+
+DEFAULTS = {}  # Amos(params, lr=...): guard="slice", bf16 m, the eta rule, as the unsharded default
+
+
+def _fp64(config):
+    return config.get("dtype", (F32,))[0] == F64
 
 
 CONFIGS = _configs()
@@ -153,7 +165,7 @@ def run_config(rank, world, mesh, config, backend):
 
 
 def _check_count(count, mesh, config):
-    agree = config.get("guard", "step") == "step" or config.get("scaler")
+    agree = config.get("guard", "slice") == "step" or config.get("scaler")
     if agree:
         assert count == mesh.ndim, f"{config}: {count} all-reduces, expected one per mesh dimension ({mesh.ndim})"
     elif config.get("granularity") == "element" and config.get("schedule", "amos") == "amos":
@@ -199,7 +211,7 @@ def _mesh(world):
 # GradScaler and the device verdict: for the reference path (whose sharded step shares its code
 # with the cpu backend's, which runs the whole grid on 2 ranks, and on 4 ranks every family x
 # granularity x momentum and the subset's options) and triton (under the interpreter on CPU: slow)
-SUBSET = [c for i, c in enumerate(CONFIGS) if i in (1, 8, 11, 12, 16, 17, 22)]
+SUBSET = [c for i, c in enumerate(CONFIGS) if i in (1, 8, 11, 12, 16, 17, 22)] + [DEFAULTS]
 
 
 def grid_worker(rank, world, backends, configs=None):
@@ -209,9 +221,9 @@ def grid_worker(rank, world, backends, configs=None):
     count_all_reduces()
     mesh = _mesh(world)
     for backend in backends:
-        for config in configs or (SUBSET + [CONFIGS[-2]] if backend == "reference" else
+        for config in configs or (SUBSET + [c for c in CONFIGS if _fp64(c)] if backend == "reference" else
                                   CONFIGS if world == 2 else CONFIGS[:12] + SUBSET[3:]):
-            if backend != "reference" and config.get("dtype", (F32,))[0] == F64:
+            if backend != "reference" and _fp64(config):
                 continue  # fp64 runs the reference path on every backend
             run_config(rank, world, mesh, config, backend)
 

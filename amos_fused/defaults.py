@@ -1,0 +1,119 @@
+"""What Amos does with the options a user leaves out: eta, lr, momentum storage (docs/defaults.md).
+
+Each rule is a pure function of what it is given (shapes, the initial weights' mean square, the
+run length): the optimizer stores what it returns (eta in each parameter's state, lr in the param
+group), so a resumed run reads the values back and never derives them again.
+"""
+import math
+import numbers
+import warnings
+
+import torch
+
+from .reference import compute_dtype
+
+# lr of each family when neither lr nor total_steps is given (docs/defaults.md, "lr").
+DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
+
+# total_steps: the lr schedule of groups given without lr (lr, lr_factor)
+WARMUP_FRACTION = 0.05
+LONG_RUN = 3.0  # peak lr <= 3/sqrt(N): 0.03 up to N = 10 000; 0.0055 at 300k (official BERT run: 0.005)
+SCHEDULE_KEY = "lr_schedule"  # group entry (peak, total_steps, steps taken), saved with the group
+
+MOMENTUM_AUTO = "auto"
+BF16 = torch.bfloat16
+
+
+def check_total_steps(total_steps):
+    """Raise ValueError unless `total_steps` is None or a whole number >= 1."""
+    if total_steps is None:
+        return
+    ok = isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool) and total_steps >= 1
+    if not ok:
+        raise ValueError(f"Amos: total_steps={total_steps!r} is invalid; use None (lr from DEFAULT_LR) or the "
+                         "number of optimizer steps the run will take, a whole number >= 1")
+
+
+def lr(schedule, total_steps=None):
+    """The lr of a group of `schedule` given without one: DEFAULT_LR; with `total_steps` N, the
+    peak of the run's lr schedule (`schedule_lr`), min(DEFAULT_LR, LONG_RUN / sqrt(N)): the same
+    for runs up to 10 000 steps, and 1/sqrt(N)-like beyond, as the official long-run advice."""
+    check_total_steps(total_steps)
+    base = DEFAULT_LR[schedule]
+    if total_steps is None or schedule != "amos":
+        return base
+    return min(base, LONG_RUN / math.sqrt(total_steps))
+
+
+def lr_schedule(schedule, total_steps):
+    """The group entry `SCHEDULE_KEY` of a group whose lr the rules chose, or None: with
+    `total_steps`, schedule="amos" groups get a warmup and a linear decay (`lr_factor`)."""
+    if total_steps is None or schedule != "amos":
+        return None
+    return (lr(schedule, total_steps), int(total_steps), 0)  # (peak, N, steps taken)
+
+
+def lr_factor(steps_taken, total_steps):
+    """Multiplier of the peak lr at the step after `steps_taken` steps: linear warmup over the first
+    WARMUP_FRACTION of the run, then linear decay to 0 at `total_steps` (0 after it)."""
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    if steps_taken < warmup:
+        return (steps_taken + 1) / warmup
+    return max(0.0, (total_steps - steps_taken) / max(1, total_steps - warmup))
+
+
+def schedule_lr(param_groups):
+    """Set the lr of every group with a `SCHEDULE_KEY` for the coming step (called by step())."""
+    for group in param_groups:
+        entry = group.get(SCHEDULE_KEY)
+        if entry is not None:
+            if "initial_lr" in group:
+                raise RuntimeError("Amos: this param group's lr follows total_steps (warmup and linear decay) "
+                                   "and an LR scheduler also sets it; give Amos an lr to use your scheduler, or "
+                                   "drop the scheduler")
+            peak, total, taken = entry
+            if taken == total:
+                warnings.warn(f"Amos: this run has taken total_steps={total} steps; the lr of groups that follow "
+                              "total_steps is 0 from now on (their lr schedule ends there)")
+            group["lr"] = peak * lr_factor(taken, total)
+
+
+def count_scheduled_step(param_groups):
+    """One more step taken by every scheduled group (called at the end of a step)."""
+    for group in param_groups:
+        entry = group.get(SCHEDULE_KEY)
+        if entry is not None:
+            group[SCHEDULE_KEY] = (entry[0], entry[1], entry[2] + 1)  # a new tuple: saved state dicts keep theirs
+
+
+def eta(shape, mean_square):
+    """eta of a parameter of `shape` whose initial weights have mean square `mean_square` (over the
+    global tensor; None or 0 when not measured or all zero).
+
+    Vectors and scalars (biases, norm gains): 0.5, the official value. Matrices (C = prod(shape[1:]),
+    the fan-in of a Linear or conv weight, the width of an embedding table): the initial RMS, kept
+    within the fan-in band [sqrt(1/C), sqrt(2/C)] (LeCun to He scale), or sqrt(1/C) for an all-zero
+    matrix. eta is the scale the weights should have at the optimum, and an initialisation can miss
+    it widely: torch's nn.Embedding is N(0, 1) (eta 1 moved it far too fast), GPT-2's N(0, 0.02) and
+    torch's kaiming-uniform nn.Linear (RMS sqrt(1/(3C))) sit below the band.
+    """
+    if len(shape) <= 1:
+        return 0.5
+    fan_in = math.prod(shape[1:])
+    if not fan_in:
+        return 1.0
+    low, high = math.sqrt(1.0 / fan_in), math.sqrt(2.0 / fan_in)
+    rms = math.sqrt(mean_square) if mean_square else 0.0
+    if not (rms > 0 and math.isfinite(rms)):
+        return low
+    return min(max(rms, low), high)
+
+
+def momentum_dtype(option, param):
+    """The dtype `m` is stored in for `param` under the group's `momentum_dtype` option: "auto"
+    is bfloat16 for parameters of 32 bits or fewer (fp64 parameters keep fp64), None the compute
+    dtype (fp32; fp64 for fp64 parameters), a dtype itself."""
+    wide = compute_dtype(param)
+    if option == MOMENTUM_AUTO:
+        return wide if wide.itemsize > 4 else BF16
+    return option or wide

@@ -1,0 +1,217 @@
+"""The rules for options left out (amos_fused/defaults.py, docs/defaults.md): eta, lr and its
+total_steps schedule, momentum storage, the guard; what is stored, what a resumed run reads back,
+and that anything the user gives is used exactly."""
+import copy
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from amos_fused import DEFAULT_LR, Amos, defaults
+
+
+# ---- eta ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,rms,expected", [
+    ((256, 128), 1.0, math.sqrt(2 / 128)),  # torch's nn.Embedding N(0, 1): the band's top
+    ((256, 128), 0.02, math.sqrt(1 / 128)),  # GPT-2's N(0, 0.02): the band's floor
+    ((512, 128), 1 / math.sqrt(3 * 128), math.sqrt(1 / 128)),  # torch's kaiming-uniform nn.Linear
+    ((64, 128), 0.1, 0.1),  # inside [sqrt(1/128), sqrt(2/128)] = [0.088, 0.125]: kept
+    ((16, 8, 3, 3), 0.3, math.sqrt(2 / 72)),  # conv: C = in * kh * kw
+    ((4, 5), 0.0, math.sqrt(1 / 5)),  # all zero: the floor
+    ((4, 5), None, math.sqrt(1 / 5)),
+    ((4, 5), float("nan"), math.sqrt(1 / 5)),
+    ((4, 0), None, 1.0),  # no elements
+    ((7,), 3.0, 0.5), ((), 3.0, 0.5),  # vectors and scalars: the official 0.5
+])
+def test_eta_rule(shape, rms, expected):
+    ms = None if rms is None else rms * rms
+    assert defaults.eta(shape, ms) == pytest.approx(expected, rel=1e-12)
+
+
+def test_eta_is_measured_once_and_a_resumed_run_keeps_it():
+    emb = torch.nn.Parameter(torch.randn(50, 32, generator=torch.Generator().manual_seed(0)))  # N(0, 1)
+    w = torch.nn.Parameter(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) * 0.22)  # in band
+    opt = Amos([emb, w])
+    assert opt.state[emb]["eta"] == pytest.approx(math.sqrt(2 / 32), rel=1e-12)
+    rms_w = w.detach().double().pow(2).mean().sqrt().item()
+    assert opt.state[w]["eta"] == pytest.approx(rms_w, rel=1e-12)
+    saved = copy.deepcopy(opt.state_dict())
+    with torch.no_grad():
+        w.mul_(0.7)  # "trained" weights: a new measurement would give another eta
+    fresh = Amos([emb, w])
+    assert fresh.state[w]["eta"] != pytest.approx(rms_w, rel=1e-6)
+    fresh.load_state_dict(saved)
+    assert fresh.state[w]["eta"] == pytest.approx(rms_w, rel=1e-12)
+
+
+def test_given_eta_and_eta_fn_are_used_exactly():
+    emb = torch.nn.Parameter(torch.randn(50, 32))
+    w = torch.nn.Parameter(torch.randn(32, 32) * 0.01)
+    opt = Amos([{"params": [("emb", emb)], "eta": 1.0}, {"params": [("w", w)]}],
+               eta_fn=lambda n, p: 0.0123 if n == "w" else None)
+    assert opt.state[emb]["eta"] == 1.0 and opt.state[w]["eta"] == 0.0123
+
+
+# ---- lr and total_steps -----------------------------------------------------------------------------
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _steps(model, opt, n, start=0):
+    lrs = []
+    for t in range(start, start + n):
+        gen = torch.Generator().manual_seed(100 + t)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_lr_without_total_steps_is_the_family_default_and_given_lr_is_kept():
+    for schedule in DEFAULT_LR:
+        extra = {"half_life": 10} if schedule in ("inverse_time", "inverse_square") else {}
+        opt = Amos(_model().parameters(), schedule=schedule, **extra)
+        assert opt.param_groups[0]["lr"] == DEFAULT_LR[schedule] and defaults.SCHEDULE_KEY not in opt.param_groups[0]
+    model = _model()
+    opt = Amos(model.parameters(), lr=0.0042, total_steps=100)  # given: exactly that lr, no schedule
+    assert _steps(model, opt, 3) == [0.0042] * 3
+
+
+@pytest.mark.parametrize("total", [1, 20, 1000, 10_000, 300_000])
+def test_total_steps_schedule_warmup_then_linear_decay_to_zero(total):
+    peak = defaults.lr("amos", total)
+    assert peak == pytest.approx(min(DEFAULT_LR["amos"], 3 / math.sqrt(total)), rel=1e-12)
+    factors = [defaults.lr_factor(k, total) for k in range(total + 2)]
+    warmup = max(1, round(0.05 * total))
+    assert factors[:warmup] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
+    assert max(factors) == 1.0 and factors[warmup - 1] == 1.0
+    assert all(a >= b for a, b in zip(factors[warmup - 1:], factors[warmup:]))  # decays, never rises
+    assert factors[total - 1] > 0 and factors[total] == 0 and factors[total + 1] == 0
+
+
+def test_total_steps_sets_the_lr_of_every_step_and_a_resumed_run_continues_it():
+    model = _model()
+    opt = Amos(model.parameters(), total_steps=40)
+    lrs = _steps(model, opt, 25)
+    peak = defaults.lr("amos", 40)
+    assert lrs == pytest.approx([peak * defaults.lr_factor(k, 40) for k in range(25)], rel=1e-12)
+    saved = copy.deepcopy(opt.state_dict())
+    rest = _steps(model, opt, 10, start=25)
+
+    resumed_model = _model()
+    with torch.no_grad():
+        for p, q in zip(resumed_model.parameters(), model.parameters()):
+            p.copy_(q)  # any weights: only the lr trajectory is compared here
+    resumed = Amos(resumed_model.parameters(), total_steps=40)
+    resumed.load_state_dict(saved)
+    assert _steps(resumed_model, resumed, 10, start=25) == rest
+
+
+def test_total_steps_leaves_closed_forms_and_given_lrs_alone():
+    model = _model()
+    opt = Amos([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}],
+               schedule="inverse_time", half_life=5, total_steps=30)
+    assert [g["lr"] for g in opt.param_groups] == [DEFAULT_LR["inverse_time"], 0.5]
+    assert all(defaults.SCHEDULE_KEY not in g for g in opt.param_groups)
+    opt = Amos([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}], total_steps=30)
+    assert defaults.SCHEDULE_KEY in opt.param_groups[0] and defaults.SCHEDULE_KEY not in opt.param_groups[1]
+    assert _steps(model, opt, 3) == pytest.approx([defaults.lr("amos", 30) * defaults.lr_factor(k, 30)
+                                                   for k in range(3)])
+    assert opt.param_groups[1]["lr"] == 0.5
+
+
+def test_past_total_steps_the_lr_is_zero_and_a_warning_says_so():
+    model = _model()
+    opt = Amos(model.parameters(), total_steps=4, momentum=0.0)  # momentum would coast on
+    _steps(model, opt, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="total_steps=4"):
+        _steps(model, opt, 1, start=4)
+    assert opt.param_groups[0]["lr"] == 0.0
+    # lr 0: Amos's update and decay both scale with lr, so nothing moves
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "100", float("nan"), 1e4])
+def test_bad_total_steps_raises_naming_it(bad):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"total_steps=.*whole number >= 1"):
+        Amos(model.parameters(), total_steps=bad)
+    with pytest.raises(ValueError, match="total_steps"):
+        defaults.lr("amos", bad)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_total_steps_with_an_lr_scheduler_raises_before_anything_changes():
+    model = _model()
+    opt = Amos(model.parameters(), total_steps=10)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="LR scheduler"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all("v" not in opt.state[p] for p in model.parameters())
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY][2] == 0  # no step counted
+
+
+def test_total_steps_with_capturable_raises():
+    with pytest.raises(ValueError, match="capturable"):
+        Amos(_model().parameters(), total_steps=10, capturable=True)
+    Amos(_model().parameters(), lr=0.01, total_steps=10, capturable=True)  # a given lr: no schedule, fine
+
+
+# ---- momentum storage and the guard -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                            (torch.float16, torch.bfloat16), (torch.float64, torch.float64)])
+def test_momentum_is_stored_in_bf16_by_default_fp64_in_fp64(dtype, expected):
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=dtype))
+    p.grad = torch.randn(4, 3, dtype=dtype)
+    opt = Amos([p], lr=0.1)
+    opt.step()
+    assert opt.state[p]["m"].dtype == expected
+    q = torch.nn.Parameter(torch.randn(4, 3, dtype=dtype))
+    q.grad = torch.randn(4, 3, dtype=dtype)
+    opt = Amos([q], lr=0.1, momentum_dtype=None)  # None: the compute dtype, as before
+    opt.step()
+    assert opt.state[q]["m"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_default_guard_is_slice():
+    p = torch.nn.Parameter(torch.ones(3, 4))
+    opt = Amos([p], lr=0.1)
+    assert opt.guard == "slice"
+    p.grad = torch.full((3, 4), 0.5)
+    p.grad[1, 2] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    assert opt.guarded_slices == 1 and opt.skipped_steps == 0
+    assert torch.equal(p[1], torch.ones(4)) and not torch.equal(p[0], torch.ones(4))
+    assert p.isfinite().all() and all(v.isfinite().all() for v in opt.state[p].values() if torch.is_tensor(v))
+
+
+def test_copies_keep_total_steps_and_continue_the_schedule():
+    model = _model()
+    opt = Amos(model.parameters(), total_steps=30)
+    _steps(model, opt, 4)
+    assert "total_steps=30" in repr(opt)
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin.total_steps == 30
+        assert twin.param_groups[0][defaults.SCHEDULE_KEY] == opt.param_groups[0][defaults.SCHEDULE_KEY]
+        params = [p for g in twin.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        twin.step()
+        assert twin.param_groups[0]["lr"] == pytest.approx(defaults.lr("amos", 30) * defaults.lr_factor(4, 30))
+        twin.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})  # a new group follows total_steps too
+        assert twin.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 30), 30, 0)
