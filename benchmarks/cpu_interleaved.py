@@ -2,7 +2,8 @@
 
 `step_time.py` times its rows one after another, so on a shared machine a row can land in a
 slow minute; here every round times every row once, in one process, so all rows see the same
-conditions and the ratios are side by side. Rows: `Amos.step` of the `cpu` backend with
+conditions and the ratios are side by side. Rows: `default`, `Amos(params, lr=1e-3)` with every
+other option at its default (what a user gets); `Amos.step` of the `cpu` backend with
 guard="step" and guard="slice" for the amos families, torch `AdamW(fused=True)`, and the
 streaming reference `a += b` over the same number of elements (12 B/element, as Amos m=0).
 Prints median and min per row, the ratio of fused AdamW's median time to each row's (above 1:
@@ -27,7 +28,7 @@ from amos_fused import Amos  # noqa: E402
 
 FAMILIES = [
     ("amos m=0", dict(schedule="amos", momentum=0.0)),
-    ("amos m=0.9", dict(schedule="amos", momentum=0.9)),
+    ("amos m=0.9", dict(schedule="amos", momentum=0.9, momentum_dtype=torch.float32)),
     ("amos m=0.9 bf16", dict(schedule="amos", momentum=0.9, momentum_dtype=torch.bfloat16)),
     ("inverse_time m=0", dict(schedule="inverse_time", half_life=1000.0, momentum=0.0)),
 ]
@@ -48,6 +49,7 @@ def build_rows(shapes):
     n = bc.numel(shapes)
     a, b = torch.zeros(n), torch.ones(n)
     rows["a += b"] = lambda: a.add_(b)
+    rows["default"] = Amos(_params(shapes, 98), lr=1e-3).step  # every other option at its default
     for i, (label, options) in enumerate(FAMILIES):
         for guard in ("step", "slice"):
             opt = Amos(_params(shapes, i), lr=1e-3, backend="cpu", guard=guard, **options)

@@ -34,14 +34,16 @@ TINY_SIZES = {
     "gpt2-350m": bc.gpt2_shapes(8, 24, vocab=64, ctx=16),
 }
 
+FP32_M = torch.float32  # the m=0.9 rows keep m in fp32 (as when they were first recorded)
 ROWS = {  # label -> Amos options (None: torch AdamW fused)
     "guard=step m=0": dict(guard="step", momentum=0.0),
-    "guard=step m=0.9": dict(guard="step", momentum=0.9),
+    "guard=step m=0.9": dict(guard="step", momentum=0.9, momentum_dtype=FP32_M),
     "guard=slice m=0": dict(guard="slice", momentum=0.0),
-    "guard=slice m=0.9": dict(guard="slice", momentum=0.9),
-    "guard=step m=0.9 capturable": dict(guard="step", momentum=0.9, capturable=True),
-    "guard=step m=0.9 16 groups": dict(guard="step", momentum=0.9, groups=16),
-    "guard=slice m=0.9 16 groups": dict(guard="slice", momentum=0.9, groups=16),
+    "guard=slice m=0.9": dict(guard="slice", momentum=0.9, momentum_dtype=FP32_M),
+    "guard=step m=0.9 capturable": dict(guard="step", momentum=0.9, momentum_dtype=FP32_M, capturable=True),
+    "guard=step m=0.9 16 groups": dict(guard="step", momentum=0.9, momentum_dtype=FP32_M, groups=16),
+    "guard=slice m=0.9 16 groups": dict(guard="slice", momentum=0.9, momentum_dtype=FP32_M, groups=16),
+    "default": dict(),  # Amos(params, backend="cpu"): every other option at its default
     "adamw fused": None,
     "step counters only": "counters",
 }

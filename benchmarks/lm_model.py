@@ -1,16 +1,20 @@
-"""A small byte-level decoder-only transformer (GPT-2 layout: pre-norm blocks, learned positions).
+"""Small byte-level language models: a decoder-only transformer and a GRU.
 
-Initialisation follows GPT-2: every Linear and Embedding weight ~ N(0, 0.02), biases 0,
-LayerNorm gains 1. So every matrix has RMS 0.02 and Amos's default eta (the measured RMS,
-docs/algorithm.md, "The scale eta") is 0.02 for all of them, embeddings included. (torch's own
-nn.Embedding init is N(0, 1), which would give the embeddings eta = 1, fifty times the other
-matrices'; with this init the question does not arise.)
+`ByteLM` has GPT-2's layout (pre-norm blocks, learned positions). With `init="gpt2"` (default)
+every Linear and Embedding weight ~ N(0, 0.02), biases 0, LayerNorm gains 1, so every matrix has
+RMS 0.02. `init="torch"` keeps torch's own initialisation: nn.Embedding ~ N(0, 1), nn.Linear
+kaiming-uniform (RMS 1/sqrt(3 fan_in)), the case of a model whose initial scale is not its scale at
+the optimum (benchmarks/quality.py trains both).
+
+`ByteGRU` is a one-layer GRU language model with torch's initialisation (embedding N(0, 1), GRU
+weights and biases uniform +-1/sqrt(width), head kaiming-uniform).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 INIT_STD = 0.02
+INITS = ("gpt2", "torch")
 
 
 class Block(nn.Module):
@@ -34,8 +38,10 @@ class Block(nn.Module):
 
 
 class ByteLM(nn.Module):
-    def __init__(self, layers, width, heads, context, vocab=256):
+    def __init__(self, layers, width, heads, context, vocab=256, init="gpt2"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: use one of {INITS}")
         if width % heads:
             raise ValueError(f"width={width} must be a multiple of heads={heads}")
         self.tok = nn.Embedding(vocab, width)
@@ -43,7 +49,7 @@ class ByteLM(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
-        for m in self.modules():
+        for m in self.modules() if init == "gpt2" else ():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, INIT_STD)
             if isinstance(m, nn.Linear) and m.bias is not None:
@@ -55,3 +61,15 @@ class ByteLM(nn.Module):
             x = block(x)
         logits = self.head(self.ln(x))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # nats per byte
+
+
+class ByteGRU(nn.Module):
+    def __init__(self, width, vocab=256):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.rnn = nn.GRU(width, width, batch_first=True)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, idx, targets):
+        h, _ = self.rnn(self.tok(idx))
+        return F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())  # nats per byte

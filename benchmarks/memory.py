@@ -33,12 +33,12 @@ import bench_common as bc  # noqa: E402
 from amos_fused import Amos, backends  # noqa: E402
 
 GRANULARITIES = ("row", "tensor", "element")
-MOMENTA = (("m=0", dict(momentum=0.0)), ("m=0.9 fp32", dict(momentum=0.9)),
+MOMENTA = (("m=0", dict(momentum=0.0)), ("m=0.9 fp32", dict(momentum=0.9, momentum_dtype=torch.float32)),
            ("m=0.9 bf16", dict(momentum=0.9, momentum_dtype=torch.bfloat16)))
 
 
 def rows():
-    out = []
+    out = [("default", lambda ps: Amos(ps, lr=1e-3))]  # what a user gets: every option at its default
     for gran in GRANULARITIES:
         for label, kw in MOMENTA:
             out.append((f"amos {gran} {label}", lambda ps, gran=gran, kw=kw: Amos(ps, granularity=gran, **kw)))
@@ -114,7 +114,7 @@ def measure(size, device, dtype, progress, notes):
             opt = None
             bc.free_memory(device)
         backend = None
-        if name.startswith("amos"):
+        if name.startswith("amos") or name == "default":
             backend = "auto -> " + backends.resolve("auto", device).__module__.rsplit(".", 1)[-1]
         results.append(dict(size=size, row=name, backend=backend, n_params=n, dtype=str(dtype).replace("torch.", ""),
                             state_bytes=state, state_bytes_per_param=state / n,

@@ -42,7 +42,7 @@ def step_time(rows, path):
     plt = _pyplot()
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     fig, axes = plt.subplots(len(sizes), 2, figsize=(13, 0.32 * max(len(rows), 8) + 1.5), squeeze=False)
-    colors = {"amos": "tab:blue", "compile": "tab:purple", "adamw": "tab:orange", "adafactor": "tab:green",
+    colors = {"default": "navy", "amos": "tab:blue", "compile": "tab:purple", "adamw": "tab:orange", "adafactor": "tab:green",
               "apex": "tab:red"}
     for (ax_t, ax_r), size in zip(axes, sizes):
         rs = [r for r in rows if r["size"] == size]
@@ -159,8 +159,56 @@ def classifier(rows, path):
           f"seeds {seeds}, {_machine(r)}, {r['date'][:10]}")
 
 
+def quality(rows, path):
+    """The quality suite: per task, validation loss (mean over seeds) of every row but the Amos lr
+    sweep's, of which the default and the best lr are drawn; the default and the best AdamW bold."""
+    plt = _pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cols = min(len(tasks), 2)
+    nrows = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.4 * nrows), squeeze=False)
+    axes = axes.flatten()
+    for ax, task in zip(axes, tasks):
+        runs = [r for r in rows if r["task"] == task]
+        by_row = {row: [r for r in runs if r["row"] == row] for row in dict.fromkeys(r["row"] for r in runs)}
+        final = {row: statistics.fmean(math.inf if r["final_val"] is None else r["final_val"] for r in rs)
+                 for row, rs in by_row.items()}
+        best = {fam: min((row for row, rs in by_row.items() if rs[0]["family"] == fam), key=final.get, default=None)
+                for fam in ("adamw", "amos")}
+        lows, highs = [], []
+        for row, rs in by_row.items():
+            if rs[0]["family"] == "amos" and row not in ("default", best["amos"]):
+                continue
+            rs = [r for r in rs if not r["diverged"]]
+            if not rs:
+                continue
+            steps = min((r["eval_steps"] for r in rs), key=len)
+            mean = [statistics.fmean(r["val_loss"][r["eval_steps"].index(t)] for r in rs) for t in steps]
+            main = row in ("default", best["adamw"])
+            label = row + (" (best AdamW)" if row == best["adamw"] else "") + (
+                " (best Amos lr)" if row == best["amos"] and row != "default" else "")
+            ax.plot(steps, mean, label=label, lw=2.2 if main else 1.1,
+                    ls="--" if rs[0]["family"] == "adamw" and not main else "-", alpha=1.0 if main else 0.8)
+            lows.append(min(mean))
+            highs.append(mean[min(len(mean) - 1, max(1, len(mean) // 5))])
+        if lows:
+            lo, hi = min(lows), max(highs)
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+        ax.set_title(f"{task}: {runs[0]['task_setup']['title']}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5)
+    for ax in axes[len(tasks):]:
+        ax.axis("off")
+    r = rows[0]
+    seeds = sorted({r["seed"] for r in rows})
+    _save(fig, path, f"quality suite, seeds {seeds}: validation loss, mean over seeds; {_machine(r)}, "
+          f"torch {r['versions']['torch']}, {r['date'][:10]}")
+
+
 PLOTTERS = {"step_time": step_time, "row_sweep": row_sweep, "convergence": convergence, "lr_sweep": lr_sweep,
-            "classifier": classifier}
+            "classifier": classifier, "quality": quality}
 
 
 def plot(kind, folder):

@@ -6,7 +6,7 @@ on dim 0, biases included), set random gradients on the shards, and time `optimi
 every row once per round, interleaved, for `--rounds` rounds, all rows on the same parameters
 (every optimizer keeps its own state). A step's time is the slowest rank's (ranks start each step
 together, after a barrier). Rows:
-  Amos default                   Amos(params, lr=...) as shipped
+  default                        Amos(params, lr=...) as shipped: every other option at its default
   Amos m=0 guard=slice           the lightest step: no momentum, no extra read of the gradients
   Amos m=0.9 bf16 guard=slice    momentum stored in bf16
   Amos inverse_time m=0          a closed form: every matrix takes the two-phase path
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
 ROWS = [
-    ("Amos default", dict()),
+    ("default", dict()),
     ("Amos m=0 guard=slice", dict(momentum=0.0, guard="slice")),
     ("Amos m=0.9 bf16 guard=slice", dict(momentum_dtype=torch.bfloat16, guard="slice")),
     ("Amos inverse_time m=0 guard=slice", dict(schedule="inverse_time", half_life=1000, momentum=0.0, guard="slice")),

@@ -5,10 +5,12 @@ CPU), the bytes per parameter the row must move (bench_common: from its state la
 achieved GB/s, that as a percentage of an in-place streaming op (`a += b` over buffers as large
 as the parameters) measured in the same run, the ratio to torch's fused and foreach AdamW, and
 the bytes of optimizer state. The rows are appended to benchmarks/results/<device>/step_time.jsonl
-(bench_common.record; --results DIR elsewhere) and step_time.png is drawn from it (plots.py). Amos rows call `Amos.step()` as a user does, so with the default
-guard="step" they include its non-finite-gradient verdict (one more read of every gradient, not
-in the minimum bytes); rows marked "guard=slice" run Amos(guard="slice"), whose kernels guard
-each slice themselves (one pass over the gradients, like AdamW's, which checks nothing).
+(bench_common.record; --results DIR elsewhere) and step_time.png is drawn from it (plots.py).
+Amos rows call `Amos.step()` as a user does. Rows without "guard=slice" in their label run
+guard="step", so they include its non-finite-gradient verdict (one more read of every gradient,
+not in the minimum bytes); rows marked "guard=slice" run Amos(guard="slice"), whose kernels guard
+each slice themselves (one pass over the gradients, like AdamW's, which checks nothing). The row
+"default" is `Amos(params, lr=1e-3)`: every other option at its default, what a user gets.
 
     python benchmarks/step_time.py --device cpu --quick
     python benchmarks/step_time.py --device cuda --sizes gpt2-124m,llama-1b --backends cuda,triton,adamw
@@ -30,11 +32,13 @@ from amos_fused.reference import reference_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# (label, Amos options). "amos m=0.9" keeps m in fp32 (the default); the closed form stands for
+# (label, Amos options). "amos m=0.9" keeps m in fp32, "bf16" in bf16; the closed form stands for
 # the family sharing one kernel shape (docs/algorithm.md, "Closed-form schedules" and "Kernel phases").
+# Rows without "guard=slice" in their label run guard="step"; the row "default" is
+# Amos(params, lr=1e-3), every other option at its default.
 FAMILIES = [
     ("amos m=0", dict(schedule="amos", momentum=0.0)),
-    ("amos m=0.9", dict(schedule="amos", momentum=0.9)),
+    ("amos m=0.9", dict(schedule="amos", momentum=0.9, momentum_dtype=torch.float32)),
     ("amos m=0.9 bf16", dict(schedule="amos", momentum=0.9, momentum_dtype=torch.bfloat16)),
     ("inverse_time m=0", dict(schedule="inverse_time", half_life=1000.0, momentum=0.0)),
 ]
@@ -45,7 +49,7 @@ TRITON_COLB_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed with ot
 TRITON_MAX_COLB = (4096,)  # the compiled heuristic has 1024; sm_90 ptxas: 4096 needs fewer registers
 KERNEL_ONLY_FAMILIES = ("amos m=0", "amos m=0.9")  # on CUDA: also timed without Amos.step around them
 
-BASELINES = ("compile", "adamw", "adafactor", "apex")
+BASELINES = ("default", "compile", "adamw", "adafactor", "apex")
 DEFAULT_SIZES = {"cpu": ("gpt2-124m", "gpt2-350m", "many-small"),
                  "cuda": ("gpt2-124m", "gpt2-350m", "gpt2-1.3b", "llama-1b", "many-small")}
 QUICK_SIZES = ("gpt2-mini",)
@@ -124,7 +128,7 @@ def amos_backend_rows(requested, device, psize, notes):
             nbytes, rule = amos_bytes_for(options, psize)
 
             def make(params, name=name, options=options):
-                opt = Amos(params, backend=name, **options)
+                opt = Amos(params, backend=name, guard="step", **options)
                 return opt.step, opt
             rows.append(Row(f"amos/{name} {label}", "amos", make, nbytes, rule, family=label, backend=name))
             if label in GUARD_SLICE_FAMILIES:
@@ -206,7 +210,7 @@ def compile_rows(psize, quick):
         nbytes, rule = amos_bytes_for(options, psize)
 
         def make(params, options=options):
-            opt = Amos(params, **options)
+            opt = Amos(params, guard="step", **options)
             compiled = _compiled_reference()
 
             def per_tensor(params, grads, states, group, grad_scale):
@@ -220,6 +224,25 @@ def compile_rows(psize, quick):
         rows.append(Row(f"compile/reference {label}", "compile", make, nbytes, rule, family=label,
                         backend="torch.compile(reference_step)"))
     return rows
+
+
+def default_row(dtype):
+    """`Amos(params, lr=1e-3)`: what a user gets. Its bytes follow the options the defaults
+    resolve to for `dtype` parameters (read from a one-step optimizer on a tiny tensor)."""
+    p = torch.zeros(2, 2, dtype=dtype, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    probe = Amos([p], lr=1e-3)
+    probe.step()
+    group, m = probe.param_groups[0], probe.state[p].get("m")
+    options = dict(schedule=group["schedule"], momentum=group["momentum"], momentum_dtype=None if m is None else m.dtype)
+    nbytes, rule = amos_bytes_for(options, p.element_size())
+
+    def make(params):
+        opt = Amos(params, lr=1e-3)
+        return opt.step, opt
+    label = (f"{group['schedule']} m={group['momentum']:g}" + (f" {str(m.dtype)[6:]}" if m is not None else "")
+             + f" guard={probe.guard}")
+    return Row("default", "default", make, nbytes, f"{rule} ({label})", family=label, backend="auto")
 
 
 def adamw_rows(psize):
@@ -270,7 +293,8 @@ def build_rows(requested, device, dtype, quick, notes):
     psize = torch.tensor([], dtype=dtype).element_size()
     want = (lambda group: not requested or group in requested)
     amos = [r for r in requested if r not in BASELINES] if requested else None  # None: every backend
-    rows = amos_backend_rows(amos, device, psize, notes)
+    rows = [default_row(dtype)] if want("default") else []
+    rows += amos_backend_rows(amos, device, psize, notes)
     if want("compile"):
         rows += compile_rows(psize, quick)
     if want("adamw"):

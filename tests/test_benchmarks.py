@@ -63,7 +63,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_step_time_tiny_records_rows_and_draws_the_plot(tmp_path, capsys, one_thread):
     step_time = _load("step_time")
-    step_time.main(["--device", "cpu", "--sizes", "tiny", "--backends", "reference,adamw,adafactor,apex",
+    step_time.main(["--device", "cpu", "--sizes", "tiny", "--backends", "reference,default,adamw,adafactor,apex",
                     "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-progress", "--note", "test",
                     "--results", str(tmp_path)])
     table = capsys.readouterr().out
@@ -88,6 +88,9 @@ def test_step_time_tiny_records_rows_and_draws_the_plot(tmp_path, capsys, one_th
     assert rows["adamw fused"]["x_adamw_fused"] == 1.0
     assert rows["amos/reference amos m=0"]["bytes_per_param"] == 12
     assert rows["amos/reference amos m=0.9"]["bytes_per_param"] == 20
+    # the default row: Amos(params, lr=...) as shipped, whose m is stored in bf16 (16 B/param, not 20)
+    assert rows["default"]["bytes_per_param"] == rows["amos/reference amos m=0.9 bf16"]["bytes_per_param"] == 16
+    assert "guard=slice" in rows["default"]["family"] and "bfloat16" in rows["default"]["family"]
     n, tensors = first["n_params"], first["n_tensors"]
     # measured state: AdamW keeps 2 fp32 tensors per parameter (8 B) plus a 4 B step per tensor
     assert rows["adamw fused"]["state_bytes"] == 8 * n + 4 * tensors
@@ -140,15 +143,17 @@ def test_committed_results_are_data_files_with_their_metadata(common):
 
 def test_host_overhead_and_interleaved_record_their_rows(tmp_path, capsys, one_thread):
     host = _load("host_overhead")
-    host.main(["--steps", "2", "--repeats", "1", "--rows", "adamw fused,guard=slice m=0", "--results", str(tmp_path)])
+    host.main(["--steps", "2", "--repeats", "1", "--rows", "adamw fused,guard=slice m=0,default", "--results",
+               str(tmp_path)])
     rows = _load("bench_common").read(tmp_path / "host_overhead.jsonl")
-    assert [r["row"] for r in rows] == ["adamw fused", "guard=slice m=0"]
+    assert [r["row"] for r in rows] == ["adamw fused", "guard=slice m=0", "default"]
     assert all(r["us_per_step"] > 0 and r["n_tensors"] == 148 for r in rows)
     interleaved = _load("cpu_interleaved")
     interleaved.main(["--size", "tiny", "--rounds", "2", "--threads", "1", "--results", str(tmp_path)])
     rows = {r["row"]: r for r in _load("bench_common").read(tmp_path / "interleaved.jsonl")}
     assert rows["AdamW(fused=True).step"]["x_adamw_fused"] == 1.0
     assert len(rows["a += b"]["times_ms"]) == 2 and "Amos.step amos m=0 guard=slice" in rows
+    assert len(rows["default"]["times_ms"]) == 2  # Amos(params, lr=1e-3) as shipped
     assert "| row | median ms |" in capsys.readouterr().out
 
 
@@ -218,7 +223,7 @@ def test_memory_tiny_reports_state_for_every_row(tmp_path, capsys, one_thread):
     assert "| amos row m=0 |" in capsys.readouterr().out
     data = _load("bench_common").read(tmp_path / "memory.jsonl")
     rows = {r["row"]: r for r in data}
-    assert len(rows) == 12
+    assert len(rows) == 13  # 3 granularities x 3 momenta, the default row, 3 baselines
     for r in rows.values():
         for key in ("state_bytes", "first_step_transient_bytes", "steady_step_transient_bytes", "peak_total_bytes"):
             assert _finite(r[key]), (r["row"], key)
@@ -227,6 +232,8 @@ def test_memory_tiny_reports_state_for_every_row(tmp_path, capsys, one_thread):
     assert rows["amos element m=0.9 fp32"]["state_bytes"] > 12 * n
     assert rows["amos row m=0.9 bf16"]["state_bytes"] < rows["amos row m=0.9 fp32"]["state_bytes"]
     assert rows["amos tensor m=0"]["state_bytes"] < 0.05 * rows["adamw fused"]["state_bytes"]
+    # the default row, Amos(params, lr=...): row slices, momentum stored in bf16
+    assert rows["default"]["state_bytes"] == rows["amos row m=0.9 bf16"]["state_bytes"]
 
 
 def test_sharded_step_tiny_records_every_row(tmp_path, one_thread):
@@ -236,7 +243,7 @@ def test_sharded_step_tiny_records_every_row(tmp_path, one_thread):
     sharded.main(["--world", "1", "--layers", "2", "--width", "32", "--rounds", "2", "--threads", "1",
                   "--results", str(tmp_path)])
     rows = {r["row"]: r for r in _load("bench_common").read(tmp_path / "sharded_step.jsonl")}
-    names = ["Amos default", "Amos m=0 guard=slice", "Amos m=0.9 bf16 guard=slice",
+    names = ["default", "Amos m=0 guard=slice", "Amos m=0.9 bf16 guard=slice",
              "Amos inverse_time m=0 guard=slice", "AdamW fused", "AdamW foreach"]
     assert set(rows) == set(names) | {f"{n} (unsharded)" for n in names}
     assert rows["AdamW fused"]["adamw_ratio"] == 1.0 and rows["AdamW fused (unsharded)"]["adamw_ratio"] == 1.0
@@ -254,3 +261,54 @@ def test_host_overhead_group_rows_split_every_tensor_once_and_print_the_ratio(ca
                "--results", str(tmp_path)])
     out = capsys.readouterr().out
     assert "guard=slice m=0.9 16 groups / guard=slice m=0.9:" in out and "target <= 1.2" in out
+
+
+def test_quality_quick_records_runs_table_verdicts_and_png(tmp_path, capsys, one_thread):
+    quality = _load("quality")
+    cache = tmp_path / "runs.jsonl"
+    argv = ["--quick", "--tasks", "digits,gru_lm", "--no-progress", "--cache", str(cache), "--results", str(tmp_path)]
+    assert quality.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| default" in out and "(best AdamW)" in out and "digits: Amos at defaults" in out
+    data = _load("bench_common").read(tmp_path / "quality.jsonl")
+    assert [t for t in dict.fromkeys(r["task"] for r in data)] == ["digits", "gru_lm"]
+    assert data[0]["command"].startswith("python benchmarks/quality.py --quick") and len({r["date"] for r in data}) == 1
+    for task in ("digits", "gru_lm"):
+        rows = {r["row"]: r for r in data if r["task"] == task}
+        # the default row, total_steps, a closed form, and the momentum storage the default does not use
+        assert {"default", "amos total_steps", "inverse_time", "amos fp32-m"} <= set(rows)
+        assert {r["family"] for r in rows.values()} >= {"adamw", "amos"}
+        assert all(_finite(r["final_val"]) and r["task_setup"]["name"] == task for r in rows.values())
+        # the default row is Amos with nothing given: its lr is the family's default; total_steps: its peak
+        assert rows["default"]["lr"] == quality.DEFAULT_LR["amos"]
+        assert rows["amos total_steps"]["lr"] == quality.defaults.lr("amos", rows["default"]["task_setup"]["steps"])
+    assert (tmp_path / "quality.png").read_bytes()[:8] == PNG
+    # a second run takes every run from the cache: same numbers, nothing trained
+    n_cached = len(cache.read_text().splitlines())
+    assert n_cached == len(data)
+    quality.main(argv)
+    again = _load("bench_common").latest(_load("bench_common").read(tmp_path / "quality.jsonl"))
+    assert [r["final_val"] for r in again] == [r["final_val"] for r in data]
+    assert len(cache.read_text().splitlines()) == n_cached
+
+
+def test_quality_rejects_unknown_rows_and_tasks():
+    quality = _load("quality")
+    for argv in (["--rows", "nope@0.1"], ["--tasks", "imagenet"], ["--rows", "amos@x"], ["--seeds", "0"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(argv)
+
+
+def test_defaults_study_registers_its_variants_as_suite_rows():
+    study = _load("defaults_study")
+    build = study.build_variant("eta=fit mdt=fp32 warm=0.1 decay=lin")
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 4))
+    opt, factor = build(model, 0.05, 100)
+    assert opt.param_groups[0]["lr"] == 0.05 and factor(0) == pytest.approx(0.1) and factor(99) < 0.02
+    # eta=fit is the default rule, written with eta_fn: the same eta as Amos at its defaults
+    plain = _load("quality").VARIANTS["default"](model, None, 100)[0]
+    assert [opt.state[p]["eta"] for p in model.parameters()] == pytest.approx(
+        [plain.state[p]["eta"] for p in model.parameters()], rel=1e-12)
+    assert opt.defaults["momentum_dtype"] == torch.float32
+    with pytest.raises(ValueError, match="unknown token"):
+        study.build_variant("eta=fit nope=1")
