@@ -4,9 +4,9 @@ handed to its backend (backends.py)."""
 import torch
 
 from . import backends, distributed, pickling, verdict
-from .groups import prepare
 from . import defaults as default_rules
 from .defaults import DEFAULT_LR  # noqa: F401  (amos_fused.optimizer.DEFAULT_LR)
+from .groups import prepare
 from .options import check_settings
 from .plan import Plan, WorkCheck, collect, full_run, sharded_work
 from .state import check_loadable, loaded, new_state
@@ -40,9 +40,10 @@ class Amos(torch.optim.Optimizer):
             whose sum of squares ``S_r`` is not finite keep their parameters and state, the rest
             of the step goes ahead; no extra read (one pass over the gradients, the byte floor of
             the fused kernels), counted in ``guarded_slices``. ``"step"``: the whole step, exactly
-            (one extra read of the gradients decides it before anything changes). GradScaler's ``found_inf`` skips the whole step in both modes. With DTensor
-            parameters (FSDP2, HSDP, tensor parallel) every rank takes the same decision: the
-            verdicts ride on the step's all-reduce.
+            (one extra read of the gradients decides it before anything changes). GradScaler's
+            ``found_inf`` skips the whole step in both modes. With DTensor parameters (FSDP2,
+            HSDP, tensor parallel) every rank takes the same decision: the verdicts ride on the
+            step's all-reduce.
         total_steps: the number of optimizer steps the run will take, or None. Read only by the
             lr rule, for groups without an lr: a warmup and a linear decay to 0 at ``total_steps``
             (``defaults.lr_schedule``), kept in the group's ``"lr_schedule"``, so a resumed run
