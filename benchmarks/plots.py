@@ -212,8 +212,16 @@ PLOTTERS = {"step_time": step_time, "row_sweep": row_sweep, "convergence": conve
 
 
 def plot(kind, folder):
-    """Draw <folder>/<kind>.png from the latest run in <folder>/<kind>.jsonl; return its path."""
-    rows = bc.latest(bc.read(os.path.join(folder, f"{kind}.jsonl")))
+    """Draw <folder>/<kind>.png from the latest run in <folder>/<kind>.jsonl (quality: the latest of
+    each task, row and seed); return its path."""
+    rows = bc.read(os.path.join(folder, f"{kind}.jsonl"))
+    if kind == "quality":  # the suite is run in parts (--rows): each task, row and seed from its latest run
+        last = {}
+        for r in rows:
+            last[(r["task"], r["row"], r["seed"])] = r
+        rows = list(last.values())
+    else:
+        rows = bc.latest(rows)
     path = os.path.join(folder, f"{kind}.png")
     PLOTTERS[kind](rows, path)
     return path
