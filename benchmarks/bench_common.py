@@ -396,6 +396,14 @@ def latest(rows):
     return [r for r in rows if r["date"] == last]
 
 
+def rotated(items, k):
+    """`items` (a list) started at position k: interleaved benchmarks time their rows in this order in
+    round k, so every row follows every other equally often (a row timed right after a heavy one,
+    such as foreach AdamW, starts with that one's data in the caches instead of its own)."""
+    k %= max(1, len(items))
+    return items[k:] + items[:k]
+
+
 def now_utc():
     return datetime.datetime.now(datetime.timezone.utc)
 

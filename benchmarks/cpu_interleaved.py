@@ -9,8 +9,9 @@ streaming reference `a += b` over the same number of elements (12 B/element, as 
 Prints median and min per row, the ratio of fused AdamW's median time to each row's (above 1:
 faster than fused AdamW), the median over rounds of that ratio within each round (robust to the
 machine's slow and fast minutes: both steps of a round see the same ones) and the row's time over
-`a += b`'s. One row per line of the table, with its per-round times, is appended to
-benchmarks/results/cpu/interleaved.jsonl (bench_common.record; --results DIR elsewhere).
+`a += b`'s. Each round starts one row later than the one before (bench_common.rotated), so no
+row always follows the same other row. One row per line of the table, with its per-round times,
+is appended to benchmarks/results/cpu/interleaved.jsonl (bench_common.record; --results DIR elsewhere).
 
     python benchmarks/cpu_interleaved.py --size gpt2-50m --rounds 40
 """
@@ -74,8 +75,8 @@ def main(argv=None):
         step()
     times = {name: [] for name in rows}
     date = bc.now_utc()
-    for _ in range(args.rounds):
-        for name, step in rows.items():
+    for k in range(args.rounds):
+        for name, step in bc.rotated(list(rows.items()), k):
             t0 = time.perf_counter()
             step()
             times[name].append((time.perf_counter() - t0) * 1e3)

@@ -2,8 +2,9 @@
 
 Spawns `--world` ranks (gloo on CPU, nccl on GPU: one GPU per rank) that shard a stack of
 `--layers` `Linear(--width, --width)` layers with `fully_shard` (FSDP2: DTensor parameters split
-on dim 0, biases included), set random gradients on the shards, and time `optimizer.step()` of
-every row once per round, interleaved, for `--rounds` rounds, all rows on the same parameters
+on dim 0, biases included unless `--no-bias`), set random gradients on the shards, and time
+`optimizer.step()` of every row once per round, interleaved, for `--rounds` rounds, all rows on
+the same parameters
 (every optimizer keeps its own state). A step's time is the slowest rank's (ranks start each step
 together, after a barrier). Rows:
   default                        Amos(params, lr=...) as shipped: every other option at its default
@@ -11,6 +12,9 @@ together, after a barrier). Rows:
   Amos m=0.9 bf16 guard=slice    momentum stored in bf16
   Amos inverse_time m=0          a closed form: every matrix takes the two-phase path
   AdamW fused / foreach          torch.optim.AdamW(fused=True) / (foreach=True)
+A bias is one slice (its sum of squares spans the ranks), so with biases an `amos` step carries
+one small all-reduce (overlapped with the kernels); without them it has no collective at all (the
+closed forms still complete each matrix's ||u||^2 over the ranks).
 With --world 1 the same rows also run on plain (unsharded) parameters of the same shapes, so
 the cost of the sharded path itself shows. Prints the median step time per row, fused AdamW's
 median over the row's, and the median over rounds of that ratio within each round.
@@ -56,7 +60,8 @@ def _optimizer(params, spec):
 
 def _model(args, device):
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)]).to(device)
+    layers = [torch.nn.Linear(args.width, args.width, bias=not args.no_bias) for _ in range(args.layers)]
+    return torch.nn.Sequential(*layers).to(device)
 
 
 def _grads(params):
@@ -97,8 +102,8 @@ def worker(rank, args, port, out):
         step()
         step()
     times = {name: [] for name in rows}
-    for _ in range(args.rounds):
-        for name, step in rows.items():
+    for k in range(args.rounds):
+        for name, step in bc.rotated(list(rows.items()), k):  # no row always after the same other row
             dist.barrier()
             sync()
             t0 = time.perf_counter()
@@ -120,6 +125,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by the ranks")
+    ap.add_argument("--no-bias", action="store_true",
+                    help="layers without biases: no tensor's slice spans ranks, so Amos's step has no collective")
     bc.add_results_option(ap)
     args = ap.parse_args(argv)
     started = bc.now_utc()
@@ -143,7 +150,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = dict(bc.machine_info(device), **bc.versions(), git_commit=bc.git_commit())
     print(f"# {args.world} ranks ({'nccl' if device.type == 'cuda' else 'gloo'}), {args.layers} x Linear({args.width}, "
-          f"{args.width}) under fully_shard: {result['numel'] / 1e6:.1f}M fp32 parameters in {result['tensors']} "
+          f"{args.width}{', bias=False' if args.no_bias else ''}) under fully_shard: {result['numel'] / 1e6:.1f}M fp32 "
+          f"parameters in {result['tensors']} "
           f"tensors; {args.rounds} interleaved rounds; {info.get('gpu') or info['cpu']}, torch {torch.__version__}, "
           f"commit {info['git_commit']}")
     print("| row | median ms | min ms | fused AdamW time / row time | the same, median of per-round ratios |")
@@ -154,7 +162,8 @@ def main(argv=None):
         per_round = statistics.median(a / t for a, t in zip(ref, ts))
         print(f"| {name} | {med[name]:.2f} | {min(ts):.2f} | {statistics.median(ref) / med[name]:.2f} "
               f"| {per_round:.2f} |")
-        rows.append(dict(row=name, world=args.world, layers=args.layers, width=args.width, numel=result["numel"],
+        rows.append(dict(row=name, world=args.world, layers=args.layers, width=args.width, bias=not args.no_bias,
+                         numel=result["numel"],
                          tensors=result["tensors"], rounds=args.rounds, times_ms=ts, median_ms=med[name],
                          min_ms=min(ts), adamw_ratio=statistics.median(ref) / med[name], adamw_ratio_per_round=per_round))
     if args.world == 1:
