@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from amos_fused import Amos, cpp_backend
+from test_conformance import assert_same
 
 BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
     cpp_backend.unavailable("cpu") is not None, reason=f"backend='cpu': {cpp_backend.unavailable('cpu')}"))]
@@ -80,30 +81,13 @@ def run(backend, guard, momentum, planned, monkeypatch):
         return [p.detach().clone() for p in params], state, opt.skipped_steps, opt.guarded_slices
 
 
-def assert_bitwise(a, b, where):
-    if torch.is_tensor(a):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.reshape(-1).view(torch.uint8) if a.is_floating_point() else a,
-                           b.reshape(-1).view(torch.uint8) if b.is_floating_point() else b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_bitwise(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("guard", ["step", "slice"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_planned_steps_match_full_steps_bitwise(backend, guard, momentum, monkeypatch):
     full = run(backend, guard, momentum, planned=False, monkeypatch=monkeypatch)
     planned = run(backend, guard, momentum, planned=True, monkeypatch=monkeypatch)
-    assert_bitwise(planned, full, "run")
+    assert_same(planned, full, "run")
     skipped, guarded = full[2], full[3]
     assert (skipped, guarded > 0) == ((2, False) if guard == "step" else (0, True))  # the script did poison
 
@@ -194,7 +178,7 @@ def test_a_change_takes_the_full_path_and_matches_it(backend, change, full_steps
     params_full, state_full, _ = steps(planned=False)
     params_planned, state_planned, n = steps(planned=True)
     assert n == full_steps
-    assert_bitwise((params_planned, state_planned), (params_full, state_full), "after the change")
+    assert_same((params_planned, state_planned), (params_full, state_full), "after the change")
 
 
 def test_bad_input_after_the_plan_raises_before_anything_changes():
@@ -222,7 +206,7 @@ def test_bad_input_after_the_plan_raises_before_anything_changes():
         bad()
         with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
             opt.step()
-        assert_bitwise(snapshot(), before, "after a failed step")
+        assert_same(snapshot(), before, "after a failed step")
         for group, options in zip(opt.param_groups, saved):
             group.update(options)
         for p in params:
@@ -259,4 +243,4 @@ def test_many_groups_planned_match_full_steps_bitwise(backend, monkeypatch):
     params_full, state_full, _ = steps(planned=False)
     params_planned, state_planned, n = steps(planned=True)
     assert n == 2  # the first step and the one after the move
-    assert_bitwise((params_planned, state_planned), (params_full, state_full), "16 groups")
+    assert_same((params_planned, state_planned), (params_full, state_full), "16 groups")
