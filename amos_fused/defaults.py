@@ -24,13 +24,13 @@ MOMENTUM_AUTO = "auto"
 BF16 = torch.bfloat16
 
 
-def check_total_steps(total_steps):
+def check_total_steps(total_steps, where="Amos"):
     """Raise ValueError unless `total_steps` is None or a whole number >= 1."""
     if total_steps is None:
         return
     ok = isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool) and total_steps >= 1
     if not ok:
-        raise ValueError(f"Amos: total_steps={total_steps!r} is invalid; use None (lr from DEFAULT_LR) or the "
+        raise ValueError(f"{where}: total_steps={total_steps!r} is invalid; use None (lr from DEFAULT_LR) or the "
                          "number of optimizer steps the run will take, a whole number >= 1")
 
 

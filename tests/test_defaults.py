@@ -215,3 +215,21 @@ def test_copies_keep_total_steps_and_continue_the_schedule():
         assert twin.param_groups[0]["lr"] == pytest.approx(defaults.lr("amos", 30) * defaults.lr_factor(4, 30))
         twin.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})  # a new group follows total_steps too
         assert twin.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 30), 30, 0)
+
+
+def test_total_steps_in_a_param_group_sets_that_groups_schedule_and_is_checked():
+    model = _model()
+    opt = Amos([{"params": model[0].parameters(), "total_steps": 20}, {"params": model[2].parameters()}],
+               total_steps=40)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0)
+    assert opt.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 40), 40, 0)
+    assert all("total_steps" not in g for g in opt.param_groups)  # kept in the schedule, not as an option
+    opt = Amos([{"params": model.parameters(), "total_steps": 20}])  # without an optimizer-wide one
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0)
+    for bad in (0, 2.5, "100"):
+        with pytest.raises(ValueError, match=r"param group 0: total_steps=.*whole number >= 1"):
+            Amos([{"params": _model().parameters(), "total_steps": bad}])
+        opt = Amos(model[0].parameters(), total_steps=10)
+        with pytest.raises(ValueError, match=r"param group 1: total_steps="):
+            opt.add_param_group({"params": model[2].parameters(), "total_steps": bad})
+        assert len(opt.param_groups) == 1 and len(opt.state) == 2  # nothing added
