@@ -24,13 +24,13 @@ MOMENTUM_AUTO = "auto"
 BF16 = torch.bfloat16
 
 
-def check_total_steps(total_steps):
+def check_total_steps(total_steps, where="Amos"):
     """Raise ValueError unless `total_steps` is None or a whole number >= 1."""
     if total_steps is None:
         return
     ok = isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool) and total_steps >= 1
     if not ok:
-        raise ValueError(f"Amos: total_steps={total_steps!r} is invalid; use None (lr from DEFAULT_LR) or the "
+        raise ValueError(f"{where}: total_steps={total_steps!r} is invalid; use None (lr from DEFAULT_LR) or the "
                          "number of optimizer steps the run will take, a whole number >= 1")
 
 
@@ -64,18 +64,20 @@ def lr_factor(steps_taken, total_steps):
 
 def schedule_lr(param_groups):
     """Set the lr of every group with a `SCHEDULE_KEY` for the coming step (called by step())."""
-    for group in param_groups:
-        entry = group.get(SCHEDULE_KEY)
-        if entry is not None:
-            if "initial_lr" in group:
-                raise RuntimeError("Amos: this param group's lr follows total_steps (warmup and linear decay) "
-                                   "and an LR scheduler also sets it; give Amos an lr to use your scheduler, or "
-                                   "drop the scheduler")
-            peak, total, taken = entry
-            if taken == total:
-                warnings.warn(f"Amos: this run has taken total_steps={total} steps; the lr of groups that follow "
-                              "total_steps is 0 from now on (their lr schedule ends there)")
-            group["lr"] = peak * lr_factor(taken, total)
+    scheduled = [(group, group[SCHEDULE_KEY]) for group in param_groups if group.get(SCHEDULE_KEY) is not None]
+    for group, (peak, total, taken) in scheduled:
+        # the lr this rule set last (or, after a step that raised, for this step); anything else was
+        # written by someone else (ReduceLROnPlateau leaves no 'initial_lr'), and would be overwritten
+        ours = (peak if taken == 0 else peak * lr_factor(taken - 1, total), peak * lr_factor(taken, total))
+        if "initial_lr" in group or group["lr"] not in ours:
+            raise RuntimeError(f"Amos: the lr of this param group follows total_steps (warmup and linear decay), "
+                               f"but an LR scheduler or your code set it (lr={group['lr']!r}, the schedule's: "
+                               f"{ours[0]!r}); give Amos an lr to use your scheduler, or drop the scheduler")
+    for group, (peak, total, taken) in scheduled:
+        if taken == total:
+            warnings.warn(f"Amos: this run has taken total_steps={total} steps; the lr of groups that follow "
+                          "total_steps is 0 from now on (their lr schedule ends there)")
+        group["lr"] = peak * lr_factor(taken, total)
 
 
 def count_scheduled_step(param_groups):

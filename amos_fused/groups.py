@@ -22,6 +22,8 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
     for key, value in options.items():
         group.setdefault(key, value)
     where = f"Amos param group {len(param_groups)}"
+    total_steps = group.pop("total_steps", total_steps)  # a group's own, else the optimizer's
+    defaults.check_total_steps(total_steps, where)
     if group["lr"] is None and group.get("schedule") in defaults.DEFAULT_LR:
         group["lr"] = defaults.lr(group["schedule"], total_steps)
         scheduled = defaults.lr_schedule(group["schedule"], total_steps)

@@ -17,7 +17,8 @@ class Amos(torch.optim.Optimizer):
 
     Args:
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or group dicts;
-            every option below except ``eta_fn`` and ``backend`` can be overridden per group.
+            every option below except ``eta_fn``, ``backend``, ``guard`` and ``capturable`` can be
+            overridden per group.
         lr: the global learning rate ``xi`` (``alpha0``); read at every step, so LR schedulers
             work. None: the lr rule (``defaults.lr``: ``DEFAULT_LR``, or a schedule from ``total_steps``).
         schedule: ``"amos"`` (official, adaptive decay) or ``"constant"``, ``"inverse_time"``,

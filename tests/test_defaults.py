@@ -215,3 +215,57 @@ def test_copies_keep_total_steps_and_continue_the_schedule():
         assert twin.param_groups[0]["lr"] == pytest.approx(defaults.lr("amos", 30) * defaults.lr_factor(4, 30))
         twin.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})  # a new group follows total_steps too
         assert twin.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 30), 30, 0)
+
+
+def test_total_steps_in_a_param_group_sets_that_groups_schedule_and_is_checked():
+    model = _model()
+    opt = Amos([{"params": model[0].parameters(), "total_steps": 20}, {"params": model[2].parameters()}],
+               total_steps=40)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0)
+    assert opt.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 40), 40, 0)
+    assert all("total_steps" not in g for g in opt.param_groups)  # kept in the schedule, not as an option
+    opt = Amos([{"params": model.parameters(), "total_steps": 20}])  # without an optimizer-wide one
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0)
+    for bad in (0, 2.5, "100"):
+        with pytest.raises(ValueError, match=r"param group 0: total_steps=.*whole number >= 1"):
+            Amos([{"params": _model().parameters(), "total_steps": bad}])
+        opt = Amos(model[0].parameters(), total_steps=10)
+        with pytest.raises(ValueError, match=r"param group 1: total_steps="):
+            opt.add_param_group({"params": model[2].parameters(), "total_steps": bad})
+        assert len(opt.param_groups) == 1 and len(opt.state) == 2  # nothing added
+
+
+@pytest.mark.parametrize("writer", ["plateau", "by hand"])
+def test_an_lr_written_over_the_total_steps_schedule_raises_before_anything_changes(writer):
+    # ReduceLROnPlateau leaves no mark on the groups (no 'initial_lr'): the schedule would overwrite its lr
+    model = _model()
+    opt = Amos(model.parameters(), total_steps=10)
+    _steps(model, opt, 2)
+    if writer == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)
+        plateau.step(1.0)
+        plateau.step(1.0)  # no better: the lr is cut by 10
+    else:
+        opt.param_groups[0]["lr"] = 1e-4
+    written = opt.param_groups[0]["lr"]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match="LR scheduler"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 10), 10, 2)
+    assert opt.param_groups[0]["lr"] == written
+    assert all(torch.equal(opt.state[p]["step"], s["step"]) for p, s in zip(model.parameters(), state["state"].values()))
+
+
+def test_a_step_that_raises_leaves_the_schedule_resumable():
+    model = _model()
+    opt = Amos(model.parameters(), total_steps=10)
+    _steps(model, opt, 2)
+    opt.param_groups[0]["beta"] = 2.0  # bad input: the step raises
+    with pytest.raises(ValueError, match="beta"):
+        _steps(model, opt, 1, start=2)
+    opt.param_groups[0]["beta"] = 0.999
+    assert _steps(model, opt, 1, start=2) == [defaults.lr("amos", 10) * defaults.lr_factor(2, 10)]
