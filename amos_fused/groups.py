@@ -33,6 +33,7 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
                                  "captured graph would freeze; with capturable=True pass lr and step an LR "
                                  "scheduler outside the graph")
             group[defaults.SCHEDULE_KEY] = scheduled
+            group["lr"] = scheduled[0] * defaults.lr_factor(0, scheduled[1])  # the first step's, as read before it
     check_options(group, where)
     scalar_lr(group)
     if capturable:

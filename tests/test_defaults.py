@@ -98,8 +98,9 @@ def test_total_steps_schedule_warmup_then_linear_decay_to_zero(total):
 def test_total_steps_sets_the_lr_of_every_step_and_a_resumed_run_continues_it():
     model = _model()
     opt = Amos(model.parameters(), total_steps=40)
-    lrs = _steps(model, opt, 25)
     peak = defaults.lr("amos", 40)
+    assert opt.param_groups[0]["lr"] == peak * defaults.lr_factor(0, 40)  # read before the first step: its lr
+    lrs = _steps(model, opt, 25)
     assert lrs == pytest.approx([peak * defaults.lr_factor(k, 40) for k in range(25)], rel=1e-12)
     saved = copy.deepcopy(opt.state_dict())
     rest = _steps(model, opt, 10, start=25)
