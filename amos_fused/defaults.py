@@ -62,6 +62,12 @@ def lr_factor(steps_taken, total_steps):
     return max(0.0, (total_steps - steps_taken) / max(1, total_steps - warmup))
 
 
+def scheduled_lr(entry):
+    """The lr of the coming step of a group whose `SCHEDULE_KEY` entry is `entry`."""
+    peak, total, taken = entry
+    return peak * lr_factor(taken, total)
+
+
 def schedule_lr(param_groups):
     """Set the lr of every group with a `SCHEDULE_KEY` for the coming step (called by step())."""
     scheduled = [(group, group[SCHEDULE_KEY]) for group in param_groups if group.get(SCHEDULE_KEY) is not None]
@@ -73,11 +79,12 @@ def schedule_lr(param_groups):
             raise RuntimeError(f"Amos: the lr of this param group follows total_steps (warmup and linear decay), "
                                f"but an LR scheduler or your code set it (lr={group['lr']!r}, the schedule's: "
                                f"{ours[0]!r}); give Amos an lr to use your scheduler, or drop the scheduler")
-    for group, (peak, total, taken) in scheduled:
+    for group, entry in scheduled:
+        _, total, taken = entry
         if taken == total:
             warnings.warn(f"Amos: this run has taken total_steps={total} steps; the lr of groups that follow "
                           "total_steps is 0 from now on (their lr schedule ends there)")
-        group["lr"] = peak * lr_factor(taken, total)
+        group["lr"] = scheduled_lr(entry)
 
 
 def count_scheduled_step(param_groups):

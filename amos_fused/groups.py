@@ -25,15 +25,16 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
     total_steps = group.pop("total_steps", total_steps)  # a group's own, else the optimizer's
     defaults.check_total_steps(total_steps, where)
     if group["lr"] is None and group.get("schedule") in defaults.DEFAULT_LR:
-        group["lr"] = defaults.lr(group["schedule"], total_steps)
         scheduled = defaults.lr_schedule(group["schedule"], total_steps)
-        if scheduled is not None:
+        if scheduled is None:
+            group["lr"] = defaults.lr(group["schedule"], total_steps)
+        else:
             if capturable:
                 raise ValueError(f"{where}: total_steps schedules the lr on the host inside step(), which a "
                                  "captured graph would freeze; with capturable=True pass lr and step an LR "
                                  "scheduler outside the graph")
             group[defaults.SCHEDULE_KEY] = scheduled
-            group["lr"] = scheduled[0] * defaults.lr_factor(0, scheduled[1])  # the first step's, as read before it
+            group["lr"] = defaults.scheduled_lr(scheduled)  # the first step's, read before it too
     check_options(group, where)
     scalar_lr(group)
     if capturable:
