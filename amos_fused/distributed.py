@@ -20,8 +20,9 @@ the two-phase path (`ShardedStep`):
      partial statistic of every param group and the skip flag; closed forms' partial ||u||**2 go
      out once their S_r are complete (`_schedule` orders the rounds so that one per dimension
      suffices for every placement torch produces);
-  3. finalize (reference.py's functions, on the flat vectors: v, r, K_r, D_r and b) and apply
-     (the backend's `two_phase_apply`, one kernel call per bucket).
+  3. finalize and apply: the backend's `two_phase_apply` (one kernel call per bucket) updates v
+     and b from the complete S_r and applies the step (the closed forms' ||u||**2, needed before
+     it, comes from reference.py's second moment on the flat vectors).
 Ranks must agree on skips: with guard="step" (or a GradScaler) the flag, this rank's verdict on
 its local gradients, rides on the rounds (a flag-only all-reduce on a splitting dimension that has
 no statistics), so every rank skips alike. With guard="slice" and no GradScaler nothing is
