@@ -17,7 +17,9 @@ The AdamW sweep and the plain default row are always trained too (from --cache w
 
     python benchmarks/defaults_study.py --variants "eta=rms;eta=fanin1 beta=0.99" --lrs 0.01,0.03,0.1 --seeds 1
     python benchmarks/defaults_study.py ... --tasks lm_torch,digits --steps-factor 3   # another run length
-Any other option goes to quality.py (--seeds, --jobs, --cache, --results, ...).
+Any other option goes to quality.py (--seeds, --jobs, --cache, --results, ...). Runs are recorded
+in benchmarks/results/<device>/defaults_study.jsonl (the quality suite's rows, kept apart from its
+own file), and drawn into defaults_study.png.
 """
 import argparse
 import math
@@ -27,6 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
 import quality  # noqa: E402
 from amos_fused import Amos  # noqa: E402
 
@@ -64,13 +67,14 @@ def eta_fn_of(rule, vector=None):
 
 
 OPTION_KEYS = {"beta": ("beta", float), "gran": ("granularity", str), "mom": ("momentum", float),
-               "clip": ("clip_value", float), "dcoef": ("d_coef", float), "ccoef": ("c_coef", float)}
+               "clip": ("clip_value", float), "dcoef": ("d_coef", float), "ccoef": ("c_coef", float),
+               "l2": ("extra_l2", float)}
 
 
 def build_variant(spec):
     """`spec`: space-separated KEY=VALUE tokens after "amos": eta=RULE (matrices), vec=X (vectors'
     and scalars' eta, a number), beta=, gran=, mom=, clip=,
-    dcoef=, ccoef= (Amos options), mdt=bf16|fp32 (momentum storage), warm=F (linear warmup over a
+    dcoef=, ccoef=, l2= (extra_l2) (Amos options), mdt=bf16|fp32 (momentum storage), warm=F (linear warmup over a
     fraction F of the steps), decay=cos|lin (lr multiplied by a cosine / linear decay to 0 over the run),
     elem=A,B (parameters whose name holds A or B in a group of granularity "element")."""
     options, schedule, eta, elem = {}, {}, dict(rule="rms", vector=None), []
@@ -142,7 +146,8 @@ def main(argv=None):
     lrs = [x for x in args.lrs.split(",") if x]
     rows = [f"amos {spec}" + (f"@{lr}" if lr else "") for spec in specs for lr in (lrs or [""])]
     rows_arg = ("+" if args.with_defaults else "adamw-sweep,default,") + ",".join(rows)
-    return quality.main(rest + ["--rows", rows_arg])
+    return quality.main(rest + ["--rows", rows_arg], kind="defaults_study",
+                        command=bc.command_line(__file__, argv))
 
 
 if __name__ == "__main__":

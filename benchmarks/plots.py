@@ -207,15 +207,69 @@ def quality(rows, path):
           f"torch {r['versions']['torch']}, {r['date'][:10]}")
 
 
+def defaults_study(rows, path):
+    """Candidate default rules: per task, the final validation loss (mean over seeds) over the best
+    AdamW's, against lr, for every rule run on all the file's tasks (one line each, AdamW's sweep
+    dashed); rules screened on fewer tasks are in the data, not the picture."""
+    plt = _pyplot()
+    from matplotlib import ticker
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    rule = lambda row: row.partition("@")[0]  # noqa: E731
+    everywhere = [x for x in dict.fromkeys(rule(r["row"]) for r in rows)
+                  if all(any(rule(r["row"]) == x and r["task"] == t for r in rows) for t in tasks)]
+    cols = min(len(tasks), 2)
+    nrows = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.4 * nrows), squeeze=False)
+    axes = axes.flatten()
+    for ax, task in zip(axes, tasks):
+        final = {}
+        for r in rows:
+            if r["task"] == task:
+                final.setdefault((rule(r["row"]), r["lr"]), []).append(
+                    math.inf if r["final_val"] is None else r["final_val"])
+        mean = {k: statistics.fmean(v) for k, v in final.items()}
+        adamw = min(v for (x, _), v in mean.items() if x == "adamw")
+        for x in everywhere:
+            pts = sorted((lr, v / adamw) for (y, lr), v in mean.items() if y == x and math.isfinite(v))
+            seeds = sorted({len(v) for (y, _), v in final.items() if y == x})
+            seeds = f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if x == "adamw" else "o-",
+                    label=f"{x} ({seeds} seed{'' if seeds == '1' else 's'})",
+                    lw=2.2 if x in ("adamw", "default") else 1.2, ms=4)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.02, color="k", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=6.5)
+        ax.set_title(f"{task}: {_title(rows, task)}", fontsize=9)
+        ax.set_xlabel("lr (the peak, with a schedule)")
+        ax.set_ylabel("final val loss / best AdamW's")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6.5)
+    for ax in axes[len(tasks):]:
+        ax.axis("off")
+    r = rows[0]
+    _save(fig, path, f"candidate default rules: final validation loss (mean over seeds) over the best AdamW's "
+          f"(dotted: +2 %); {_machine(r)}, torch {r['versions']['torch']}, {r['date'][:10]}")
+
+
+def _title(rows, task):
+    return next(r["task_setup"]["title"] for r in rows if r["task"] == task)
+
+
 PLOTTERS = {"step_time": step_time, "row_sweep": row_sweep, "convergence": convergence, "lr_sweep": lr_sweep,
-            "classifier": classifier, "quality": quality}
+            "classifier": classifier, "quality": quality, "defaults_study": defaults_study}
+RUN_IN_PARTS = ("quality", "defaults_study")  # each task, row and seed drawn from its latest run
 
 
 def plot(kind, folder):
-    """Draw <folder>/<kind>.png from the latest run in <folder>/<kind>.jsonl (quality: the latest of
-    each task, row and seed); return its path."""
+    """Draw <folder>/<kind>.png from the latest run in <folder>/<kind>.jsonl (RUN_IN_PARTS: the
+    latest of each task, row and seed); return its path."""
     rows = bc.read(os.path.join(folder, f"{kind}.jsonl"))
-    if kind == "quality":  # the suite is run in parts (--rows): each task, row and seed from its latest run
+    if kind in RUN_IN_PARTS:  # the suite is run in parts (--rows)
         last = {}
         for r in rows:
             last[(r["task"], r["row"], r["seed"])] = r

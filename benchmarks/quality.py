@@ -501,7 +501,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv=None, kind="quality", command=None):
+    """Run the suite; its runs are recorded as benchmark `kind` with `command` (defaults_study.py:
+    its own file and command line)."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -523,10 +525,10 @@ def main(argv=None):
     tasks = {t.name: t for t in args.tasks_}
     rows = [dict(r, family=family(r["row"]), task_setup=tasks[r["task"]].config(), setup=setup, note=args.note)
             for r in runs]
-    path = bc.record("quality", rows, device="cpu", date=started, command=bc.command_line(__file__, argv),
+    path = bc.record(kind, rows, device="cpu", date=started, command=command or bc.command_line(__file__, argv),
                      results_dir=args.results)
     print(f"appended {len(rows)} runs to {path}")
-    print(f"drew {plots.plot('quality', os.path.dirname(path))}")
+    print(f"drew {plots.plot(kind, os.path.dirname(path))}")
     return 0
 
 

@@ -312,3 +312,16 @@ def test_defaults_study_registers_its_variants_as_suite_rows():
     assert opt.defaults["momentum_dtype"] == torch.float32
     with pytest.raises(ValueError, match="unknown token"):
         study.build_variant("eta=fit nope=1")
+    opt, _ = study.build_variant("eta=fit l2=0.001")(model, None, 100)
+    assert opt.defaults["extra_l2"] == 0.001
+
+
+def test_defaults_study_records_its_own_kind(tmp_path, capsys, one_thread):
+    study = _load("defaults_study")
+    assert study.main(["--quick", "--tasks", "digits", "--variants", "eta=cap2 warm=0.1", "--lrs", "0.05",
+                       "--no-progress", "--results", str(tmp_path)]) == 0
+    data = _load("bench_common").read(tmp_path / "defaults_study.jsonl")
+    assert {r["row"] for r in data} >= {"default", "amos eta=cap2 warm=0.1@0.05"}
+    assert data[0]["command"].startswith("python benchmarks/defaults_study.py --quick")
+    assert not (tmp_path / "quality.jsonl").exists()  # the suite's own file keeps the suite's rows only
+    assert (tmp_path / "defaults_study.png").read_bytes()[:8] == PNG
