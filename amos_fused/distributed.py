@@ -48,8 +48,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import reference
+from . import backends, reference
 from .slices import slice_shape
+
+# a DTensor's placements and local part: attribute reads in C (DTensor.placements is a property)
+_SPEC_PLACEMENTS, _LOCAL = operator.attrgetter("_spec.placements"), operator.attrgetter("_local_tensor")
+_GET_V, _GET_M = operator.methodcaller("get", "v"), operator.methodcaller("get", "m")
+_IS_CONTIGUOUS, _CONTIGUOUS = torch.Tensor.is_contiguous, torch.Tensor.contiguous
+_B, _STEP, _ETA = map(operator.itemgetter, ("b", "step", "eta"))
+_DTYPE = operator.attrgetter("dtype")
 
 
 def is_dtensor(t):
@@ -295,7 +302,7 @@ def _plan_key(optimizer, work):
     return (optimizer.backend, optimizer.guard, optimizer.capturable,
             tuple((id(group), group["schedule"], group["granularity"], group["momentum"] > 0,
                    group["momentum_dtype"], tuple(map(id, params)),
-                   tuple(g.dtype for g in grads)) for group, params, grads in work))
+                   tuple(map(_DTYPE, grads))) for group, params, grads in work))
 
 
 class ShardedStep:
@@ -303,8 +310,6 @@ class ShardedStep:
     when the param groups, their parameters with gradients or the options it depends on change."""
 
     def __init__(self, optimizer, work):
-        from . import backends
-
         self.key = _plan_key(optimizer, work)
         devices = {local(p).device for _, params, _ in work for p in params}
         if len(devices) != 1:
@@ -341,28 +346,45 @@ class ShardedStep:
         self.flag_needed = optimizer.guard == "step"
         self.rounds = {flag: _schedule(self.buckets, split_groups if flag else ()) for flag in (False, True)}
         self.states = None  # local views of the state tensors, made at the first step that has state
+        self.complete = False
         self.locals = None
+        self.placements = [p._spec.placements if is_dtensor(p) else None for p in self.params]
+        self.op_lists = {}  # (group position, call position) -> _OpLists, while the local views hold
+
+    def local_grads(self, grads):
+        """This rank's parts of `grads` (`_local_grad`), in one pass when every gradient is a
+        DTensor placed like its parameter (the usual case)."""
+        try:
+            if list(map(_SPEC_PLACEMENTS, grads)) == self.placements:
+                return list(map(_LOCAL, grads))
+        except AttributeError:  # a plain tensor among them
+            pass
+        return list(map(_local_grad, self.params, grads))
 
     def local_params(self):
         """The local parts of the parameters, kept while the DTensors keep them (FSDP2 does)."""
         now = [getattr(p, "_local_tensor", p) for p in self.params]
         if self.locals is None or not all(map(operator.is_, now, self.locals)):
             self.locals = now
+            self.op_lists = {}
         return self.locals
 
     def local_states(self, optimizer):
         """Per parameter {v, b, m, step, eta} with this rank's parts, cached while the state tensors
         stay (None for parameters without state yet)."""
-        states = [optimizer.state.get(p) for p in self.params]
-        if self.states is not None and _same(states, self.state_dicts) and \
-                _same([st.get("v") if st else None for st in states], self.vs) and \
-                _same([st.get("m") if st else None for st in states], self.ms):
+        states = list(map(optimizer.state.get, self.params))
+        if self.complete and _same(states, self.state_dicts) and \
+                _same(list(map(_GET_V, states)), self.vs) and _same(list(map(_GET_M, states)), self.ms):
             return self.states
+        self.op_lists = {}
         self.state_dicts = states
         self.vs = [st.get("v") if st else None for st in states]
         self.ms = [st.get("m") if st else None for st in states]
         self.states = [{k: (local(x) if torch.is_tensor(x) else x) for k, x in st.items()} if st else None
                        for st in states]
+        # every parameter has the state its step needs (until then, this is rebuilt at each call)
+        self.complete = all(st is not None and "v" in st and (group["momentum"] == 0 or "m" in st)
+                            for st, group in zip(states, self.group_of))
         return self.states
 
 
@@ -373,7 +395,7 @@ def sharded_step(optimizer, work, grad_scale):
     plan = optimizer._sharded
     if plan is None or plan.key != _plan_key(optimizer, work):
         plan = optimizer._sharded = ShardedStep(optimizer, work)
-    grads = [_local_grad(p, g) for (_, params, gs) in work for p, g in zip(params, gs)]
+    grads = plan.local_grads([g for _, _, gs in work for g in gs])
     device = plan.device
     on_device = optimizer.capturable or device.type == "cuda"
     guarded = optimizer._guarded_counter(device)
@@ -436,20 +458,45 @@ def _advance(optimizer, plan, skip):
     """Create the parameters' state at their first step and count the step (by 1 - skip); returns
     the local state views."""
     states = plan.local_states(optimizer)
-    if any(st is None or "v" not in st or (group["momentum"] > 0 and "m" not in st)
-           for st, group in zip(states, plan.group_of)):
+    if not plan.complete:
         for p, group in zip(plan.params, plan.group_of):
             optimizer._state_for(p, group)
         states = plan.local_states(optimizer)
-    optimizer._advance_steps([st["step"] for st in states], skip, plan.device)
+    optimizer._advance_steps(list(map(_STEP, states)), skip, plan.device)
     return states
 
 
+_OpLists = collections.namedtuple("OpLists", "op params states vs ms")
+
+
+def _op_lists(plan, key, fn, idx, group, params, grads, states):
+    """The compiled op behind `fn` with the lists of its call that stay while the plan's local
+    views do (as the step plan keeps them for plain tensors), or None when its kernels do not
+    take every tensor (the plan's key fixes the gradients' dtypes and whether m exists)."""
+    lists = plan.op_lists.get(key)
+    if lists is None:
+        op = backends.kernel_op(fn)
+        ps, sts = [params[i] for i in idx], [states[i] for i in idx]
+        takes = (op is not None and not any(grads[i].dtype == torch.float64 for i in idx)
+                 and all(op.takes(p, st, group["momentum"]) for p, st in zip(ps, sts)))
+        lists = plan.op_lists[key] = _OpLists(op if takes else None, ps, sts, [st["v"] for st in sts],
+                                              [st["m"] for st in sts] if takes and group["momentum"] > 0 else [])
+    return lists if lists.op is not None else None
+
+
 def _one_pass(plan, grads, states, grad_scale, skip, guarded):
-    """The tensors with nothing partial: their backend's one-pass step on the local parts."""
+    """The tensors with nothing partial: their backend's one-pass step on the local parts; a
+    compiled backend's op is called with kept lists (`_op_lists`)."""
     params = plan.local_params()
-    for group, onepass, _ in plan.groups:
-        for fn, idx in onepass:
+    for gi, (group, onepass, _) in enumerate(plan.groups):
+        for k, (fn, idx) in enumerate(onepass):
+            lists = _op_lists(plan, (gi, k), fn, idx, group, params, grads, states)
+            if lists is not None and all(map(_IS_CONTIGUOUS, lists.params)):
+                sts = lists.states
+                lists.op.step(lists.params, [_CONTIGUOUS(grads[i]) for i in idx], lists.vs, list(map(_B, sts)),
+                              lists.ms, list(map(_STEP, sts)), list(map(float, map(_ETA, sts))), group["lr"],
+                              lists.op.options(group), grad_scale, skip, guarded)
+                continue
             args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], group, grad_scale)
             fn(*args, guarded=guarded) if skip is None else fn(*args, skip=skip, guarded=guarded)
 
