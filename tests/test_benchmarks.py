@@ -248,6 +248,8 @@ def test_sharded_step_tiny_records_every_row(tmp_path, one_thread):
     assert set(rows) == set(names) | {f"{n} (unsharded)" for n in names}
     assert rows["AdamW fused"]["adamw_ratio"] == 1.0 and rows["AdamW fused (unsharded)"]["adamw_ratio"] == 1.0
     assert all(len(r["times_ms"]) == 2 and r["numel"] == 2 * (32 * 32 + 32) for r in rows.values())
+    # one rank: from the last rank's entry is from its own entry
+    assert all(r["own_times_ms"] == pytest.approx(r["times_ms"], abs=1e-3) for r in rows.values())
 
 
 def test_host_overhead_group_rows_split_every_tensor_once_and_print_the_ratio(capsys, one_thread, tmp_path):
