@@ -53,7 +53,8 @@ from .slices import slice_shape
 
 # a DTensor's placements and local part: attribute reads in C (DTensor.placements is a property)
 _SPEC_PLACEMENTS, _LOCAL = operator.attrgetter("_spec.placements"), operator.attrgetter("_local_tensor")
-_GET_V, _GET_M = operator.methodcaller("get", "v"), operator.methodcaller("get", "m")
+_ENTRIES = ("v", "m", "b", "step", "eta")  # a state entry replaced (load_state_dict, by hand): new views
+_GET_ENTRIES = [operator.methodcaller("get", key) for key in _ENTRIES]
 _IS_CONTIGUOUS, _CONTIGUOUS = torch.Tensor.is_contiguous, torch.Tensor.contiguous
 _B, _STEP, _ETA = map(operator.itemgetter, ("b", "step", "eta"))
 _DTYPE = operator.attrgetter("dtype")
@@ -301,7 +302,7 @@ def _schedule(buckets, flag_groups):
 def _plan_key(optimizer, work):
     return (optimizer.backend, optimizer.guard, optimizer.capturable,
             tuple((id(group), group["schedule"], group["granularity"], group["momentum"] > 0,
-                   group["momentum_dtype"], tuple(map(id, params)),
+                   group["momentum_dtype"], tuple(map(id, params)), tuple(map(_DTYPE, params)),
                    tuple(map(_DTYPE, grads))) for group, params, grads in work))
 
 
@@ -370,16 +371,15 @@ class ShardedStep:
         return self.locals
 
     def local_states(self, optimizer):
-        """Per parameter {v, b, m, step, eta} with this rank's parts, cached while the state tensors
-        stay (None for parameters without state yet)."""
+        """Per parameter {v, b, m, step, eta} with this rank's parts, cached while the state's
+        entries stay the same objects (None for parameters without state yet)."""
         states = list(map(optimizer.state.get, self.params))
-        if self.complete and _same(states, self.state_dicts) and \
-                _same(list(map(_GET_V, states)), self.vs) and _same(list(map(_GET_M, states)), self.ms):
+        if self.complete and _same(states, self.state_dicts) and all(
+                _same(list(map(get, states)), kept) for get, kept in zip(_GET_ENTRIES, self.entries)):
             return self.states
         self.op_lists = {}
         self.state_dicts = states
-        self.vs = [st.get("v") if st else None for st in states]
-        self.ms = [st.get("m") if st else None for st in states]
+        self.entries = [[st.get(key) if st else None for st in states] for key in _ENTRIES]
         self.states = [{k: (local(x) if torch.is_tensor(x) else x) for k, x in st.items()} if st else None
                        for st in states]
         # every parameter has the state its step needs (until then, this is rebuilt at each call)

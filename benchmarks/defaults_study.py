@@ -76,7 +76,7 @@ def build_variant(spec):
     and scalars' eta, a number), beta=, gran=, mom=, clip=,
     dcoef=, ccoef=, l2= (extra_l2) (Amos options), mdt=bf16|fp32 (momentum storage), warm=F (linear warmup over a
     fraction F of the steps), decay=cos|lin (lr multiplied by a cosine / linear decay to 0 over the run),
-    elem=A,B (parameters whose name holds A or B in a group of granularity "element")."""
+    elem=A/B (parameters whose name holds A or B in a group of granularity "element")."""
     options, schedule, eta, elem = {}, {}, dict(rule="rms", vector=None), []
     for token in spec.split():
         key, _, value = token.partition("=")
@@ -92,7 +92,7 @@ def build_variant(spec):
             name, cast = OPTION_KEYS[key]
             options[name] = cast(value)
         elif key == "elem":
-            elem = value.split(",")
+            elem = value.split("/")  # not ",": --rows splits rows on commas
         elif key in ("warm", "decay"):
             schedule[key] = float(value) if key == "warm" else value
         else:

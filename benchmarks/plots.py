@@ -269,11 +269,12 @@ def plot(kind, folder):
     """Draw <folder>/<kind>.png from the latest run in <folder>/<kind>.jsonl (RUN_IN_PARTS: the
     latest of each task, row and seed); return its path."""
     rows = bc.read(os.path.join(folder, f"{kind}.jsonl"))
-    if kind in RUN_IN_PARTS:  # the suite is run in parts (--rows)
-        last = {}
+    if kind in RUN_IN_PARTS:  # the suite is run in parts (--rows), each task at its latest setup
+        last, setup = {}, {}
         for r in rows:
             last[(r["task"], r["row"], r["seed"])] = r
-        rows = list(last.values())
+            setup[r["task"]] = r["task_setup"]
+        rows = [r for r in last.values() if r["task_setup"] == setup[r["task"]]]
     else:
         rows = bc.latest(rows)
     path = os.path.join(folder, f"{kind}.png")

@@ -115,7 +115,8 @@ def worker(rank, args, port, out):
             step()
             sync()
             t1 = time.perf_counter()
-            span = torch.tensor([t0, t1, t1 - t0], dtype=torch.float64)
+            # the ranks run on this machine (127.0.0.1) and share its monotonic clock; nccl reduces CUDA tensors
+            span = torch.tensor([t0, t1, t1 - t0], dtype=torch.float64, device=device)
             dist.all_reduce(span, op=dist.ReduceOp.MAX)  # last rank in, last rank out, slowest rank's own
             times[name].append((span[1] - span[0]).item() * 1e3)
             own[name].append(span[2].item() * 1e3)

@@ -316,6 +316,9 @@ def test_defaults_study_registers_its_variants_as_suite_rows():
         study.build_variant("eta=fit nope=1")
     opt, _ = study.build_variant("eta=fit l2=0.001")(model, None, 100)
     assert opt.defaults["extra_l2"] == 0.001
+    opt, _ = study.build_variant("eta=fit elem=0./1.bias")(model, None, 100)  # "/": rows split on ","
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 2]
+    assert opt.param_groups[1]["granularity"] == "element"
 
 
 def test_defaults_study_records_its_own_kind(tmp_path, capsys, one_thread):

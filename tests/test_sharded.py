@@ -254,6 +254,36 @@ def fast_path_worker(rank):
 BACKENDS = ["reference"] + (["cpu"] if cpp_backend.unavailable("cpu") is None else [])
 
 
+def edits_worker(rank):
+    """What the sharded step keeps between steps (local views of the state, the op's lists) follows
+    state entries replaced by hand and a plain parameter turned fp64 in place, as plain tensors do."""
+    count_all_reduces()
+    mesh = _mesh(2)
+    config = dict(guard="slice")
+    opt = run_config(rank, 2, mesh, config, "cpu")
+    ref = Amos([q.full_tensor().clone() if hasattr(q, "full_tensor") else q.detach().clone() for q in
+                [p for g in opt.param_groups for p in g["params"]]], lr=0.1, backend="reference")
+    plain, sharded = ref.param_groups[0]["params"], opt.param_groups[0]["params"]
+    for p, q in zip(plain, sharded):  # the same state as the sharded run's, gathered
+        ref.state[p] = {k: (full(v).clone() if torch.is_tensor(v) else v) for k, v in opt.state[q].items()}
+    for o, params in ((ref, plain), (opt, sharded)):
+        for p in params:
+            st = o.state[p]
+            st["step"] = st["step"] + 10  # new tensors and values in the same state dicts
+            st["b"] = st["b"] * 0.5
+            st["eta"] = st["eta"] * 2
+        params[-1].data = params[-1].data.double()  # the plain parameter beside the DTensors
+        params[-1].grad_dtype = None  # its gradient stays fp32
+    for step in range(STEPS, STEPS + 2):
+        grads = make_full(2, config, step)
+        for p, q, g, (_, spec) in zip(plain, sharded, grads, LAYOUTS[2]):
+            p.grad = g.clone()
+            q.grad = shard(g.clone(), spec, mesh)
+        ref.step()
+        opt.step()
+        _compare(plain, sharded, ref, opt, config, step + 1, f"rank {rank}, after the edits, step {step + 1}")
+
+
 def _triton_runs():
     try:
         import amos_fused.triton_backend  # noqa: F401
@@ -278,6 +308,10 @@ def test_every_placement_matches_the_unsharded_reference(world):
 @pytest.mark.skipif(cpp_backend.unavailable("cpu") is not None, reason="the cpu backend is not built")
 def test_rows_whole_on_their_rank_take_the_one_pass_kernel():
     spawn(fast_path_worker)
+
+
+def test_the_sharded_step_follows_state_entries_replaced_and_a_dtype_changed():
+    spawn(edits_worker)
 
 
 def sabotage_worker(rank):
