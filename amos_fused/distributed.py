@@ -42,6 +42,7 @@ Not supported, with a clear error at construction: Partial placements (a paramet
 pending sum), DeepSpeed ZeRO and FSDP1 flat parameters (see README).
 """
 import collections
+import itertools
 import operator
 import sys
 
@@ -53,8 +54,7 @@ from .slices import slice_shape
 
 # a DTensor's placements and local part: attribute reads in C (DTensor.placements is a property)
 _SPEC_PLACEMENTS, _LOCAL = operator.attrgetter("_spec.placements"), operator.attrgetter("_local_tensor")
-_ENTRIES = ("v", "m", "b", "step", "eta")  # a state entry replaced (load_state_dict, by hand): new views
-_GET_ENTRIES = [operator.methodcaller("get", key) for key in _ENTRIES]
+_VBSE, _GET_M = operator.itemgetter("v", "b", "step", "eta"), operator.methodcaller("get", "m")
 _IS_CONTIGUOUS, _CONTIGUOUS = torch.Tensor.is_contiguous, torch.Tensor.contiguous
 _B, _STEP, _ETA = map(operator.itemgetter, ("b", "step", "eta"))
 _DTYPE = operator.attrgetter("dtype")
@@ -374,17 +374,19 @@ class ShardedStep:
         """Per parameter {v, b, m, step, eta} with this rank's parts, cached while the state's
         entries stay the same objects (None for parameters without state yet)."""
         states = list(map(optimizer.state.get, self.params))
-        if self.complete and _same(states, self.state_dicts) and all(
-                _same(list(map(get, states)), kept) for get, kept in zip(_GET_ENTRIES, self.entries)):
+        if self.complete and _same(states, self.state_dicts) and _same(list(map(_GET_M, states)), self.ms) and \
+                all(map(operator.is_, itertools.chain.from_iterable(map(_VBSE, states)), self.vbse)):
             return self.states
         self.op_lists = {}
         self.state_dicts = states
-        self.entries = [[st.get(key) if st else None for st in states] for key in _ENTRIES]
+        self.ms = [st.get("m") if st else None for st in states]
         self.states = [{k: (local(x) if torch.is_tensor(x) else x) for k, x in st.items()} if st else None
                        for st in states]
         # every parameter has the state its step needs (until then, this is rebuilt at each call)
         self.complete = all(st is not None and "v" in st and (group["momentum"] == 0 or "m" in st)
                             for st, group in zip(states, self.group_of))
+        # the entries' identities: one replaced (load_state_dict, by hand) makes new views
+        self.vbse = list(itertools.chain.from_iterable(map(_VBSE, states))) if self.complete else []
         return self.states
 
 
