@@ -17,6 +17,7 @@ DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_squar
 
 # total_steps: the lr schedule of groups given without lr (lr, lr_factor)
 WARMUP_FRACTION = 0.05
+COOLDOWN_FRACTION = 0.3  # the lr decays over the last 30 % of the run (docs/defaults.md: the study)
 LONG_RUN = 3.0  # peak lr <= 3/sqrt(N): 0.03 up to N = 10 000; 0.0055 at 300k (official BERT run: 0.005)
 SCHEDULE_KEY = "lr_schedule"  # group entry (peak, total_steps, steps taken), saved with the group
 
@@ -47,19 +48,21 @@ def lr(schedule, total_steps=None):
 
 def lr_schedule(schedule, total_steps):
     """The group entry `SCHEDULE_KEY` of a group whose lr the rules chose, or None: with
-    `total_steps`, schedule="amos" groups get a warmup and a linear decay (`lr_factor`)."""
+    `total_steps`, schedule="amos" groups get a warmup, a constant lr and a linear decay (`lr_factor`)."""
     if total_steps is None or schedule != "amos":
         return None
     return (lr(schedule, total_steps), int(total_steps), 0)  # (peak, N, steps taken)
 
 
 def lr_factor(steps_taken, total_steps):
-    """Multiplier of the peak lr at the step after `steps_taken` steps: linear warmup over the first
-    WARMUP_FRACTION of the run, then linear decay to 0 at `total_steps` (0 after it)."""
+    """Multiplier of the peak lr at the step after `steps_taken` steps (warmup-stable-decay): linear
+    warmup over the first WARMUP_FRACTION of the run, the peak, then a linear decay over the last
+    COOLDOWN_FRACTION to 0 at `total_steps` (0 after it)."""
     warmup = max(1, round(WARMUP_FRACTION * total_steps))
     if steps_taken < warmup:
         return (steps_taken + 1) / warmup
-    return max(0.0, (total_steps - steps_taken) / max(1, total_steps - warmup))
+    cooldown = max(1, round(COOLDOWN_FRACTION * total_steps))
+    return max(0.0, min(1.0, (total_steps - steps_taken) / cooldown))
 
 
 def scheduled_lr(entry):
@@ -76,7 +79,7 @@ def schedule_lr(param_groups):
         # written by someone else (ReduceLROnPlateau leaves no 'initial_lr'), and would be overwritten
         ours = (peak if taken == 0 else peak * lr_factor(taken - 1, total), peak * lr_factor(taken, total))
         if "initial_lr" in group or group["lr"] not in ours:
-            raise RuntimeError(f"Amos: the lr of this param group follows total_steps (warmup and linear decay), "
+            raise RuntimeError(f"Amos: the lr of this param group follows total_steps (warmup, constant, decay), "
                                f"but an LR scheduler or your code set it (lr={group['lr']!r}, the schedule's: "
                                f"{ours[0]!r}); give Amos an lr to use your scheduler, or drop the scheduler")
     for group, entry in scheduled:

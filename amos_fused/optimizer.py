@@ -46,8 +46,8 @@ class Amos(torch.optim.Optimizer):
             HSDP, tensor parallel) every rank takes the same decision: the verdicts ride on the
             step's all-reduce.
         total_steps: the number of optimizer steps the run will take, or None. Read only by the
-            lr rule, for groups without an lr: a warmup and a linear decay to 0 at ``total_steps``
-            (``defaults.lr_schedule``), kept in the group's ``"lr_schedule"``, so a resumed run
+            lr rule, for groups without an lr: a 5 % warmup, the peak, and a linear decay over the
+            last 30 % to 0 at ``total_steps`` (``defaults.lr_schedule``), kept in the group's ``"lr_schedule"``, so a resumed run
             continues it. Not with an LR scheduler (pass lr then) or ``capturable=True``.
         capturable: no host synchronisation at all in ``step()``, so a whole training step can be
             captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device

@@ -76,6 +76,7 @@ def build_variant(spec):
     and scalars' eta, a number), beta=, gran=, mom=, clip=,
     dcoef=, ccoef=, l2= (extra_l2) (Amos options), mdt=bf16|fp32 (momentum storage), warm=F (linear warmup over a
     fraction F of the steps), decay=cos|lin (lr multiplied by a cosine / linear decay to 0 over the run),
+    cool=F (lr multiplied by a linear decay to 0 over the last fraction F of the steps),
     elem=A/B (parameters whose name holds A or B in a group of granularity "element")."""
     options, schedule, eta, elem = {}, {}, dict(rule="rms", vector=None), []
     for token in spec.split():
@@ -93,8 +94,8 @@ def build_variant(spec):
             options[name] = cast(value)
         elif key == "elem":
             elem = value.split("/")  # not ",": --rows splits rows on commas
-        elif key in ("warm", "decay"):
-            schedule[key] = float(value) if key == "warm" else value
+        elif key in ("warm", "decay", "cool"):
+            schedule[key] = value if key == "decay" else float(value)
         else:
             raise ValueError(f"variant {spec!r}: unknown token {token!r}")
 
@@ -109,8 +110,8 @@ def build_variant(spec):
     return build
 
 
-def lr_factor(steps, warm=0.0, decay=None):
-    warmup = round(warm * steps)
+def lr_factor(steps, warm=0.0, decay=None, cool=0.0):
+    warmup, cooldown = round(warm * steps), round(cool * steps)
 
     def f(i):
         x = (i + 1) / warmup if i < warmup else 1.0
@@ -119,6 +120,8 @@ def lr_factor(steps, warm=0.0, decay=None):
             x *= 0.5 * (1 + math.cos(math.pi * frac))
         elif decay == "lin":
             x *= 1 - frac
+        if cooldown:  # warmup-stable-decay: linear to 0 over the last `cool` of the steps
+            x *= min(1.0, (steps - i) / cooldown)
         return x
     return f
 

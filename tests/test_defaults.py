@@ -84,14 +84,17 @@ def test_lr_without_total_steps_is_the_family_default_and_given_lr_is_kept():
 
 
 @pytest.mark.parametrize("total", [1, 20, 1000, 10_000, 300_000])
-def test_total_steps_schedule_warmup_then_linear_decay_to_zero(total):
+def test_total_steps_schedule_warmup_stable_then_linear_decay_to_zero(total):
     peak = defaults.lr("amos", total)
     assert peak == pytest.approx(min(DEFAULT_LR["amos"], 3 / math.sqrt(total)), rel=1e-12)
     factors = [defaults.lr_factor(k, total) for k in range(total + 2)]
-    warmup = max(1, round(0.05 * total))
+    warmup, cooldown = max(1, round(0.05 * total)), max(1, round(0.3 * total))
     assert factors[:warmup] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
     assert max(factors) == 1.0 and factors[warmup - 1] == 1.0
-    assert all(a >= b for a, b in zip(factors[warmup - 1:], factors[warmup:]))  # decays, never rises
+    stable = factors[warmup - 1:total - cooldown + 1]  # the peak until the last 30 % of the run
+    assert stable == [1.0] * len(stable)
+    cool = factors[total - cooldown:total + 1]  # then a straight line to 0 at total_steps
+    assert cool == pytest.approx([(cooldown - k) / cooldown for k in range(cooldown + 1)], abs=1e-12)
     assert factors[total - 1] > 0 and factors[total] == 0 and factors[total + 1] == 0
 
 
