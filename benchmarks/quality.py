@@ -16,7 +16,7 @@ Rows (a row is NAME or NAME@LR, NAME from VARIANTS):
 - default: `Amos(model.named_parameters())`, nothing else: no lr, no scheduler, no warmup;
 - amos@LR: the same with `lr=LR` (the sweep says how far the default lr sits from the best);
 - amos total_steps: `Amos(model.named_parameters(), total_steps=<the run's steps>)`: the lr
-  schedule the defaults give a run of known length (warmup, linear decay);
+  schedule the defaults give a run of known length (warmup, the peak, a decay over the last 30 %);
 - inverse_time, inverse_square, constant: the closed forms at their default lr, half_life a
   quarter of the run for the decaying two;
 - amos fp32-m / amos bf16-m: the defaults with momentum stored in fp32 / bf16, whichever is not
