@@ -19,7 +19,7 @@ DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_squar
 WARMUP_FRACTION = 0.05
 COOLDOWN_FRACTION = 0.3  # the lr decays over the last 30 % of the run (docs/defaults.md: the study)
 LONG_RUN = 3.0  # peak lr <= 3/sqrt(N): 0.03 up to N = 10 000; 0.0055 at 300k (official BERT run: 0.005)
-SCHEDULE_KEY = "lr_schedule"  # group entry (peak, total_steps, steps taken), saved with the group
+SCHEDULE_KEY = "lr_schedule"  # group entry (peak, total_steps, steps taken, cooldown), saved with the group
 
 MOMENTUM_AUTO = "auto"
 BF16 = torch.bfloat16
@@ -51,39 +51,48 @@ def lr_schedule(schedule, total_steps):
     `total_steps`, schedule="amos" groups get a warmup, a constant lr and a linear decay (`lr_factor`)."""
     if total_steps is None or schedule != "amos":
         return None
-    return (lr(schedule, total_steps), int(total_steps), 0)  # (peak, N, steps taken)
+    return (lr(schedule, total_steps), int(total_steps), 0, COOLDOWN_FRACTION)  # (peak, N, steps taken, cooldown)
 
 
-def lr_factor(steps_taken, total_steps):
+def lr_factor(steps_taken, total_steps, cooldown=COOLDOWN_FRACTION):
     """Multiplier of the peak lr at the step after `steps_taken` steps (warmup-stable-decay): linear
     warmup over the first WARMUP_FRACTION of the run, the peak, then a linear decay over the last
-    COOLDOWN_FRACTION to 0 at `total_steps` (0 after it)."""
+    `cooldown` fraction of the run to 0 at `total_steps` (0 after it). `cooldown` None: the decay
+    spans the whole run after the warmup (the schedule of entries saved without a cooldown)."""
     warmup = max(1, round(WARMUP_FRACTION * total_steps))
     if steps_taken < warmup:
         return (steps_taken + 1) / warmup
-    cooldown = max(1, round(COOLDOWN_FRACTION * total_steps))
-    return max(0.0, min(1.0, (total_steps - steps_taken) / cooldown))
+    length = max(1, total_steps - warmup) if cooldown is None else max(1, round(cooldown * total_steps))
+    return max(0.0, min(1.0, (total_steps - steps_taken) / length))
+
+
+def _parts(entry):
+    """(peak, total_steps, steps taken, cooldown) of a `SCHEDULE_KEY` entry; an entry of three
+    (saved before the schedule had a stable phase) keeps its linear decay over the whole run."""
+    peak, total, taken = entry[:3]
+    return peak, total, taken, entry[3] if len(entry) > 3 else None
 
 
 def scheduled_lr(entry):
     """The lr of the coming step of a group whose `SCHEDULE_KEY` entry is `entry`."""
-    peak, total, taken = entry
-    return peak * lr_factor(taken, total)
+    peak, total, taken, cooldown = _parts(entry)
+    return peak * lr_factor(taken, total, cooldown)
 
 
 def schedule_lr(param_groups):
     """Set the lr of every group with a `SCHEDULE_KEY` for the coming step (called by step())."""
     scheduled = [(group, group[SCHEDULE_KEY]) for group in param_groups if group.get(SCHEDULE_KEY) is not None]
-    for group, (peak, total, taken) in scheduled:
+    for group, entry in scheduled:
+        peak, total, taken, cooldown = _parts(entry)
         # the lr this rule set last (or, after a step that raised, for this step); anything else was
         # written by someone else (ReduceLROnPlateau leaves no 'initial_lr'), and would be overwritten
-        ours = (peak if taken == 0 else peak * lr_factor(taken - 1, total), peak * lr_factor(taken, total))
+        ours = (peak if taken == 0 else peak * lr_factor(taken - 1, total, cooldown), scheduled_lr(entry))
         if "initial_lr" in group or group["lr"] not in ours:
             raise RuntimeError(f"Amos: the lr of this param group follows total_steps (warmup, constant, decay), "
                                f"but an LR scheduler or your code set it (lr={group['lr']!r}, the schedule's: "
                                f"{ours[0]!r}); give Amos an lr to use your scheduler, or drop the scheduler")
     for group, entry in scheduled:
-        _, total, taken = entry
+        _, total, taken, _ = _parts(entry)
         if taken == total:
             warnings.warn(f"Amos: this run has taken total_steps={total} steps; the lr of groups that follow "
                           "total_steps is 0 from now on (their lr schedule ends there)")
@@ -95,7 +104,7 @@ def count_scheduled_step(param_groups):
     for group in param_groups:
         entry = group.get(SCHEDULE_KEY)
         if entry is not None:
-            group[SCHEDULE_KEY] = (entry[0], entry[1], entry[2] + 1)  # a new tuple: saved state dicts keep theirs
+            group[SCHEDULE_KEY] = (*entry[:2], entry[2] + 1, *entry[3:])  # a new tuple: saved state dicts keep theirs
 
 
 def eta(shape, mean_square):

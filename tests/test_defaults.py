@@ -117,6 +117,24 @@ def test_total_steps_sets_the_lr_of_every_step_and_a_resumed_run_continues_it():
     assert _steps(resumed_model, resumed, 10, start=25) == rest
 
 
+def test_a_schedule_saved_without_a_cooldown_resumes_its_linear_decay():
+    # entries of three (peak, N, steps taken) decayed linearly over the whole run after the warmup;
+    # a run saved with one resumes that schedule, not this version's, and without an error
+    model = _model()
+    opt = Amos(model.parameters(), total_steps=40)
+    _steps(model, opt, 12)
+    saved = copy.deepcopy(opt.state_dict())
+    peak = defaults.lr("amos", 40)
+    warmup = round(0.05 * 40)
+    linear = [peak * ((k + 1) / warmup if k < warmup else (40 - k) / (40 - warmup)) for k in range(41)]
+    saved["param_groups"][0][defaults.SCHEDULE_KEY] = (peak, 40, 12)
+    saved["param_groups"][0]["lr"] = linear[11]  # the lr the older schedule set for step 12
+    resumed = Amos(model.parameters(), total_steps=40)
+    resumed.load_state_dict(saved)
+    assert _steps(model, resumed, 28, start=12) == pytest.approx(linear[12:40], rel=1e-12)
+    assert resumed.param_groups[0][defaults.SCHEDULE_KEY] == (peak, 40, 40)
+
+
 def test_total_steps_leaves_closed_forms_and_given_lrs_alone():
     model = _model()
     opt = Amos([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}],
@@ -218,18 +236,18 @@ def test_copies_keep_total_steps_and_continue_the_schedule():
         twin.step()
         assert twin.param_groups[0]["lr"] == pytest.approx(defaults.lr("amos", 30) * defaults.lr_factor(4, 30))
         twin.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})  # a new group follows total_steps too
-        assert twin.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 30), 30, 0)
+        assert twin.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 30), 30, 0, defaults.COOLDOWN_FRACTION)
 
 
 def test_total_steps_in_a_param_group_sets_that_groups_schedule_and_is_checked():
     model = _model()
     opt = Amos([{"params": model[0].parameters(), "total_steps": 20}, {"params": model[2].parameters()}],
                total_steps=40)
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0)
-    assert opt.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 40), 40, 0)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0, defaults.COOLDOWN_FRACTION)
+    assert opt.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 40), 40, 0, defaults.COOLDOWN_FRACTION)
     assert all("total_steps" not in g for g in opt.param_groups)  # kept in the schedule, not as an option
     opt = Amos([{"params": model.parameters(), "total_steps": 20}])  # without an optimizer-wide one
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0, defaults.COOLDOWN_FRACTION)
     for bad in (0, 2.5, "100"):
         with pytest.raises(ValueError, match=r"param group 0: total_steps=.*whole number >= 1"):
             Amos([{"params": _model().parameters(), "total_steps": bad}])
@@ -259,7 +277,7 @@ def test_an_lr_written_over_the_total_steps_schedule_raises_before_anything_chan
     with pytest.raises(RuntimeError, match="LR scheduler"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 10), 10, 2)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 10), 10, 2, defaults.COOLDOWN_FRACTION)
     assert opt.param_groups[0]["lr"] == written
     assert all(torch.equal(opt.state[p]["step"], s["step"]) for p, s in zip(model.parameters(), state["state"].values()))
 
