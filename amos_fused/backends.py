@@ -101,6 +101,15 @@ def kernel_op(fn):
     return None
 
 
+def kernel_op_for(fn, params, grads, states, momentum):
+    """`kernel_op(fn)` when its kernels take every tensor of a call (no fp64 gradient, and
+    `takes` for each parameter and its state), else None: the caller then calls `fn`."""
+    op = kernel_op(fn)
+    if op is None or any(g.dtype == torch.float64 for g in grads):
+        return None
+    return op if all(op.takes(p, st, momentum) for p, st in zip(params, states)) else None
+
+
 def add_one(steps, all_cpu):
     """steps += 1; CPU counters in one call of the extension's op when it is built (torch's
     foreach add on CPU tensors dispatches once per tensor: about 0.45 ms for 148 of them)."""

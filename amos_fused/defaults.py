@@ -81,22 +81,23 @@ def scheduled_lr(entry):
 
 def schedule_lr(param_groups):
     """Set the lr of every group with a `SCHEDULE_KEY` for the coming step (called by step())."""
-    scheduled = [(group, group[SCHEDULE_KEY]) for group in param_groups if group.get(SCHEDULE_KEY) is not None]
-    for group, entry in scheduled:
+    entries = [(group, group[SCHEDULE_KEY]) for group in param_groups if group.get(SCHEDULE_KEY) is not None]
+    scheduled = [(group, entry, scheduled_lr(entry)) for group, entry in entries]
+    for group, entry, now in scheduled:
         peak, total, taken, cooldown = _parts(entry)
         # the lr this rule set last (or, after a step that raised, for this step); anything else was
         # written by someone else (ReduceLROnPlateau leaves no 'initial_lr'), and would be overwritten
-        ours = (peak if taken == 0 else peak * lr_factor(taken - 1, total, cooldown), scheduled_lr(entry))
+        ours = (peak if taken == 0 else peak * lr_factor(taken - 1, total, cooldown), now)
         if "initial_lr" in group or group["lr"] not in ours:
             raise RuntimeError(f"Amos: the lr of this param group follows total_steps (warmup, constant, decay), "
                                f"but an LR scheduler or your code set it (lr={group['lr']!r}, the schedule's: "
                                f"{ours[0]!r}); give Amos an lr to use your scheduler, or drop the scheduler")
-    for group, entry in scheduled:
+    for group, entry, now in scheduled:
         _, total, taken, _ = _parts(entry)
         if taken == total:
             warnings.warn(f"Amos: this run has taken total_steps={total} steps; the lr of groups that follow "
                           "total_steps is 0 from now on (their lr schedule ends there)")
-        group["lr"] = scheduled_lr(entry)
+        group["lr"] = now
 
 
 def count_scheduled_step(param_groups):

@@ -477,12 +477,10 @@ def _op_lists(plan, key, fn, idx, group, params, grads, states):
     take every tensor (the plan's key fixes the gradients' dtypes and whether m exists)."""
     lists = plan.op_lists.get(key)
     if lists is None:
-        op = backends.kernel_op(fn)
         ps, sts = [params[i] for i in idx], [states[i] for i in idx]
-        takes = (op is not None and not any(grads[i].dtype == torch.float64 for i in idx)
-                 and all(op.takes(p, st, group["momentum"]) for p, st in zip(ps, sts)))
-        lists = plan.op_lists[key] = _OpLists(op if takes else None, ps, sts, [st["v"] for st in sts],
-                                              [st["m"] for st in sts] if takes and group["momentum"] > 0 else [])
+        op = backends.kernel_op_for(fn, ps, [grads[i] for i in idx], sts, group["momentum"])
+        lists = plan.op_lists[key] = _OpLists(op, ps, sts, [st["v"] for st in sts],
+                                              [st["m"] for st in sts] if op and group["momentum"] > 0 else [])
     return lists if lists.op is not None else None
 
 

@@ -244,11 +244,10 @@ class GroupPlan:
         momentum = group["momentum"]
         # the op called straight from the plan's lists when the kernels take every tensor
         # (the op's own test: m's layout is the optimizer's, fixed while m is)
-        op = backends.kernel_op(self.calls[0][0]) if len(self.calls) == 1 and params else None
-        fused = (op is not None and not any(g.dtype == torch.float64 for g in run.grads)
-                 and all(op.takes(p, st, momentum) for p, st in zip(params, self.states)))
-        self.fused = Fused(op.step, op.options(group)) if fused else None
-        self.option_args = op.options if fused else None
+        op = (backends.kernel_op_for(self.calls[0][0], params, run.grads, self.states, momentum)
+              if len(self.calls) == 1 and params else None)
+        self.fused = Fused(op.step, op.options(group)) if op is not None else None
+        self.option_args = op.options if op is not None else None
         self.op_ms = self.ms if momentum > 0 else []
 
     def update(self, group, options):

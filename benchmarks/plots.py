@@ -159,15 +159,23 @@ def classifier(rows, path):
           f"seeds {seeds}, {_machine(r)}, {r['date'][:10]}")
 
 
+def _task_grid(plt, n):
+    """A figure of `n` task panels, two per line, and its axes in order (spare panels hidden)."""
+    cols = min(n, 2)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.4 * nrows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def quality(rows, path):
     """The quality suite: per task, validation loss (mean over seeds) of every row but the Amos lr
     sweep's, of which the default and the best lr are drawn; the default and the best AdamW bold."""
     plt = _pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    cols = min(len(tasks), 2)
-    nrows = (len(tasks) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.4 * nrows), squeeze=False)
-    axes = axes.flatten()
+    fig, axes = _task_grid(plt, len(tasks))
     for ax, task in zip(axes, tasks):
         runs = [r for r in rows if r["task"] == task]
         by_row = {row: [r for r in runs if r["row"] == row] for row in dict.fromkeys(r["row"] for r in runs)}
@@ -199,8 +207,6 @@ def quality(rows, path):
         ax.set_ylabel("validation loss (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5)
-    for ax in axes[len(tasks):]:
-        ax.axis("off")
     r = rows[0]
     seeds = sorted({r["seed"] for r in rows})
     _save(fig, path, f"quality suite, seeds {seeds}: validation loss, mean over seeds; {_machine(r)}, "
@@ -217,10 +223,7 @@ def defaults_study(rows, path):
     rule = lambda row: row.partition("@")[0]  # noqa: E731
     everywhere = [x for x in dict.fromkeys(rule(r["row"]) for r in rows)
                   if all(any(rule(r["row"]) == x and r["task"] == t for r in rows) for t in tasks)]
-    cols = min(len(tasks), 2)
-    nrows = (len(tasks) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.4 * nrows), squeeze=False)
-    axes = axes.flatten()
+    fig, axes = _task_grid(plt, len(tasks))
     for ax, task in zip(axes, tasks):
         final = {}
         for r in rows:
@@ -249,8 +252,6 @@ def defaults_study(rows, path):
         ax.set_ylabel("final val loss / best AdamW's")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6.5)
-    for ax in axes[len(tasks):]:
-        ax.axis("off")
     r = rows[0]
     _save(fig, path, f"candidate default rules: final validation loss (mean over seeds) over the best AdamW's "
           f"(dotted: +2 %); {_machine(r)}, torch {r['versions']['torch']}, {r['date'][:10]}")
