@@ -1,5 +1,5 @@
-"""Param groups: a new group checked and completed (options, tensors, backends; an lr left out
-from the lr rule), and each parameter's eta, measured once when its group is added by the eta
+"""Param groups: a new group checked and completed (options, tensors, backends; an lr and a beta
+left out from the rules), and each parameter's eta, measured once when its group is added by the eta
 rule (defaults.py; docs/defaults.md)."""
 import torch
 
@@ -35,6 +35,8 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
                                  "scheduler outside the graph")
             group[defaults.SCHEDULE_KEY] = scheduled
             group["lr"] = defaults.scheduled_lr(scheduled)  # the first step's, read before it too
+    if group["beta"] is None:
+        group["beta"] = defaults.beta(scheduled=group.get(defaults.SCHEDULE_KEY) is not None)
     check_options(group, where)
     scalar_lr(group)
     if capturable:

@@ -24,7 +24,8 @@ class Amos(torch.optim.Optimizer):
         schedule: ``"amos"`` (official, adaptive decay) or ``"constant"``, ``"inverse_time"``,
             ``"inverse_square"`` (closed forms; the last two need ``half_life`` in steps).
         q: closed forms only: the decoupled decay rate is ``lr**2 / (2q) * s(t)``.
-        beta: decay of the second moment ``v``.
+        beta: decay of the second moment ``v``. None: 0.999 (the official), or 0.95 for groups
+            whose lr follows ``total_steps`` (``defaults.beta``).
         momentum: EMA of the whole update (0 disables it and its state ``m``).
         momentum_dtype: storage of ``m``: "auto" (default: bfloat16; fp64 for fp64 parameters),
             None (the compute dtype: fp32, fp64 for fp64 parameters), float32, bfloat16 or float16.
@@ -46,9 +47,9 @@ class Amos(torch.optim.Optimizer):
             HSDP, tensor parallel) every rank takes the same decision: the verdicts ride on the
             step's all-reduce.
         total_steps: the number of optimizer steps the run will take, or None. Read only by the
-            lr rule, for groups without an lr: a 5 % warmup, the peak, and a linear decay over the
-            last 30 % to 0 at ``total_steps`` (``defaults.lr_schedule``), kept in the group's ``"lr_schedule"``, so a resumed run
-            continues it. Not with an LR scheduler (pass lr then) or ``capturable=True``.
+            lr rule, for groups without an lr: a linear warmup over the first 20 %, the peak, and a
+            linear decay over the last 30 % to 0 at ``total_steps`` (``defaults.lr_schedule``), kept in
+            the group's ``"lr_schedule"``, so a resumed run continues it; such groups' beta is 0.95. Not with an LR scheduler (pass lr then) or ``capturable=True``.
         capturable: no host synchronisation at all in ``step()``, so a whole training step can be
             captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device
             (LR schedulers fill it in place, so replays see new values). Needs a fused backend
@@ -73,7 +74,7 @@ class Amos(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
 
-    def __init__(self, params, lr=None, *, schedule="amos", half_life=None, q=1.0, beta=0.999,
+    def __init__(self, params, lr=None, *, schedule="amos", half_life=None, q=1.0, beta=None,
                  momentum=0.9, momentum_dtype="auto", clip_value=None, d_coef=0.25, c_coef=0.25,
                  extra_l2=0.0, eps=2.0**-125, eta=None, eta_fn=None, granularity="row",
                  backend="auto", guard="slice", capturable=False, total_steps=None):

@@ -88,10 +88,10 @@ def test_total_steps_schedule_warmup_stable_then_linear_decay_to_zero(total):
     peak = defaults.lr("amos", total)
     assert peak == pytest.approx(min(DEFAULT_LR["amos"], 3 / math.sqrt(total)), rel=1e-12)
     factors = [defaults.lr_factor(k, total) for k in range(total + 2)]
-    warmup, cooldown = max(1, round(0.05 * total)), max(1, round(0.3 * total))
+    warmup, cooldown = max(1, round(0.2 * total)), max(1, round(0.3 * total))
     assert factors[:warmup] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
     assert max(factors) == 1.0 and factors[warmup - 1] == 1.0
-    stable = factors[warmup - 1:total - cooldown + 1]  # the peak until the last 30 % of the run
+    stable = factors[warmup - 1:total - cooldown + 1]  # the peak from 20 % until the last 30 % of the run
     assert stable == [1.0] * len(stable)
     cool = factors[total - cooldown:total + 1]  # then a straight line to 0 at total_steps
     assert cool == pytest.approx([(cooldown - k) / cooldown for k in range(cooldown + 1)], abs=1e-12)
@@ -133,6 +133,47 @@ def test_a_schedule_saved_without_a_cooldown_resumes_its_linear_decay():
     resumed.load_state_dict(saved)
     assert _steps(model, resumed, 28, start=12) == pytest.approx(linear[12:40], rel=1e-12)
     assert resumed.param_groups[0][defaults.SCHEDULE_KEY] == (peak, 40, 40)
+
+
+def test_a_schedule_saved_with_the_short_warmup_resumes_it():
+    # entries of four (peak, N, steps taken, cooldown) warmed up over 5 % of the run
+    model = _model()
+    opt = Amos(model.parameters(), total_steps=40)
+    _steps(model, opt, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    peak = defaults.lr("amos", 40)
+    short = [peak * min(1.0, (k + 1) / 2, (40 - k) / 12) for k in range(41)]  # warmup 2 steps, cooldown 12
+    saved["param_groups"][0][defaults.SCHEDULE_KEY] = (peak, 40, 1, 0.3)
+    saved["param_groups"][0]["lr"] = short[0]
+    resumed = Amos(model.parameters(), total_steps=40)
+    resumed.load_state_dict(saved)
+    assert _steps(model, resumed, 39, start=1) == pytest.approx(short[1:40], rel=1e-12)
+    assert resumed.param_groups[0][defaults.SCHEDULE_KEY] == (peak, 40, 40, 0.3)
+
+
+def test_beta_is_the_official_one_unless_the_lr_follows_total_steps():
+    assert Amos(_model().parameters()).param_groups[0]["beta"] == defaults.BETA == 0.999
+    scheduled = Amos(_model().parameters(), total_steps=100)
+    assert scheduled.param_groups[0]["beta"] == defaults.SCHEDULED_BETA == 0.95
+    assert Amos(_model().parameters(), total_steps=100, beta=0.99).param_groups[0]["beta"] == 0.99  # given: kept
+    assert Amos(_model().parameters(), lr=0.01, total_steps=100).param_groups[0]["beta"] == 0.999  # no schedule
+    closed = Amos(_model().parameters(), schedule="inverse_time", half_life=5, total_steps=100)
+    assert closed.param_groups[0]["beta"] == 0.999
+    model = _model()
+    opt = Amos([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5},
+                {"params": [torch.nn.Parameter(torch.ones(2))], "beta": 0.9}], total_steps=100)
+    assert [g["beta"] for g in opt.param_groups] == [0.95, 0.999, 0.9]
+    scheduled.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})  # follows total_steps too
+    assert scheduled.param_groups[1]["beta"] == 0.95 and scheduled.defaults["beta"] is None
+    # a resumed run reads the saved beta back: a checkpoint from before the rule keeps its 0.999
+    model = _model()
+    saved = Amos(model.parameters(), total_steps=100)
+    _steps(model, saved, 2)
+    state = copy.deepcopy(saved.state_dict())
+    state["param_groups"][0]["beta"] = 0.999
+    resumed = Amos(model.parameters(), total_steps=100)
+    resumed.load_state_dict(state)
+    assert resumed.param_groups[0]["beta"] == 0.999
 
 
 def test_total_steps_leaves_closed_forms_and_given_lrs_alone():
@@ -236,18 +277,20 @@ def test_copies_keep_total_steps_and_continue_the_schedule():
         twin.step()
         assert twin.param_groups[0]["lr"] == pytest.approx(defaults.lr("amos", 30) * defaults.lr_factor(4, 30))
         twin.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})  # a new group follows total_steps too
-        assert twin.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 30), 30, 0, defaults.COOLDOWN_FRACTION)
+        assert twin.param_groups[1][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 30)
 
 
 def test_total_steps_in_a_param_group_sets_that_groups_schedule_and_is_checked():
     model = _model()
     opt = Amos([{"params": model[0].parameters(), "total_steps": 20}, {"params": model[2].parameters()}],
                total_steps=40)
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0, defaults.COOLDOWN_FRACTION)
-    assert opt.param_groups[1][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 40), 40, 0, defaults.COOLDOWN_FRACTION)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 20)
+    assert opt.param_groups[1][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 40)
+    assert defaults.lr_schedule("amos", 20) == (defaults.lr("amos", 20), 20, 0, defaults.COOLDOWN_FRACTION,
+                                                defaults.WARMUP_FRACTION)
     assert all("total_steps" not in g for g in opt.param_groups)  # kept in the schedule, not as an option
     opt = Amos([{"params": model.parameters(), "total_steps": 20}])  # without an optimizer-wide one
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 20), 20, 0, defaults.COOLDOWN_FRACTION)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 20)
     for bad in (0, 2.5, "100"):
         with pytest.raises(ValueError, match=r"param group 0: total_steps=.*whole number >= 1"):
             Amos([{"params": _model().parameters(), "total_steps": bad}])
@@ -277,7 +320,7 @@ def test_an_lr_written_over_the_total_steps_schedule_raises_before_anything_chan
     with pytest.raises(RuntimeError, match="LR scheduler"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (defaults.lr("amos", 10), 10, 2, defaults.COOLDOWN_FRACTION)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (*defaults.lr_schedule("amos", 10)[:2], 2, *defaults.lr_schedule("amos", 10)[3:])
     assert opt.param_groups[0]["lr"] == written
     assert all(torch.equal(opt.state[p]["step"], s["step"]) for p, s in zip(model.parameters(), state["state"].values()))
 
