@@ -27,9 +27,10 @@ def _machine(r):
     return r["machine"]["gpu"] or r["machine"]["cpu"]
 
 
-def _save(fig, path, title):
+def _save(fig, path, title, bottom=0.0):
+    """`bottom`: the fraction of the figure's height kept below the panels (a figure legend)."""
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
 
@@ -224,6 +225,7 @@ def defaults_study(rows, path):
     everywhere = [x for x in dict.fromkeys(rule(r["row"]) for r in rows)
                   if all(any(rule(r["row"]) == x and r["task"] == t for r in rows) for t in tasks)]
     fig, axes = _task_grid(plt, len(tasks))
+    styles = {x: (plt.get_cmap("tab20")(i % 20), "osD^v"[i // 20 % 5]) for i, x in enumerate(everywhere)}
     for ax, task in zip(axes, tasks):
         final = {}
         for r in rows:
@@ -236,8 +238,9 @@ def defaults_study(rows, path):
             pts = sorted((lr, v / adamw) for (y, lr), v in mean.items() if y == x and math.isfinite(v))
             seeds = sorted({len(v) for (y, _), v in final.items() if y == x})
             seeds = f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if x == "adamw" else "o-",
-                    label=f"{x} ({seeds} seed{'' if seeds == '1' else 's'})",
+            color, marker = styles[x]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if x == "adamw" else "-", marker=marker,
+                    color=color, label=f"{x} ({seeds} seed{'' if seeds == '1' else 's'})",
                     lw=2.2 if x in ("adamw", "default") else 1.2, ms=4)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(1.02, color="k", lw=0.6, ls=":")
@@ -251,10 +254,16 @@ def defaults_study(rows, path):
         ax.set_xlabel("lr (the peak, with a schedule)")
         ax.set_ylabel("final val loss / best AdamW's")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6.5)
+    # one legend for all panels, below them: the rules are many, and a legend inside would hide points
+    handles, labels = axes[0].get_legend_handles_labels()
+    lines = (len(labels) + 1) // 2
+    height = fig.get_figheight()
+    fig.set_figheight(height + 0.17 * lines + 0.2)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7.5, frameon=False)
     r = rows[0]
     _save(fig, path, f"candidate default rules: final validation loss (mean over seeds) over the best AdamW's "
-          f"(dotted: +2 %); {_machine(r)}, torch {r['versions']['torch']}, {r['date'][:10]}")
+          f"(dotted: +2 %); {_machine(r)}, torch {r['versions']['torch']}, {r['date'][:10]}",
+          bottom=(0.17 * lines + 0.2) / fig.get_figheight())
 
 
 def _title(rows, task):
