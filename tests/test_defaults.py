@@ -117,38 +117,27 @@ def test_total_steps_sets_the_lr_of_every_step_and_a_resumed_run_continues_it():
     assert _steps(resumed_model, resumed, 10, start=25) == rest
 
 
-def test_a_schedule_saved_without_a_cooldown_resumes_its_linear_decay():
-    # entries of three (peak, N, steps taken) decayed linearly over the whole run after the warmup;
-    # a run saved with one resumes that schedule, not this version's, and without an error
-    model = _model()
-    opt = Amos(model.parameters(), total_steps=40)
-    _steps(model, opt, 12)
-    saved = copy.deepcopy(opt.state_dict())
-    peak = defaults.lr("amos", 40)
-    warmup = round(0.05 * 40)
-    linear = [peak * ((k + 1) / warmup if k < warmup else (40 - k) / (40 - warmup)) for k in range(41)]
-    saved["param_groups"][0][defaults.SCHEDULE_KEY] = (peak, 40, 12)
-    saved["param_groups"][0]["lr"] = linear[11]  # the lr the older schedule set for step 12
-    resumed = Amos(model.parameters(), total_steps=40)
-    resumed.load_state_dict(saved)
-    assert _steps(model, resumed, 28, start=12) == pytest.approx(linear[12:40], rel=1e-12)
-    assert resumed.param_groups[0][defaults.SCHEDULE_KEY] == (peak, 40, 40)
-
-
-def test_a_schedule_saved_with_the_short_warmup_resumes_it():
-    # entries of four (peak, N, steps taken, cooldown) warmed up over 5 % of the run
+@pytest.mark.parametrize("fields", [3, 4])
+def test_a_schedule_saved_by_an_earlier_version_resumes_that_schedule(fields):
+    # entries of three (peak, N, steps taken) decayed linearly over the whole run after a 5 %
+    # warmup; entries of four (... , cooldown) held the peak until the cooldown after a 5 % warmup.
+    # A run saved with one resumes that schedule, not this version's, and without an error.
     model = _model()
     opt = Amos(model.parameters(), total_steps=40)
     _steps(model, opt, 1)
     saved = copy.deepcopy(opt.state_dict())
-    peak = defaults.lr("amos", 40)
-    short = [peak * min(1.0, (k + 1) / 2, (40 - k) / 12) for k in range(41)]  # warmup 2 steps, cooldown 12
-    saved["param_groups"][0][defaults.SCHEDULE_KEY] = (peak, 40, 1, 0.3)
-    saved["param_groups"][0]["lr"] = short[0]
+    peak, warmup = defaults.lr("amos", 40), round(0.05 * 40)
+    if fields == 3:
+        older = [peak * ((k + 1) / warmup if k < warmup else (40 - k) / (40 - warmup)) for k in range(41)]
+    else:
+        older = [peak * min(1.0, (k + 1) / warmup, (40 - k) / 12) for k in range(41)]  # cooldown: 30 % of 40
+    entry = (peak, 40, 1, 0.3)[:fields]
+    saved["param_groups"][0][defaults.SCHEDULE_KEY] = entry
+    saved["param_groups"][0]["lr"] = older[0]  # the lr the older schedule set for step 1
     resumed = Amos(model.parameters(), total_steps=40)
     resumed.load_state_dict(saved)
-    assert _steps(model, resumed, 39, start=1) == pytest.approx(short[1:40], rel=1e-12)
-    assert resumed.param_groups[0][defaults.SCHEDULE_KEY] == (peak, 40, 40, 0.3)
+    assert _steps(model, resumed, 39, start=1) == pytest.approx(older[1:40], rel=1e-12)
+    assert resumed.param_groups[0][defaults.SCHEDULE_KEY] == (peak, 40, 40, 0.3)[:fields]
 
 
 def test_beta_is_the_official_one_unless_the_lr_follows_total_steps():
