@@ -19,7 +19,8 @@ DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_squar
 # chosen by the study in docs/defaults.md ("Candidate rules measured")
 WARMUP_FRACTION = 0.2  # the lr rises linearly over the first 20 % of the run ...
 COOLDOWN_FRACTION = 0.3  # ... and decays over the last 30 %
-LONG_RUN = 3.0  # peak lr <= 3/sqrt(N): 0.03 up to N = 10 000; 0.0055 at 300k (official BERT run: 0.005)
+PEAK_SCALE = 0.1  # peak lr <= 0.1/sqrt(M) for a model of M matrices: 0.03 for 11, 0.01 for 100
+LONG_RUN = 3.0  # peak lr <= 3/sqrt(N): 0.03 at N = 10 000; 0.0055 at 300k (official BERT run: 0.005)
 SCHEDULE_KEY = "lr_schedule"  # group entry (peak, total_steps, steps taken, cooldown, warmup), saved with the group
 LEGACY_WARMUP = 0.05  # the warmup of entries saved without one (three or four fields)
 
@@ -41,24 +42,27 @@ def check_total_steps(total_steps, where="Amos"):
                          "number of optimizer steps the run will take, a whole number >= 1")
 
 
-def lr(schedule, total_steps=None):
+def lr(schedule, total_steps=None, matrices=1):
     """The lr of a group of `schedule` given without one: DEFAULT_LR; with `total_steps` N, the
-    peak of the run's lr schedule (`schedule_lr`), min(DEFAULT_LR, LONG_RUN / sqrt(N)): the same
-    for runs up to 10 000 steps, and 1/sqrt(N)-like beyond, as the official long-run advice."""
+    peak of the run's lr schedule (`schedule_lr`) for a model of `matrices` M parameters of two or
+    more dimensions: min(PEAK_SCALE / sqrt(M), LONG_RUN / sqrt(N)). Each step moves every matrix
+    by about lr of its scale, and the model's output by about sqrt(M) times that when the moves
+    are independent, so the peak falls as 1/sqrt(M), as depth-scaled rules for Adam do; past
+    10 000 steps it is 1/sqrt(N)-like, as the official long-run advice."""
     check_total_steps(total_steps)
     base = DEFAULT_LR[schedule]
     if total_steps is None or schedule != "amos":
         return base
-    return min(base, LONG_RUN / math.sqrt(total_steps))
+    return min(PEAK_SCALE / math.sqrt(max(1, matrices)), LONG_RUN / math.sqrt(total_steps))
 
 
-def lr_schedule(schedule, total_steps):
+def lr_schedule(schedule, total_steps, matrices=1):
     """The group entry `SCHEDULE_KEY` of a group whose lr the rules chose, or None: with
     `total_steps`, schedule="amos" groups get a warmup, a constant lr and a linear decay (`lr_factor`)."""
     if total_steps is None or schedule != "amos":
         return None
     # (peak, N, steps taken, cooldown, warmup)
-    return (lr(schedule, total_steps), int(total_steps), 0, COOLDOWN_FRACTION, WARMUP_FRACTION)
+    return (lr(schedule, total_steps, matrices), int(total_steps), 0, COOLDOWN_FRACTION, WARMUP_FRACTION)
 
 
 def beta(scheduled):

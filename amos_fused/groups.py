@@ -12,10 +12,36 @@ def _entries(group):
     return [group["params"]] if torch.is_tensor(group["params"]) else list(group["params"])
 
 
-def prepare(param_group, options, param_groups, backend, capturable, eta_fn, total_steps):
+def tensors_of(group):
+    """The tensors of a param group as given (a dict, or an iterable of tensors or (name, tensor))."""
+    entries = _entries(group) if isinstance(group, dict) else group
+    return [p[1] if isinstance(p, tuple) else p for p in entries]
+
+
+def count_matrices(groups):
+    """How many parameters of two or more dimensions `groups` hold (the lr rule's M)."""
+    return sum(1 for group in groups for p in tensors_of(group) if torch.is_tensor(p) and p.ndim >= 2)
+
+
+def _readable(params):
+    """Whether `params` is read into a list here: not a tensor, and not a set (the checks refuse those)."""
+    return params is not None and not torch.is_tensor(params) and not isinstance(params, set)
+
+
+def listed(params):
+    """(params, groups): `params` as given to the optimizer with every generator read into a list
+    (a group dict is copied), so that they can be counted before they are added, and its groups."""
+    if not _readable(params):
+        return params, []
+    params = [dict(g, params=list(g["params"])) if isinstance(g, dict) and _readable(g.get("params")) else g
+              for g in params]
+    return params, params if params and isinstance(params[0], dict) else [params]
+
+
+def prepare(param_group, options, param_groups, backend, capturable, eta_fn, total_steps, model_matrices):
     """(group, tensors, etas): `param_group` completed with `options` (the optimizer's defaults)
     and checked against the optimizer's settings and its `param_groups` so far, raising before
-    anything changes; its tensors, and the eta of each."""
+    anything changes; its tensors, and the eta of each. `model_matrices`: the M of the lr rule."""
     group = dict(param_group)
     if not torch.is_tensor(group.get("params")) and not isinstance(group.get("params"), set):
         group["params"] = list(group["params"])  # a generator (model.parameters()) reads only once
@@ -25,7 +51,7 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
     total_steps = group.pop("total_steps", total_steps)  # a group's own, else the optimizer's
     defaults.check_total_steps(total_steps, where)
     if group["lr"] is None and group.get("schedule") in defaults.DEFAULT_LR:
-        scheduled = defaults.lr_schedule(group["schedule"], total_steps)
+        scheduled = defaults.lr_schedule(group["schedule"], total_steps, model_matrices)
         if scheduled is None:
             group["lr"] = defaults.lr(group["schedule"], total_steps)
         else:
@@ -49,7 +75,7 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
             raise ValueError(f"{where}: lr is a tensor on {group['lr'].device}, the parameters are on {device}; "
                              "with capturable=True the kernels read lr on the parameters' device (a captured "
                              f"graph would freeze a value read elsewhere): pass a float or a tensor on {device}")
-    tensors = [p[1] if isinstance(p, tuple) else p for p in _entries(group)]
+    tensors = tensors_of(group)
     for i, p in enumerate(tensors):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{where}: params[{i}] is a {type(p).__name__}, not a tensor")

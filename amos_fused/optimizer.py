@@ -6,7 +6,7 @@ import torch
 from . import backends, distributed, pickling, verdict
 from . import defaults as default_rules
 from .defaults import DEFAULT_LR  # noqa: F401  (amos_fused.optimizer.DEFAULT_LR)
-from .groups import prepare
+from .groups import count_matrices, listed, prepare
 from .options import check_settings
 from .plan import Plan, WorkCheck, collect, full_run, sharded_work
 from .state import check_loadable, loaded, new_state
@@ -47,9 +47,11 @@ class Amos(torch.optim.Optimizer):
             HSDP, tensor parallel) every rank takes the same decision: the verdicts ride on the
             step's all-reduce.
         total_steps: the number of optimizer steps the run will take, or None. Read only by the
-            lr rule, for groups without an lr: a linear warmup over the first 20 %, the peak, and a
-            linear decay over the last 30 % to 0 at ``total_steps`` (``defaults.lr_schedule``), kept in
-            the group's ``"lr_schedule"``, so a resumed run continues it; such groups' beta is 0.95. Not with an LR scheduler (pass lr then) or ``capturable=True``.
+            lr rule, for groups without an lr: a linear warmup over the first 20 %, the peak
+            ``min(0.1 / sqrt(M), 3 / sqrt(total_steps))`` for a model of M matrices (parameters of
+            two or more dimensions, in all the groups given), and a linear decay over the last 30 %
+            to 0 at ``total_steps`` (``defaults.lr_schedule``), kept in the group's ``"lr_schedule"``,
+            so a resumed run continues it; such groups' beta is 0.95. Not with an LR scheduler (pass lr then) or ``capturable=True``.
         capturable: no host synchronisation at all in ``step()``, so a whole training step can be
             captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device
             (LR schedulers fill it in place, so replays see new values). Needs a fused backend
@@ -93,7 +95,10 @@ class Amos(torch.optim.Optimizer):
         self._guarded_on = {}  # device -> 0-d int64 counter the kernels add guarded slices to
         self._notices = verdict.Notices()  # the warnings shown once, and the last CUDA step's pending verdict
         self._new_caches()
+        params, given = listed(params)
+        self._matrices_given = count_matrices(given)  # the lr rule's M for the groups given here
         super().__init__(params, defaults)
+        del self._matrices_given
 
     def _new_caches(self):
         self._bound_cache = {}  # (device, params, options) -> (C, clip) vectors of the skip test
@@ -151,8 +156,12 @@ class Amos(torch.optim.Optimizer):
 
     # ---- groups and state -----------------------------------------------------------------
     def add_param_group(self, param_group):
-        group, tensors, etas = prepare(param_group, self.defaults, self.param_groups, self.backend,
-                                       self.capturable, self.eta_fn, self.total_steps)  # raises before anything changes
+        (param_group,), _ = listed([param_group])
+        # M: the matrices of every group given to the constructor, or of every group once this one is in
+        model_matrices = max(self.__dict__.get("_matrices_given", 0),
+                             count_matrices(self.param_groups) + count_matrices([param_group]))
+        group, tensors, etas = prepare(param_group, self.defaults, self.param_groups, self.backend, self.capturable,
+                                       self.eta_fn, self.total_steps, model_matrices)  # raises before anything changes
         super().add_param_group(group)
         self._plan = None
         for p, eta in zip(tensors, etas):

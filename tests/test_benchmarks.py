@@ -3,6 +3,7 @@ and the committed results data files stay readable.
 
 torch.compile rows are left out: one compile takes tens of seconds on the 2-core CI machine.
 """
+import dataclasses
 import datetime
 import importlib.util
 import math
@@ -283,7 +284,10 @@ def test_quality_quick_records_runs_table_verdicts_and_png(tmp_path, capsys, one
         assert all(_finite(r["final_val"]) and r["task_setup"]["name"] == task for r in rows.values())
         # the default row is Amos with nothing given: its lr is the family's default; total_steps: its peak
         assert rows["default"]["lr"] == quality.DEFAULT_LR["amos"]
-        assert rows["amos total_steps"]["lr"] == quality.defaults.lr("amos", rows["default"]["task_setup"]["steps"])
+        model = dataclasses.replace(quality.TASKS[task], **quality.QUICK_TASKS[task]).make_model()
+        matrices = sum(p.ndim >= 2 for p in model.parameters())
+        assert rows["amos total_steps"]["lr"] == quality.defaults.lr("amos", rows["default"]["task_setup"]["steps"],
+                                                                     matrices)
     assert (tmp_path / "quality.png").read_bytes()[:8] == PNG
     # a second run takes every run from the cache: same numbers, nothing trained
     n_cached = len(cache.read_text().splitlines())

@@ -57,6 +57,9 @@ def test_given_eta_and_eta_fn_are_used_exactly():
 
 # ---- lr and total_steps -----------------------------------------------------------------------------
 
+M = 2  # the matrices of _model(): the lr rule's M
+
+
 def _model(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
@@ -85,8 +88,8 @@ def test_lr_without_total_steps_is_the_family_default_and_given_lr_is_kept():
 
 @pytest.mark.parametrize("total", [1, 20, 1000, 10_000, 300_000])
 def test_total_steps_schedule_warmup_stable_then_linear_decay_to_zero(total):
-    peak = defaults.lr("amos", total)
-    assert peak == pytest.approx(min(DEFAULT_LR["amos"], 3 / math.sqrt(total)), rel=1e-12)
+    peak = defaults.lr("amos", total, M)
+    assert peak == pytest.approx(min(0.1 / math.sqrt(M), 3 / math.sqrt(total)), rel=1e-12)
     factors = [defaults.lr_factor(k, total) for k in range(total + 2)]
     warmup, cooldown = max(1, round(0.2 * total)), max(1, round(0.3 * total))
     assert factors[:warmup] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
@@ -98,10 +101,42 @@ def test_total_steps_schedule_warmup_stable_then_linear_decay_to_zero(total):
     assert factors[total - 1] > 0 and factors[total] == 0 and factors[total + 1] == 0
 
 
+def test_the_total_steps_peak_falls_with_the_square_root_of_the_models_matrices():
+    def peak(params, total=1000):
+        return Amos(params, total_steps=total).param_groups[0][defaults.SCHEDULE_KEY][0]
+
+    def layers(n, width=8):  # n matrices and n biases
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(n)])
+
+    for n in (1, 4, 11, 100):
+        assert peak(layers(n).parameters(), total=100) == pytest.approx(min(0.1 / math.sqrt(n), 0.3), rel=1e-12)
+    assert peak(layers(11).parameters()) == pytest.approx(0.1 / math.sqrt(11))  # the quality suite's transformer
+    assert peak(layers(1).parameters()) == pytest.approx(3 / math.sqrt(1000))  # a short run's cap
+    assert peak([torch.nn.Parameter(torch.ones(4))]) == pytest.approx(3 / math.sqrt(1000))  # no matrix: M = 1
+    # M counts every group given to the constructor: a split into matrices and vectors (generators
+    # read once), named parameters and a single group all get the peak of the whole model
+    model = layers(4)
+    split = Amos([{"params": (p for p in model.parameters() if p.ndim == 2)},
+                  {"params": (p for p in model.parameters() if p.ndim < 2)}], total_steps=100)
+    assert [len(g["params"]) for g in split.param_groups] == [4, 4]
+    assert [g[defaults.SCHEDULE_KEY][0] for g in split.param_groups] == [0.05, 0.05]
+    assert peak(model.named_parameters(), total=100) == 0.05
+    # a group added later counts the matrices of every group once it is in, and keeps the others' peak
+    split.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 3)) for _ in range(5)]})
+    assert [g[defaults.SCHEDULE_KEY][0] for g in split.param_groups] == [0.05, 0.05, pytest.approx(0.1 / 3)]
+    # a resumed run reads the peak back, whatever model it is loaded into
+    state = split.state_dict()
+    resumed = Amos([{"params": g["params"]} for g in split.param_groups], total_steps=100)
+    assert [g[defaults.SCHEDULE_KEY][0] for g in resumed.param_groups] == [pytest.approx(0.1 / 3)] * 3  # M = 9
+    resumed.load_state_dict(state)
+    assert [g[defaults.SCHEDULE_KEY][0] for g in resumed.param_groups] == [0.05, 0.05, pytest.approx(0.1 / 3)]
+
+
 def test_total_steps_sets_the_lr_of_every_step_and_a_resumed_run_continues_it():
     model = _model()
     opt = Amos(model.parameters(), total_steps=40)
-    peak = defaults.lr("amos", 40)
+    peak = defaults.lr("amos", 40, M)
     assert opt.param_groups[0]["lr"] == peak * defaults.lr_factor(0, 40)  # read before the first step: its lr
     lrs = _steps(model, opt, 25)
     assert lrs == pytest.approx([peak * defaults.lr_factor(k, 40) for k in range(25)], rel=1e-12)
@@ -126,7 +161,7 @@ def test_a_schedule_saved_by_an_earlier_version_resumes_that_schedule(fields):
     opt = Amos(model.parameters(), total_steps=40)
     _steps(model, opt, 1)
     saved = copy.deepcopy(opt.state_dict())
-    peak, warmup = defaults.lr("amos", 40), round(0.05 * 40)
+    peak, warmup = defaults.lr("amos", 40, M), round(0.05 * 40)
     if fields == 3:
         older = [peak * ((k + 1) / warmup if k < warmup else (40 - k) / (40 - warmup)) for k in range(41)]
     else:
@@ -173,7 +208,7 @@ def test_total_steps_leaves_closed_forms_and_given_lrs_alone():
     assert all(defaults.SCHEDULE_KEY not in g for g in opt.param_groups)
     opt = Amos([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}], total_steps=30)
     assert defaults.SCHEDULE_KEY in opt.param_groups[0] and defaults.SCHEDULE_KEY not in opt.param_groups[1]
-    assert _steps(model, opt, 3) == pytest.approx([defaults.lr("amos", 30) * defaults.lr_factor(k, 30)
+    assert _steps(model, opt, 3) == pytest.approx([defaults.lr("amos", 30, M) * defaults.lr_factor(k, 30)
                                                    for k in range(3)])
     assert opt.param_groups[1]["lr"] == 0.5
 
@@ -197,7 +232,7 @@ def test_bad_total_steps_raises_naming_it(bad):
     with pytest.raises(ValueError, match=r"total_steps=.*whole number >= 1"):
         Amos(model.parameters(), total_steps=bad)
     with pytest.raises(ValueError, match="total_steps"):
-        defaults.lr("amos", bad)
+        defaults.lr("amos", bad, M)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
@@ -264,22 +299,22 @@ def test_copies_keep_total_steps_and_continue_the_schedule():
         for p in params:
             p.grad = torch.ones_like(p)
         twin.step()
-        assert twin.param_groups[0]["lr"] == pytest.approx(defaults.lr("amos", 30) * defaults.lr_factor(4, 30))
+        assert twin.param_groups[0]["lr"] == pytest.approx(defaults.lr("amos", 30, M) * defaults.lr_factor(4, 30))
         twin.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})  # a new group follows total_steps too
-        assert twin.param_groups[1][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 30)
+        assert twin.param_groups[1][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 30, M)
 
 
 def test_total_steps_in_a_param_group_sets_that_groups_schedule_and_is_checked():
     model = _model()
     opt = Amos([{"params": model[0].parameters(), "total_steps": 20}, {"params": model[2].parameters()}],
                total_steps=40)
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 20)
-    assert opt.param_groups[1][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 40)
-    assert defaults.lr_schedule("amos", 20) == (defaults.lr("amos", 20), 20, 0, defaults.COOLDOWN_FRACTION,
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 20, M)
+    assert opt.param_groups[1][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 40, M)
+    assert defaults.lr_schedule("amos", 20, M) == (defaults.lr("amos", 20, M), 20, 0, defaults.COOLDOWN_FRACTION,
                                                 defaults.WARMUP_FRACTION)
     assert all("total_steps" not in g for g in opt.param_groups)  # kept in the schedule, not as an option
     opt = Amos([{"params": model.parameters(), "total_steps": 20}])  # without an optimizer-wide one
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 20)
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == defaults.lr_schedule("amos", 20, M)
     for bad in (0, 2.5, "100"):
         with pytest.raises(ValueError, match=r"param group 0: total_steps=.*whole number >= 1"):
             Amos([{"params": _model().parameters(), "total_steps": bad}])
@@ -309,7 +344,7 @@ def test_an_lr_written_over_the_total_steps_schedule_raises_before_anything_chan
     with pytest.raises(RuntimeError, match="LR scheduler"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (*defaults.lr_schedule("amos", 10)[:2], 2, *defaults.lr_schedule("amos", 10)[3:])
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (*defaults.lr_schedule("amos", 10, M)[:2], 2, *defaults.lr_schedule("amos", 10, M)[3:])
     assert opt.param_groups[0]["lr"] == written
     assert all(torch.equal(opt.state[p]["step"], s["step"]) for p, s in zip(model.parameters(), state["state"].values()))
 
@@ -322,4 +357,4 @@ def test_a_step_that_raises_leaves_the_schedule_resumable():
     with pytest.raises(ValueError, match="beta"):
         _steps(model, opt, 1, start=2)
     opt.param_groups[0]["beta"] = 0.999
-    assert _steps(model, opt, 1, start=2) == [defaults.lr("amos", 10) * defaults.lr_factor(2, 10)]
+    assert _steps(model, opt, 1, start=2) == [defaults.lr("amos", 10, M) * defaults.lr_factor(2, 10)]
