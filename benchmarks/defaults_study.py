@@ -17,11 +17,13 @@ The AdamW sweep and the plain default row are always trained too (from --cache w
 
     python benchmarks/defaults_study.py --variants "eta=rms;eta=fanin1 beta=0.99" --lrs 0.01,0.03,0.1 --seeds 1
     python benchmarks/defaults_study.py ... --tasks lm_torch,digits --steps-factor 3   # another run length
+    python benchmarks/defaults_study.py ... --tasks lm_gpt2 --layers 4   # a deeper transformer, held out
 Any other option goes to quality.py (--seeds, --jobs, --cache, --results, ...). Runs are recorded
 in benchmarks/results/<device>/defaults_study.jsonl (the quality suite's rows, kept apart from its
-own file), and drawn into defaults_study.png.
+own file), and drawn into defaults_study.png; runs with --layers in defaults_study_layers.jsonl / .png.
 """
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -126,6 +128,19 @@ def lr_factor(steps, warm=0.0, decay=None, cool=0.0):
     return f
 
 
+def deeper(layers):
+    """The suite's transformer tasks with `layers` blocks, under the same names plus "_L<layers>"
+    (the others are left as they are); --tasks names them so. Returns the new names."""
+    names = []
+    for task in [t for t in quality.TASKS.values() if t.model and t.model[0] == "transformer"]:
+        kind, _, *rest = task.model
+        name = f"{task.name}_L{layers}"
+        quality.TASKS[name] = dataclasses.replace(task, name=name, model=(kind, layers, *rest),
+                                                  title=task.title.replace(f"{task.model[1]}x", f"{layers}x", 1))
+        names.append(name)
+    return names
+
+
 def register(specs):
     for spec in specs:
         quality.VARIANTS[f"amos {spec}"] = build_variant(spec)
@@ -138,7 +153,17 @@ def main(argv=None):
     ap.add_argument("--lrs", default="", help="lr sweep per variant; empty: the default lr only")
     ap.add_argument("--with-defaults", action="store_true", help="all the suite's default rows, not only AdamW's "
                                                                    "sweep and the default Amos")
+    ap.add_argument("--layers", type=int, default=None, help="the transformer tasks with this many blocks (a model "
+                                                              "the rules were not chosen on); recorded apart")
     args, rest = ap.parse_known_args(argv)
+    kind = "defaults_study"
+    if args.layers is not None:
+        if args.layers < 1:
+            ap.error(f"--layers {args.layers}: use a whole number >= 1")
+        names = deeper(args.layers)
+        kind = "defaults_study_layers"
+        if not any(a == "--tasks" or a.startswith("--tasks=") for a in rest):
+            rest += ["--tasks", ",".join(names)]
     specs = [v.strip() for v in args.variants.split(";") if v.strip()]
     for spec in specs:
         for token in spec.split():
@@ -149,8 +174,7 @@ def main(argv=None):
     lrs = [x for x in args.lrs.split(",") if x]
     rows = [f"amos {spec}" + (f"@{lr}" if lr else "") for spec in specs for lr in (lrs or [""])]
     rows_arg = ("+" if args.with_defaults else "adamw-sweep,default,") + ",".join(rows)
-    return quality.main(rest + ["--rows", rows_arg], kind="defaults_study",
-                        command=bc.command_line(__file__, argv))
+    return quality.main(rest + ["--rows", rows_arg], kind=kind, command=bc.command_line(__file__, argv))
 
 
 if __name__ == "__main__":

@@ -271,8 +271,9 @@ def _title(rows, task):
 
 
 PLOTTERS = {"step_time": step_time, "row_sweep": row_sweep, "convergence": convergence, "lr_sweep": lr_sweep,
-            "classifier": classifier, "quality": quality, "defaults_study": defaults_study}
-RUN_IN_PARTS = ("quality", "defaults_study")  # each task, row and seed drawn from its latest run
+            "classifier": classifier, "quality": quality, "defaults_study": defaults_study,
+            "defaults_study_layers": defaults_study}
+RUN_IN_PARTS = ("quality", "defaults_study", "defaults_study_layers")  # each task, row and seed drawn from its latest run
 
 
 def plot(kind, folder):

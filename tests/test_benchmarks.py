@@ -334,3 +334,21 @@ def test_defaults_study_records_its_own_kind(tmp_path, capsys, one_thread):
     assert data[0]["command"].startswith("python benchmarks/defaults_study.py --quick")
     assert not (tmp_path / "quality.jsonl").exists()  # the suite's own file keeps the suite's rows only
     assert (tmp_path / "defaults_study.png").read_bytes()[:8] == PNG
+
+
+def test_defaults_study_layers_trains_deeper_transformers_recorded_apart(tmp_path, monkeypatch, one_thread):
+    study = _load("defaults_study")
+    quality = study.quality
+    monkeypatch.setattr(quality, "TASKS", dict(quality.TASKS))  # deeper() adds tasks: undone after the test
+    assert study.deeper(4) == ["lm_gpt2_L4", "lm_torch_L4"]
+    task = quality.TASKS["lm_gpt2_L4"]
+    assert task.model == ("transformer", 4, 128, 4, 32, "gpt2") and task.title.startswith("byte transformer 4x128")
+    assert quality.TASKS["lm_gpt2"].model[1] == 2  # the suite's own tasks are left as they are
+    with pytest.raises(SystemExit):
+        study.main(["--layers", "0"])
+    assert study.main(["--layers", "1", "--tasks", "lm_gpt2_L1", "--steps-factor", "0.01", "--variants", "eta=fit",
+                       "--lrs", "0.05", "--seeds", "1", "--no-progress", "--results", str(tmp_path)]) == 0
+    data = _load("bench_common").read(tmp_path / "defaults_study_layers.jsonl")
+    assert {r["task"] for r in data} == {"lm_gpt2_L1"} and data[0]["task_setup"]["model"][1] == 1
+    assert not (tmp_path / "defaults_study.jsonl").exists()  # apart from the suite's tasks
+    assert (tmp_path / "defaults_study_layers.png").read_bytes()[:8] == PNG
