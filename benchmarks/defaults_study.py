@@ -17,7 +17,7 @@ The AdamW sweep and the plain default row are always trained too (from --cache w
 
     python benchmarks/defaults_study.py --variants "eta=rms;eta=fanin1 beta=0.99" --lrs 0.01,0.03,0.1 --seeds 1
     python benchmarks/defaults_study.py ... --tasks lm_torch,digits --steps-factor 3   # another run length
-    python benchmarks/defaults_study.py ... --tasks lm_gpt2 --layers 4   # a deeper transformer, held out
+    python benchmarks/defaults_study.py ... --tasks lm_gpt2 --layers 4   # its 4-block version (lm_gpt2_L4), held out
 Any other option goes to quality.py (--seeds, --jobs, --cache, --results, ...). Runs are recorded
 in benchmarks/results/<device>/defaults_study.jsonl (the quality suite's rows, kept apart from its
 own file), and drawn into defaults_study.png; runs with --layers in defaults_study_layers.jsonl / .png.
@@ -155,15 +155,20 @@ def main(argv=None):
                                                                    "sweep and the default Amos")
     ap.add_argument("--layers", type=int, default=None, help="the transformer tasks with this many blocks (a model "
                                                               "the rules were not chosen on); recorded apart")
+    ap.add_argument("--tasks", default=None, help="as quality.py's; with --layers, the transformer tasks (default: "
+                                                  "both) are their deeper versions")
     args, rest = ap.parse_known_args(argv)
     kind = "defaults_study"
+    tasks = args.tasks
     if args.layers is not None:
         if args.layers < 1:
             ap.error(f"--layers {args.layers}: use a whole number >= 1")
         names = deeper(args.layers)
         kind = "defaults_study_layers"
-        if not any(a == "--tasks" or a.startswith("--tasks=") for a in rest):
-            rest += ["--tasks", ",".join(names)]
+        by_base = {name.rsplit("_L", 1)[0]: name for name in names}
+        tasks = ",".join(by_base.get(t.strip(), t.strip()) for t in tasks.split(",")) if tasks else ",".join(names)
+    if tasks is not None:
+        rest += ["--tasks", tasks]
     specs = [v.strip() for v in args.variants.split(";") if v.strip()]
     for spec in specs:
         for token in spec.split():

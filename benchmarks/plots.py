@@ -226,6 +226,14 @@ def defaults_study(rows, path):
                   if all(any(rule(r["row"]) == x and r["task"] == t for r in rows) for t in tasks)]
     fig, axes = _task_grid(plt, len(tasks))
     styles = {x: (plt.get_cmap("tab20")(i % 20), "osD^v"[i // 20 % 5]) for i, x in enumerate(everywhere)}
+    runs = {}  # (rule, task, lr) -> seeds run: the legend gives each rule's range over every panel
+    for r in rows:
+        runs[(rule(r["row"]), r["task"], r["lr"])] = runs.get((rule(r["row"]), r["task"], r["lr"]), 0) + 1
+    label = {}
+    for x in everywhere:
+        counts = sorted({n for (y, _, _), n in runs.items() if y == x})
+        seeds = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
+        label[x] = f"{x} ({seeds} seed{'' if seeds == '1' else 's'})"
     for ax, task in zip(axes, tasks):
         final = {}
         for r in rows:
@@ -236,12 +244,9 @@ def defaults_study(rows, path):
         adamw = min(v for (x, _), v in mean.items() if x == "adamw")
         for x in everywhere:
             pts = sorted((lr, v / adamw) for (y, lr), v in mean.items() if y == x and math.isfinite(v))
-            seeds = sorted({len(v) for (y, _), v in final.items() if y == x})
-            seeds = f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
             color, marker = styles[x]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if x == "adamw" else "-", marker=marker,
-                    color=color, label=f"{x} ({seeds} seed{'' if seeds == '1' else 's'})",
-                    lw=2.2 if x in ("adamw", "default") else 1.2, ms=4)
+                    color=color, label=label[x], lw=2.2 if x in ("adamw", "default") else 1.2, ms=4)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(1.02, color="k", lw=0.6, ls=":")
         ax.set_xscale("log")
