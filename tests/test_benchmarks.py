@@ -346,8 +346,9 @@ def test_defaults_study_layers_trains_deeper_transformers_recorded_apart(tmp_pat
     assert quality.TASKS["lm_gpt2"].model[1] == 2  # the suite's own tasks are left as they are
     with pytest.raises(SystemExit):
         study.main(["--layers", "0"])
-    assert study.main(["--layers", "1", "--tasks", "lm_gpt2", "--steps-factor", "0.01", "--variants", "eta=fit",
-                       "--lrs", "0.05", "--seeds", "1", "--no-progress", "--results", str(tmp_path)]) == 0
+    argv = ["--layers", "1", "--tasks", "lm_gpt2", "--steps-factor", "0.01", "--variants", "eta=fit", "--lrs", "0.05",
+            "--seeds", "1", "--jobs", "1", "--no-progress", "--results", str(tmp_path)]  # jobs 1: no fork after autograd
+    assert study.main(argv) == 0
     data = _load("bench_common").read(tmp_path / "defaults_study_layers.jsonl")
     assert {r["task"] for r in data} == {"lm_gpt2_L1"} and data[0]["task_setup"]["model"][1] == 1
     assert not (tmp_path / "defaults_study.jsonl").exists()  # apart from the suite's tasks
