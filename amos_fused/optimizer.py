@@ -51,7 +51,8 @@ class Amos(torch.optim.Optimizer):
             ``min(0.1 / sqrt(M), 3 / sqrt(total_steps))`` for a model of M matrices (parameters of
             two or more dimensions, in all the groups given), and a linear decay over the last 30 %
             to 0 at ``total_steps`` (``defaults.lr_schedule``), kept in the group's ``"lr_schedule"``,
-            so a resumed run continues it; such groups' beta is 0.95. Not with an LR scheduler (pass lr then) or ``capturable=True``.
+            so a resumed run continues it; such groups' beta is 0.95. Not with an LR scheduler (pass
+            lr then) or ``capturable=True``.
         capturable: no host synchronisation at all in ``step()``, so a whole training step can be
             captured in a CUDA graph; a float lr becomes a 0-d tensor on the parameters' device
             (LR schedulers fill it in place, so replays see new values). Needs a fused backend
