@@ -157,6 +157,9 @@ class Amos(torch.optim.Optimizer):
 
     # ---- groups and state -----------------------------------------------------------------
     def add_param_group(self, param_group):
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Amos.add_param_group: param_group must be a dict such as {{'params': [...]}}, "
+                            f"not a {type(param_group).__name__}")
         (param_group,), _ = listed([param_group])
         # M: the matrices of every group given to the constructor, or of every group once this one is in
         model_matrices = max(self.__dict__.get("_matrices_given", 0),

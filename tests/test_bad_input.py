@@ -5,6 +5,7 @@ clones first and compares them afterwards with torch.equal: bit-for-bit unchange
 unusual but legal (non-contiguous and channels-last tensors, gradients in another float dtype) must
 instead give the reference's result on a contiguous copy, on every backend that runs here.
 """
+import copy
 import math
 import re
 
@@ -433,3 +434,13 @@ def test_gradient_in_another_float_dtype_matches_the_reference(backend, grad_dty
         assert_close(a, b, TOL[torch.float32], f"{backend} grad {grad_dtype} step {step}: param")
         for key in ("v", "b", "m"):
             assert_close(opt_a.state[a][key], opt_b.state[b][key], TOL[torch.float32], f"state {key}")
+
+
+def test_add_param_group_takes_a_dict_only():
+    params = [torch.nn.Parameter(torch.ones(3, 2)) for _ in range(2)]
+    opt = Amos(params[:1], lr=0.1)
+    before = copy.deepcopy(opt.state_dict())
+    for bad in ((p for p in params[1:]), params[1:], params[1]):
+        with pytest.raises(TypeError, match="param_group must be a dict"):
+            opt.add_param_group(bad)
+    assert len(opt.param_groups) == 1 and opt.state_dict() == before
