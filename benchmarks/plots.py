@@ -7,6 +7,7 @@ latest run in <folder>/<kind>.jsonl, for every kind below that has a data file.
 The benchmarks call `plot` themselves after recording, so their plot always shows their own run.
 """
 import argparse
+import collections
 import math
 import os
 import statistics
@@ -226,9 +227,8 @@ def defaults_study(rows, path):
                   if all(any(rule(r["row"]) == x and r["task"] == t for r in rows) for t in tasks)]
     fig, axes = _task_grid(plt, len(tasks))
     styles = {x: (plt.get_cmap("tab20")(i % 20), "osD^v"[i // 20 % 5]) for i, x in enumerate(everywhere)}
-    runs = {}  # (rule, task, lr) -> seeds run: the legend gives each rule's range over every panel
-    for r in rows:
-        runs[(rule(r["row"]), r["task"], r["lr"])] = runs.get((rule(r["row"]), r["task"], r["lr"]), 0) + 1
+    # (rule, task, lr) -> seeds run: the legend gives each rule's range over every panel
+    runs = collections.Counter((rule(r["row"]), r["task"], r["lr"]) for r in rows)
     label = {}
     for x in everywhere:
         counts = sorted({n for (y, _, _), n in runs.items() if y == x})
