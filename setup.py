@@ -63,7 +63,7 @@ def _ext_modules():
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     sources = ["csrc/ops.cpp", "csrc/amos_cpu.cpp", "csrc/checks_cpu.cpp", "csrc/steps_cpu.cpp",
                "csrc/two_phase.cpp", "csrc/plan_cache_trace.cpp"]
-    headers = ["csrc/amos_math.h", "csrc/ops.h", "csrc/plan_cache.h"]  # rebuild when they change; shipped in an sdist
+    headers = ["csrc/amos_math.h", "csrc/ops.h", "csrc/pieces.h", "csrc/plan_cache.h"]  # rebuild when they change; shipped in an sdist
     if cuda:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -3,7 +3,7 @@
 // Work is cut into pieces of fixed size, independent of the thread count: a piece is a run of
 // whole rows (about kPiece elements) or, for rows longer than kLongRow, one block of a row. Every
 // sum is taken piece by piece in a fixed order, so results are bitwise identical whatever the
-// number of threads. Passes (docs/algorithm.md, "Kernel phases"):
+// number of threads and whichever thread runs a piece (pieces.h shares them out). Passes (docs/algorithm.md, "Kernel phases"):
 //   "amos", whole rows: one pass. Each row is reduced, finalized and applied while it is in
 //       cache, so g is read once from DRAM. Element granularity (C = 1) runs a piece of rows as
 //       one element-wise loop.
@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "ops.h"  // cpu_avx2, AMOS_CPU_AVX2
+#include "pieces.h"
 // the loops are inlined into each target's entry point, so each is compiled for that target
 #define AMOS_CPU_INLINE inline __attribute__((always_inline))
 
@@ -557,16 +558,12 @@ std::vector<Span> two_phase_pieces(const TwoPhaseArgs& a) {
   return out;
 }
 
-// runs fn(piece index) over the pieces, on the calling thread when the call is small
+// runs fn(piece index) over the pieces (for_pieces)
 template <typename Fn>
 void over_pieces(const TwoPhaseArgs& a, int64_t np, Fn fn) {
   int64_t total = 0;
   for (const auto& p : a.params) total += p.numel();
-  const int64_t grain = total < kSerial ? std::max<int64_t>(np, 1) : 1;
-  at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
-    Scratch sc;
-    for (int64_t k = begin; k < end; ++k) fn(k, sc);
-  });
+  for_pieces<Scratch>(np, total < kSerial, fn);
 }
 
 // g of elements [off, off + n) of tensor i as the step sees it (unscaled, clipped), in fp32
@@ -717,17 +714,12 @@ void step_cpu(const StepArgs& a) {
   std::vector<float> partial(np);
   std::vector<int64_t> guarded(np, 0);
   const Step s{h, amos, scale, partial.data(), guarded.data()};
-  // a small step runs on the calling thread: waking the pool would cost more than the work
   int64_t total = 0;
   for (const auto& p : a.params) total += p.numel();
-  const int64_t grain = total < kSerial ? std::max<int64_t>(np, 1) : 1;
   auto run_pass = [&](int pass) {
-    at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
-      Scratch sc;
-      for (int64_t k = begin; k < end; ++k) {
-        const Piece& pc = pieces[k];
-        fns[pc.tensor](pass, ts[pc.tensor], pc, k, s, sc);
-      }
+    for_pieces<Scratch>(np, total < kSerial, [&](int64_t k, Scratch& sc) {
+      const Piece& pc = pieces[k];
+      fns[pc.tensor](pass, ts[pc.tensor], pc, k, s, sc);
     });
   };
 

@@ -3,8 +3,8 @@
 // and inf for one holding +-Inf (and no NaN), so one look at a few floats tells whether the
 // step must be skipped. (On CUDA the optimizer uses torch._foreach_norm(ord=inf).)
 //
-// Work is cut into pieces of at most kPiece elements, spread over at::parallel_for; a max is
-// exact whatever the order, so the result does not depend on the number of threads.
+// Work is cut into pieces of at most kPiece elements, shared out by pieces.h; a max is exact
+// whatever the order, so the result does not depend on the threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "ops.h"  // cpu_avx2, AMOS_CPU_AVX2
+#include "pieces.h"
 
 // the loops are inlined into each target's entry point, so each is compiled for that target
 #define CHECKS_INLINE inline __attribute__((always_inline))
@@ -127,13 +128,11 @@ at::Tensor max_abs_cpu(at::TensorList xs) {
   }
   const int64_t np = static_cast<int64_t>(pieces.size());
   std::vector<uint32_t> partial(np);
-  const int64_t grain = total < kSerial ? std::max<int64_t>(np, 1) : 1;  // waking threads costs more
   const PieceFn run = piece_fn();
-  at::parallel_for(0, np, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const at::Tensor& x = flat[pieces[k].tensor];
-      partial[k] = run(x.const_data_ptr(), x.scalar_type(), pieces[k].begin, pieces[k].end);
-    }
+  struct NoScratch {};
+  for_pieces<NoScratch>(np, total < kSerial, [&](int64_t k, NoScratch&) {  // waking threads costs more
+    const at::Tensor& x = flat[pieces[k].tensor];
+    partial[k] = run(x.const_data_ptr(), x.scalar_type(), pieces[k].begin, pieces[k].end);
   });
   std::vector<uint32_t> bits(nt, 0);  // +0.0f: the max of an empty tensor
   for (int64_t k = 0; k < np; ++k) bits[pieces[k].tensor] = std::max(bits[pieces[k].tensor], partial[k]);
