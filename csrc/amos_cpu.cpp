@@ -86,8 +86,9 @@ AMOS_CPU_INLINE void sumsq_rows(const float* __restrict__ x, int64_t C, int64_t 
 
 // Storage <-> fp32 in these loops: amos_math.h's to_f/from_f, except for fp16, which c10 converts
 // by a call per element when the compiler may not assume F16C (no vectorising: 10x slower
-// steps). The fp16 pair below is branch-free and gives c10's bits for every one of the 2^16
-// halves and 2^32 floats (checked exhaustively against c10's conversions; NaN -> 0x7E00).
+// steps), and fp32 -> bf16. The fp16 pair below is branch-free and gives c10's bits for every one
+// of the 2^16 halves and 2^32 floats (checked exhaustively against c10's conversions; NaN ->
+// 0x7E00); so does float_to_bf16 for every float (NaN -> 0x7FC0).
 AMOS_CPU_INLINE uint32_t bits_of(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -142,6 +143,15 @@ AMOS_CPU_INLINE uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(sign | r);
 }
 
+// c10's bf16 rounding (to nearest even; NaN -> 0x7FC0) with a NaN replaced before rounding, so
+// the select stays in the 32-bit lanes: c10's own form compiles to a select after packing to 16
+// bits. The default step's momentum store: its AVX2 loop 42 instructions per 16 elements instead
+// of 52, the 50M-parameter default step 0.99-1.07x the time (median 1.04) in six A/B runs.
+AMOS_CPU_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t u = pick(f != f, 0x7FC00000u, bits_of(f));  // f != f: NaN
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 template <typename T>
 AMOS_CPU_INLINE float load(T x) {
   return to_f(x);
@@ -151,6 +161,7 @@ AMOS_CPU_INLINE float load(c10::Half x) { return half_to_float(x.x); }
 template <typename T>
 AMOS_CPU_INLINE T store(float x) {
   if constexpr (std::is_same<T, c10::Half>::value) return c10::Half(float_to_half(x), c10::Half::from_bits());
+  else if constexpr (std::is_same<T, c10::BFloat16>::value) return c10::BFloat16(float_to_bf16(x), c10::BFloat16::from_bits());
   else return from_f<T>(x);
 }
 

@@ -275,22 +275,40 @@ def test_max_abs_rejects_other_dtypes_naming_the_tensor(dtype):
         torch.ops.amos_fused.max_abs(xs)
 
 
-def test_fp16_params_and_momentum_round_like_torch_for_every_finite_half():
-    # amos_cpu.cpp converts fp16 with its own branch-free code (c10's does not vectorise). With
-    # lr = 0 the update is exactly 0, so theta' = fp16(theta + 0.9 m) and m' = fp16(0.9 m) in fp32:
-    # every finite nonzero fp16 value goes through the kernel's fp16 loads and both roundings.
-    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_params_and_momentum_round_like_torch_for_every_finite_value(dtype):
+    # amos_cpu.cpp converts fp16 and fp32 -> bf16 with its own branch-free code (c10's fp16 does
+    # not vectorise; its bf16 store takes more instructions). With lr = 0 the update is exactly 0,
+    # so theta' = half(theta + 0.9 m) and m' = half(0.9 m) in fp32: every finite nonzero value of
+    # the dtype goes through the kernel's loads and both roundings (ties to even included).
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     m0 = halves[halves.isfinite() & (halves != 0)]
     p0 = m0.flip(0)
     p, m = p0.clone(), m0.clone()
     g = torch.randn(p.shape, generator=torch.Generator().manual_seed(4))
+    _lr0_step(p, g, m)
+    mm = m0.float() * torch.tensor(0.9)
+    assert torch.equal(m.view(torch.int16), mm.to(dtype).view(torch.int16))
+    assert torch.equal(p.view(torch.int16), (p0.float() + mm).to(dtype).view(torch.int16))
+
+
+def _lr0_step(p, g, m):
     torch.ops.amos_fused.amos_step_([p], [g], [torch.zeros(1)], [torch.zeros(1)], [m], [torch.ones(())], [0.1], 0.0,
                                     None, None, None, None, cpp_backend.SCHEDULE_CODE["amos"], 0.999, 2.0**-125, 0.9,
-                                    0.0,
-                                    0.25, 0.25, 0.0, 1.0, 0.0)
-    mm = m0.float() * torch.tensor(0.9)
-    assert torch.equal(m.view(torch.int16), mm.half().view(torch.int16))
-    assert torch.equal(p.view(torch.int16), (p0.float() + mm).half().view(torch.int16))
+                                    0.0, 0.25, 0.25, 0.0, 1.0, 0.0)
+
+
+def test_a_nan_momentum_is_stored_as_c10_stores_it():
+    # c10 stores a NaN as one quiet pattern: bf16 0x7FC0 whatever its sign or payload, fp16 0x7E00
+    # with its sign; the kernel's own conversions do the same
+    for dtype, quiet, signed in ((torch.bfloat16, 0x7FC0, False), (torch.float16, 0x7E00, True)):
+        bits = torch.tensor([0x7FC0, -0x0040, 0x7F81, 0x7E01, -0x01FF, 0x7C01], dtype=torch.int16)
+        nans = bits.view(dtype)[bits.view(dtype).isnan()]
+        p, m = torch.ones(len(nans), dtype=dtype), nans.clone()
+        _lr0_step(p, torch.ones(len(nans)), m)
+        expected = [quiet | (b & 0x8000 if signed else 0) for b in nans.view(torch.int16).tolist()]
+        assert [b & 0xFFFF for b in m.view(torch.int16).tolist()] == expected, dtype
+        assert p.isnan().all(), dtype
 
 
 # ---- the plain x86-64 loops (the CPU kernels pick an AVX2 build at run time) ----------------------
