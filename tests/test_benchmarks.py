@@ -155,6 +155,7 @@ def test_host_overhead_and_interleaved_record_their_rows(tmp_path, capsys, one_t
     assert rows["AdamW(fused=True).step"]["x_adamw_fused"] == 1.0
     assert len(rows["a += b"]["times_ms"]) == 2 and "Amos.step amos m=0 guard=slice" in rows
     assert len(rows["default"]["times_ms"]) == 2  # Amos(params, lr=1e-3) as shipped
+    assert len(rows[interleaved.COMPUTE_ROW]["times_ms"]) == 2  # the machine's compute speed, beside its bandwidth
     assert "| row | median ms |" in capsys.readouterr().out
 
 
