@@ -145,9 +145,9 @@ AMOS_CPU_INLINE uint16_t float_to_half(float f) {
 
 // c10's bf16 rounding (to nearest even; NaN -> 0x7FC0) with a NaN replaced before rounding, so
 // the select stays in the 32-bit lanes: c10's own form compiles to a select after packing to 16
-// bits. In the default step's momentum store the AVX2 loop takes 42 instructions per 16 elements
-// instead of 52; on the 50M-parameter default step, c10's form took 0.99-1.07x this one's time
-// (median 1.04) in six A/B runs.
+// bits. The default step's AVX2 apply loop takes 44 instructions per 16 elements instead of 48
+// (one pack and permute fewer); on the 50M-parameter default step, c10's form took 0.99-1.07x
+// this one's time (median 1.04) in six A/B runs.
 AMOS_CPU_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t u = pick(f != f, 0x7FC00000u, bits_of(f));  // f != f: NaN
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
