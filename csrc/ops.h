@@ -44,17 +44,34 @@ inline float eps0_of(const at::Tensor& p, double eta) {
 }
 
 // The CPU kernels (amos_cpu.cpp, checks_cpu.cpp) are built twice where GCC targets x86-64: plain
-// and AVX2+F16C. This picks the build once, at first use: AVX2+F16C when the processor has both,
-// unless AMOS_FUSED_CPU_ISA=generic (tests check that both builds give the same bits).
+// and AVX2+F16C; amos_cpu.cpp's loops with bf16 momentum a third time, for AVX512-BF16. This
+// picks the build once, at first use: the most the processor has, unless AMOS_FUSED_CPU_ISA is
+// "generic" (the plain build) or "avx2" (no AVX512-BF16). Tests check that all give the same bits.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AMOS_CPU_AVX2 1
+inline bool cpu_isa_allows(const char* build) {
+  const char* isa = std::getenv("AMOS_FUSED_CPU_ISA");
+  if (isa == nullptr) return true;
+  const bool generic = std::strcmp(isa, "generic") == 0;
+  return std::strcmp(build, "avx2") == 0 ? !generic : !generic && std::strcmp(isa, "avx2") != 0;
+}
 inline bool cpu_avx2() {
-  static const bool yes = [] {
-    const char* isa = std::getenv("AMOS_FUSED_CPU_ISA");
-    const bool generic = isa != nullptr && std::strcmp(isa, "generic") == 0;
-    return !generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  }();
+  static const bool yes =
+      cpu_isa_allows("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return yes;
+}
+#if defined(__clang__) || __GNUC__ >= 11  // compilers with the AVX512-BF16 intrinsics
+#define AMOS_CPU_BF16 1
+#endif
+inline bool cpu_avx512_bf16() {
+#ifdef AMOS_CPU_BF16
+  static const bool yes = cpu_avx2() && cpu_isa_allows("avx512bf16") && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
 }
 #endif
 

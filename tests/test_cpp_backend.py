@@ -303,7 +303,7 @@ def test_a_nan_momentum_is_stored_as_c10_stores_it():
     # with its sign; the kernel's own conversions do the same
     for dtype, quiet, signed in ((torch.bfloat16, 0x7FC0, False), (torch.float16, 0x7E00, True)):
         bits = torch.tensor([0x7FC0, -0x0040, 0x7F81, 0x7E01, -0x01FF, 0x7C01], dtype=torch.int16)
-        nans = bits.view(dtype)[bits.view(dtype).isnan()]
+        nans = bits.view(dtype)[bits.view(dtype).isnan()].repeat(8)  # whole vectors and a tail
         p, m = torch.ones(len(nans), dtype=dtype), nans.clone()
         _lr0_step(p, torch.ones(len(nans)), m)
         expected = [quiet | (b & 0x8000 if signed else 0) for b in nans.view(torch.int16).tolist()]
@@ -318,7 +318,7 @@ import backend_grid as grid
 from amos_fused import cpp_backend
 h = hashlib.sha256()
 for case in (grid.CASES[:16] + [c for c in grid.CASES if "float16" in c.id][:4]
-             + [c for c in grid.CASES if c.id.startswith("guard-")]):
+             + [c for c in grid.CASES if c.id.startswith("guard-") or c.id.endswith("mbfloat16")]):
     for params, states in grid.run("cpu", case.values[0], device="cpu"):
         for t in params + [v for s in states for v in s.values() if torch.is_tensor(v)]:
             h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
@@ -330,17 +330,18 @@ print(h.hexdigest())
 """
 
 
-def test_plain_x86_loops_give_the_bits_of_the_avx2_ones():
-    """AMOS_FUSED_CPU_ISA=generic forces the plain loops; on a machine with AVX2 (CI's) the default
-    run takes the AVX2 ones, so the two digests compare the two builds over a slice of the grid
-    (dtypes, schedules, granularities, momentum, fp16, guarded slices) and max_abs."""
+def test_every_cpu_build_gives_the_same_bits():
+    """AMOS_FUSED_CPU_ISA=generic forces the plain loops and =avx2 the AVX2 ones; on a machine with
+    AVX512-BF16 (CI's) the default run takes that build for bf16 momentum, so the three digests
+    compare the builds over a slice of the grid (dtypes, schedules, granularities, momentum in
+    fp32 and bf16, fp16, guarded slices) and max_abs."""
     import subprocess
     import sys
     from pathlib import Path
 
     here = Path(__file__).parent
     digests = []
-    for isa in (None, "generic"):
+    for isa in (None, "avx2", "generic"):
         env = {k: v for k, v in os.environ.items() if k != "AMOS_FUSED_CPU_ISA"}
         if isa:
             env["AMOS_FUSED_CPU_ISA"] = isa
@@ -349,4 +350,5 @@ def test_plain_x86_loops_give_the_bits_of_the_avx2_ones():
                              timeout=600, cwd=here)
         assert res.returncode == 0, res.stderr[-3000:]
         digests.append(res.stdout.strip().splitlines()[-1])
-    assert digests[0] == digests[1], "the plain x86-64 loops and the AVX2 ones differ"
+    assert digests[0] == digests[1], "the AVX512-BF16 build and the AVX2 one differ"
+    assert digests[1] == digests[2], "the plain x86-64 loops and the AVX2 ones differ"
