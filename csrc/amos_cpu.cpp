@@ -3,7 +3,8 @@
 // Work is cut into pieces of fixed size, independent of the thread count: a piece is a run of
 // whole rows (about kPiece elements) or, for rows longer than kLongRow, one block of a row. Every
 // sum is taken piece by piece in a fixed order, so results are bitwise identical whatever the
-// number of threads and whichever thread runs a piece (pieces.h shares them out). Passes (docs/algorithm.md, "Kernel phases"):
+// number of threads and whichever thread runs a piece (pieces.h shares them out). Passes
+// (docs/algorithm.md, "Kernel phases"):
 //   "amos", whole rows: one pass. Each row is reduced, finalized and applied while it is in
 //       cache, so g is read once from DRAM. Element granularity (C = 1) runs a piece of rows as
 //       one element-wise loop.
@@ -30,7 +31,6 @@
 //     elements (apply_span_bf16). All run the same operations in the same order (IEEE, no
 //     contraction, no reassociation), so they give the same bits.
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -39,8 +39,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "ops.h"  // cpu_avx2, AMOS_CPU_AVX2
+#include "ops.h"  // cpu_avx2, AMOS_CPU_AVX2, AMOS_CPU_BF16
 #include "pieces.h"
+#ifdef AMOS_CPU_BF16
+#include <immintrin.h>
+#endif
 // the loops are inlined into each target's entry point, so each is compiled for that target
 #define AMOS_CPU_INLINE inline __attribute__((always_inline))
 
@@ -233,7 +236,6 @@ __attribute__((target(AMOS_CPU_BF16_TARGET))) void apply_span_bf16(TP* __restric
                                                                    float D, Hyper h) {
   constexpr int64_t kChunk = 512;
   alignas(64) float mm[kChunk];
-  uint16_t* out = reinterpret_cast<uint16_t*>(m);
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t nn = std::min(kChunk, n - i0);
     for (int64_t j = 0; j < nn; ++j) mm[j] = theta_and_m(p, g[i0 + j], load(m[i0 + j]), i0 + j, K, D, h);
@@ -241,11 +243,11 @@ __attribute__((target(AMOS_CPU_BF16_TARGET))) void apply_span_bf16(TP* __restric
     for (; j + 16 <= nn; j += 16) {
       const __m512 x = _mm512_load_ps(mm + j);
       if (_mm512_fpclass_ps_mask(x, 0xA1) == 0)  // 0x01 | 0x80: quiet and signalling NaN; 0x20: subnormal
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i0 + j), (__m256i)_mm512_cvtneps_pbh(x));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(m + i0 + j), (__m256i)_mm512_cvtneps_pbh(x));
       else
-        for (int k = 0; k < 16; ++k) out[i0 + j + k] = float_to_bf16(mm[j + k]);
+        for (int k = 0; k < 16; ++k) m[i0 + j + k].x = float_to_bf16(mm[j + k]);
     }
-    for (; j < nn; ++j) out[i0 + j] = float_to_bf16(mm[j]);
+    for (; j < nn; ++j) m[i0 + j].x = float_to_bf16(mm[j]);
   }
 }
 #endif
