@@ -322,6 +322,11 @@ for case in (grid.CASES[:16] + [c for c in grid.CASES if "float16" in c.id][:4]
     for params, states in grid.run("cpu", case.values[0], device="cpu"):
         for t in params + [v for s in states for v in s.values() if torch.is_tensor(v)]:
             h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+import test_two_phase as two_phase  # the sharded protocol's phases on every dtype pair
+for case in two_phase.CASES:
+    S, params, states, _ = two_phase._run("cpu", case, "cpu")
+    for t in [S] + params + [v for s in states for v in s.values() if torch.is_tensor(v)]:
+        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
 gen = torch.Generator().manual_seed(0)
 xs = [torch.randn(n, generator=gen).to(dt) for n in (5, 70001, 300000) for dt in (torch.float32, torch.bfloat16, torch.float16)]
 xs[4][123] = float("nan")
@@ -334,7 +339,7 @@ def test_every_cpu_build_gives_the_same_bits():
     """AMOS_FUSED_CPU_ISA=generic forces the plain loops and =avx2 the AVX2 ones; on a machine with
     AVX512-BF16 (CI's) the default run takes that build for bf16 momentum, so the three digests
     compare the builds over a slice of the grid (dtypes, schedules, granularities, momentum in
-    fp32 and bf16, fp16, guarded slices) and max_abs."""
+    fp32 and bf16, fp16, guarded slices), the two-phase protocol's cases and max_abs."""
     import subprocess
     import sys
     from pathlib import Path
