@@ -5,10 +5,9 @@ slow minute; here every round times every row once, in one process, so all rows 
 conditions and the ratios are side by side. Rows: `default`, `Amos(params, lr=1e-3)` with every
 other option at its default (what a user gets); `Amos.step` of the `cpu` backend with
 guard="step" and guard="slice" for the amos families, torch `AdamW(fused=True)`, and the
-streaming reference `a += b` over the same number of elements (12 B/element, as Amos m=0), and a
-compute reference, `x.sin_()` twenty times over 256K floats that stay in cache: when the CPU
-itself runs slow (a shared host), this row's time rises, and the steps that do more arithmetic
-per byte (momentum stored in bf16) lose more than fused AdamW, which waits on memory.
+streaming reference `a += b` over the same number of elements (12 B/element, as Amos m=0), and
+the compute reference (bench_common.compute_reference), whose time rises when the CPU itself runs
+slow.
 Prints median and min per row, the ratio of fused AdamW's median time to each row's (above 1:
 faster than fused AdamW), the median over rounds of that ratio within each round (robust to the
 machine's slow and fast minutes: both steps of a round see the same ones) and the row's time over
@@ -30,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 from amos_fused import Amos  # noqa: E402
 
-COMPUTE_ROW = "x.sin_() x20 in cache"
 FAMILIES = [
     ("amos m=0", dict(schedule="amos", momentum=0.0)),
     ("amos m=0.9", dict(schedule="amos", momentum=0.9, momentum_dtype=torch.float32)),
@@ -54,8 +52,7 @@ def build_rows(shapes):
     n = bc.numel(shapes)
     a, b = torch.zeros(n), torch.ones(n)
     rows["a += b"] = lambda: a.add_(b)
-    x = torch.rand(1 << 18)
-    rows[COMPUTE_ROW] = lambda: [x.sin_() for _ in range(20)]
+    rows[bc.COMPUTE_ROW] = bc.compute_reference()
     rows["default"] = Amos(_params(shapes, 98), lr=1e-3).step  # every other option at its default
     for i, (label, options) in enumerate(FAMILIES):
         for guard in ("step", "slice"):

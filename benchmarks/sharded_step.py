@@ -19,7 +19,8 @@ step without one does not pay. Rows:
 A bias is one slice (its sum of squares spans the ranks), so with biases an `amos` step carries
 one small all-reduce (overlapped with the kernels); without them it has no collective at all (the
 closed forms still complete each matrix's ||u||^2 over the ranks).
-With --world 1 the same rows also run on plain (unsharded) parameters of the same shapes, so
+On CPU ranks the compute reference row (`x.sin_()` in cache on every rank) shows how fast the
+cores ran. With --world 1 the same rows also run on plain (unsharded) parameters of the same shapes, so
 the cost of the sharded path itself shows. Prints the median step time per row, fused AdamW's
 median over the row's, and the median over rounds of that ratio within each round.
 
@@ -102,6 +103,8 @@ def worker(rank, args, port, out):
         plain = [p.detach().full_tensor().clone().requires_grad_() for p in params]
         _grads(plain)
         rows.update({f"{name} (unsharded)": _optimizer(plain, spec).step for name, spec in ROWS})
+    if not cuda:  # how fast each rank's core ran (bench_common.compute_reference)
+        rows[bc.COMPUTE_ROW] = bc.compute_reference()
     for step in rows.values():  # warm-up: state, plans, first-call costs
         step()
         step()
