@@ -181,18 +181,6 @@ def stream_bandwidth(n, dtype, device, repeats=5, clock="wall"):
 # ---- bytes a step must move, from the state layout (docs/algorithm.md, "Memory traffic") ----
 
 
-def amos_bytes(param_size, momentum_size=0, closed_form=False, grad_size=None):
-    """Minimum bytes per parameter of one Amos step.
-
-    Read g once (the one-pass fused reduce+apply; a closed form reads it twice because ||u||
-    over the whole tensor is needed before any slice is applied), read+write theta, and
-    read+write m when there is momentum. Per-slice v and b (8 B per row) are left out: rows
-    have hundreds to thousands of elements, so they add < 0.1 B per parameter.
-    """
-    g = param_size if grad_size is None else grad_size
-    return g * (2 if closed_form else 1) + 2 * param_size + 2 * momentum_size
-
-
 COMPUTE_ROW = "x.sin_() x20 in cache"
 
 
@@ -203,6 +191,18 @@ def compute_reference():
     steps doing more arithmetic per byte (bf16 momentum) lose more than fused AdamW."""
     x = torch.rand(1 << 18)
     return lambda: [x.sin_() for _ in range(20)]
+
+
+def amos_bytes(param_size, momentum_size=0, closed_form=False, grad_size=None):
+    """Minimum bytes per parameter of one Amos step.
+
+    Read g once (the one-pass fused reduce+apply; a closed form reads it twice because ||u||
+    over the whole tensor is needed before any slice is applied), read+write theta, and
+    read+write m when there is momentum. Per-slice v and b (8 B per row) are left out: rows
+    have hundreds to thousands of elements, so they add < 0.1 B per parameter.
+    """
+    g = param_size if grad_size is None else grad_size
+    return g * (2 if closed_form else 1) + 2 * param_size + 2 * momentum_size
 
 
 def adamw_bytes(param_size):

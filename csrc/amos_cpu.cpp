@@ -30,7 +30,6 @@
 //     whose one-instruction rounding to bf16 replaces 19 of the apply's 44 instructions per 16
 //     elements (apply_span_bf16). All run the same operations in the same order (IEEE, no
 //     contraction, no reassociation), so they give the same bits.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>

@@ -5,7 +5,6 @@
 //
 // Work is cut into pieces of at most kPiece elements, shared out by pieces.h; a max is exact
 // whatever the order, so the result does not depend on the threads.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -130,7 +129,8 @@ at::Tensor max_abs_cpu(at::TensorList xs) {
   std::vector<uint32_t> partial(np);
   const PieceFn run = piece_fn();
   struct NoScratch {};
-  for_pieces<NoScratch>(np, total < kSerial, [&](int64_t k, NoScratch&) {  // waking threads costs more
+  // a small call stays on this thread: waking the pool would cost more
+  for_pieces<NoScratch>(np, total < kSerial, [&](int64_t k, NoScratch&) {
     const at::Tensor& x = flat[pieces[k].tensor];
     partial[k] = run(x.const_data_ptr(), x.scalar_type(), pieces[k].begin, pieces[k].end);
   });

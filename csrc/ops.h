@@ -49,15 +49,14 @@ inline float eps0_of(const at::Tensor& p, double eta) {
 // "generic" (the plain build) or "avx2" (no AVX512-BF16). Tests check that all give the same bits.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AMOS_CPU_AVX2 1
-inline bool cpu_isa_allows(const char* build) {
+// the most AMOS_FUSED_CPU_ISA lets the kernels use: 0 the plain build, 1 AVX2, 2 anything
+inline int cpu_isa_ceiling() {
   const char* isa = std::getenv("AMOS_FUSED_CPU_ISA");
-  if (isa == nullptr) return true;
-  const bool generic = std::strcmp(isa, "generic") == 0;
-  return std::strcmp(build, "avx2") == 0 ? !generic : !generic && std::strcmp(isa, "avx2") != 0;
+  if (isa == nullptr) return 2;
+  return std::strcmp(isa, "generic") == 0 ? 0 : std::strcmp(isa, "avx2") == 0 ? 1 : 2;
 }
 inline bool cpu_avx2() {
-  static const bool yes =
-      cpu_isa_allows("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool yes = cpu_isa_ceiling() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return yes;
 }
 #if defined(__clang__) || __GNUC__ >= 11  // compilers with the AVX512-BF16 intrinsics
@@ -65,7 +64,7 @@ inline bool cpu_avx2() {
 #endif
 inline bool cpu_avx512_bf16() {
 #ifdef AMOS_CPU_BF16
-  static const bool yes = cpu_avx2() && cpu_isa_allows("avx512bf16") && __builtin_cpu_supports("avx512f") &&
+  static const bool yes = cpu_avx2() && cpu_isa_ceiling() >= 2 && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
   return yes;
