@@ -1,7 +1,7 @@
 """What Amos does with the options a user leaves out: eta, lr, beta, momentum storage (docs/defaults.md).
 
-Each rule is a pure function of what it is given (shapes, the initial weights' mean square, the
-run length): the optimizer stores what it returns (eta in each parameter's state, lr in the param
+Each rule is a pure function of what it is given (shapes, the number of matrices, the run
+length): the optimizer stores what it returns (eta in each parameter's state, lr in the param
 group), so a resumed run reads the values back and never derives them again.
 """
 import math
@@ -19,7 +19,8 @@ DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_squar
 # chosen by the study in docs/defaults.md ("Candidate rules measured")
 WARMUP_FRACTION = 0.2  # the lr rises linearly over the first 20 % of the run ...
 COOLDOWN_FRACTION = 0.3  # ... and decays over the last 30 %
-PEAK_SCALE = 0.1  # peak lr <= 0.1/sqrt(M) for a model of M matrices: 0.03 for 11, 0.01 for 100
+PEAK_SCALE = 0.275  # peak lr <= 0.275/M for a model of M matrices: 0.025 for 11, 0.0028 for 100
+MAX_PEAK = 0.15  # ... and <= 0.15 (one or two matrices): the largest peak measured to help
 LONG_RUN = 3.0  # peak lr <= 3/sqrt(N): 0.03 at N = 10 000; 0.0055 at 300k (official BERT run: 0.005)
 SCHEDULE_KEY = "lr_schedule"  # group entry (peak, total_steps, steps taken, cooldown, warmup), saved with the group
 LEGACY_WARMUP = 0.05  # the warmup of entries saved without one (three or four fields)
@@ -45,15 +46,15 @@ def check_total_steps(total_steps, where="Amos"):
 def lr(schedule, total_steps=None, matrices=1):
     """The lr of a group of `schedule` given without one: DEFAULT_LR; with `total_steps` N, the
     peak of the run's lr schedule (`schedule_lr`) for a model of `matrices` M parameters of two or
-    more dimensions: min(PEAK_SCALE / sqrt(M), LONG_RUN / sqrt(N)). Each step moves every matrix
-    by about lr of its scale, and the model's output by about sqrt(M) times that when the moves
-    are independent, so the peak falls as 1/sqrt(M), as depth-scaled rules for Adam do; past
-    10 000 steps it is 1/sqrt(N)-like, as the official long-run advice."""
+    more dimensions: min(PEAK_SCALE / M, MAX_PEAK, LONG_RUN / sqrt(N)). Each step moves every
+    matrix by about lr of its scale, each move along its own gradient, so their effects on the
+    loss add up: the peak falls as 1/M (measured on the quality suite, docs/defaults.md); past
+    about 120 M^2 steps it is 1/sqrt(N)-like, as the official long-run advice."""
     check_total_steps(total_steps)
     base = DEFAULT_LR[schedule]
     if total_steps is None or schedule != "amos":
         return base
-    return min(PEAK_SCALE / math.sqrt(max(1, matrices)), LONG_RUN / math.sqrt(total_steps))
+    return min(PEAK_SCALE / max(1, matrices), MAX_PEAK, LONG_RUN / math.sqrt(total_steps))
 
 
 def lr_schedule(schedule, total_steps, matrices=1):
@@ -130,27 +131,20 @@ def count_scheduled_step(param_groups):
             group[SCHEDULE_KEY] = (*entry[:2], entry[2] + 1, *entry[3:])  # a new tuple: saved state dicts keep theirs
 
 
-def eta(shape, mean_square):
-    """eta of a parameter of `shape` whose initial weights have mean square `mean_square` (over the
-    global tensor; None or 0 when not measured or all zero).
+def eta(shape):
+    """eta of a parameter of `shape`: 0.5 for vectors and scalars (biases, norm gains), the official
+    value; sqrt(2 / C) for matrices (C = prod(shape[1:]), the fan-in of a Linear or conv weight, the
+    width of an embedding table), the He scale, at which a layer keeps its activations of order one.
 
-    Vectors and scalars (biases, norm gains): 0.5, the official value. Matrices (C = prod(shape[1:]),
-    the fan-in of a Linear or conv weight, the width of an embedding table): the initial RMS, kept
-    within the fan-in band [sqrt(1/C), sqrt(2/C)] (LeCun to He scale), or sqrt(1/C) for an all-zero
-    matrix. eta is the scale the weights should have at the optimum, and an initialisation can miss
-    it widely: torch's nn.Embedding is N(0, 1) (eta 1 moved it far too fast), GPT-2's N(0, 0.02) and
-    torch's kaiming-uniform nn.Linear (RMS sqrt(1/(3C))) sit below the band.
+    eta is the scale the weights should have at the optimum, and the initialisation does not say
+    it: torch's nn.Embedding is N(0, 1), GPT-2's matrices N(0, 0.02), torch's nn.Linear and conv
+    kaiming-uniform with RMS sqrt(1/(3C)); the He scale trained the quality suite's four models best
+    (docs/defaults.md), so the weights are not read.
     """
     if len(shape) <= 1:
         return 0.5
     fan_in = math.prod(shape[1:])
-    if not fan_in:
-        return 1.0
-    low, high = math.sqrt(1.0 / fan_in), math.sqrt(2.0 / fan_in)
-    rms = math.sqrt(mean_square) if mean_square else 0.0
-    if not (rms > 0 and math.isfinite(rms)):
-        return low
-    return min(max(rms, low), high)
+    return math.sqrt(2.0 / fan_in) if fan_in else 1.0
 
 
 def momentum_dtype(option, param):

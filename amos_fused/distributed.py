@@ -36,7 +36,7 @@ State under sharding (shapes global; each rank holds its part):
     placements kept, others Replicate) when some placement splits rows, else a plain (R,) tensor
     (the same on every rank); one slice ("tensor", 1-D): a plain (1,) tensor; "element": a
     DTensor like the parameter when it is split, else a plain (n,) tensor;
-  - "step": a plain 0-d tensor; "eta": a float, measured over the global tensor (`mean_squares`).
+  - "step": a plain 0-d tensor; "eta": a float, the same on every rank (by the global shape).
 torch.distributed.checkpoint (DCP) saves the DTensors sharded and the plain tensors once.
 Not supported, with a clear error at construction: Partial placements (a parameter is never a
 pending sum), DeepSpeed ZeRO and FSDP1 flat parameters (see README).
@@ -162,27 +162,6 @@ def new_slice_state(p, granularity, dtype):
                               run_check=False, shape=(R,), stride=(1,))
 
 
-# ---- eta ------------------------------------------------------------------------------------------
-
-def mean_squares(params):
-    """Mean of p*p over each global tensor, in fp64 (the default eta is its square root): local sums,
-    then one all-reduce per process group that splits some of them."""
-    sums = [local(p).detach().double().square().sum() for p in params]
-    if not sums:
-        return []
-    groups = {}  # process group -> indices of the sums it completes
-    for i, p in enumerate(params):
-        if is_dtensor(p):
-            for mesh_dim, _ in _split_dims(p):
-                groups.setdefault(p.device_mesh.get_group(mesh_dim), []).append(i)
-    for pg, idx in groups.items():
-        flat = torch.stack([sums[i] for i in idx])
-        dist.all_reduce(flat, group=pg)
-        for i, total in zip(idx, flat):
-            sums[i] = total
-    return [float(s) / p.numel() if p.numel() else 0.0 for s, p in zip(sums, params)]
-
-
 def init_state(optimizer):
     """Create v, b, m and step now (normally made at a parameter's first step) for every
     parameter that requires grad; they start at zero, exactly as a first step makes them.
@@ -190,7 +169,7 @@ def init_state(optimizer):
     For torch.distributed.checkpoint: `dcp.load` fills the tensors of a template state dict, so
     call this on the fresh optimizer before `get_state_dict(model, optimizer)`. (torch's
     `get_state_dict` creates missing state itself, by a zero-lr step, only when the state is
-    empty, and Amos' never is: it holds the eta measured at construction.)
+    empty, and Amos' never is: it holds the eta set at construction.)
     """
     for group in optimizer.param_groups:
         for p in group["params"]:

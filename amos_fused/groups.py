@@ -1,6 +1,6 @@
 """Param groups: a new group checked and completed (options, tensors, backends; an lr and a beta
-left out from the rules), and each parameter's eta, measured once when its group is added by the eta
-rule (defaults.py; docs/defaults.md)."""
+left out from the rules), and each parameter's eta, set once when its group is added (given, or by
+the eta rule: defaults.py; docs/defaults.md)."""
 import torch
 
 from . import backends, defaults, distributed
@@ -110,19 +110,15 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
     names = [p[0] if isinstance(p, tuple) else None for p in _entries(group)]
     if group.get("param_names") and len(group["param_names"]) == len(names):
         names = list(group["param_names"])  # names given beside the tensors (torchtitan does)
-    return group, tensors, measure_etas(eta_fn, names, tensors, group)
+    return group, tensors, etas_of(eta_fn, names, tensors, group)
 
 
-def measure_etas(eta_fn, names, params, group):
-    """eta of each parameter (named, or None): eta_fn's, else the group's, else the default rule,
-    which measures the matrices' mean squares over their global tensors (DTensors: one all-reduce
-    per process group for all of them)."""
+def etas_of(eta_fn, names, params, group):
+    """eta of each parameter (named, or None): eta_fn's, else the group's, else the default rule
+    (by shape: defaults.eta)."""
     etas = [eta_fn(name, p) if eta_fn is not None else None for name, p in zip(names, params)]
     etas = [group["eta"] if eta is None else eta for eta in etas]
-    measure = [i for i, (eta, p) in enumerate(zip(etas, params)) if eta is None and p.ndim >= 2]
-    for i, ms in zip(measure, distributed.mean_squares([params[i] for i in measure])):
-        etas[i] = defaults.eta(params[i].shape, ms)
-    etas = [defaults.eta(p.shape, None) if eta is None else eta for eta, p in zip(etas, params)]
+    etas = [defaults.eta(p.shape) if eta is None else eta for eta, p in zip(etas, params)]
     for name, p, eta in zip(names, params, etas):
         if not (is_number(eta) and eta > 0):
             raise ValueError(f"Amos: eta for parameter {name or tuple(p.shape)} is {eta!r}; "

@@ -32,8 +32,8 @@ class Amos(torch.optim.Optimizer):
         clip_value: element-wise gradient clipping (after unscaling), or None.
         d_coef, c_coef, extra_l2: ``"amos"`` only, as in the official code.
         eps: floor of ``v`` (not an addend).
-        eta: the expected RMS of each parameter's entries. None: the eta rule (``defaults.eta``),
-            measured once from the initial weights; a float sets it.
+        eta: the expected RMS of each parameter's entries. None: the eta rule (``defaults.eta``:
+            ``sqrt(2 / fan_in)`` for matrices, 0.5 for vectors and scalars); a float sets it.
         eta_fn: ``eta_fn(name, param) -> float or None`` per parameter (name is None when
             params came without names); None falls back to the group's ``eta`` rule.
         granularity: ``"row"`` (default), ``"tensor"`` or ``"element"``: the slices of ``v``.
@@ -48,7 +48,7 @@ class Amos(torch.optim.Optimizer):
             step's all-reduce.
         total_steps: the number of optimizer steps the run will take, or None. Read only by the
             lr rule, for groups without an lr: a linear warmup over the first 20 %, the peak
-            ``min(0.1 / sqrt(M), 3 / sqrt(total_steps))`` for a model of M matrices (parameters of
+            ``min(0.275 / M, 0.15, 3 / sqrt(total_steps))`` for a model of M matrices (parameters of
             two or more dimensions, in all the groups given), and a linear decay over the last 30 %
             to 0 at ``total_steps`` (``defaults.lr_schedule``), kept in the group's ``"lr_schedule"``,
             so a resumed run continues it; such groups' beta is 0.95. Not with an LR scheduler (pass

@@ -8,10 +8,10 @@ RULES (matrices, ndim >= 2; C = the slice length, prod(shape[1:]), the fan-in of
 weights and the width of an embedding table; vectors and scalars keep eta = 0.5):
   rms        RMS of the initial weights (the official rule)
   fanin1     sqrt(1/C)
-  fanin2     sqrt(2/C)
+  fanin2     sqrt(2/C), the He scale (the default: amos_fused.defaults.eta)
   cap1       min(RMS, sqrt(1/C))
   cap2       min(RMS, sqrt(2/C))
-  fit        RMS clamped into [sqrt(1/C), sqrt(2/C)] (the default: amos_fused.defaults.eta)
+  fit        RMS clamped into [sqrt(1/C), sqrt(2/C)] (the former default)
   floor1     max(RMS, sqrt(1/C))
 The AdamW sweep and the plain default row are always trained too (from --cache when it has them).
 

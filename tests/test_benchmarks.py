@@ -309,11 +309,11 @@ def test_quality_rejects_unknown_rows_and_tasks():
 
 def test_defaults_study_registers_its_variants_as_suite_rows():
     study = _load("defaults_study")
-    build = study.build_variant("eta=fit mdt=fp32 warm=0.1 decay=lin")
+    build = study.build_variant("eta=fanin2 mdt=fp32 warm=0.1 decay=lin")
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 4))
     opt, factor = build(model, 0.05, 100)
     assert opt.param_groups[0]["lr"] == 0.05 and factor(0) == pytest.approx(0.1) and factor(99) < 0.02
-    # eta=fit is the default rule, written with eta_fn: the same eta as Amos at its defaults
+    # eta=fanin2 is the default rule, written with eta_fn: the same eta as Amos at its defaults
     plain = _load("quality").VARIANTS["default"](model, None, 100)[0]
     assert [opt.state[p]["eta"] for p in model.parameters()] == pytest.approx(
         [plain.state[p]["eta"] for p in model.parameters()], rel=1e-12)
