@@ -80,7 +80,7 @@ def check_options(o, where):
         if not (is_number(o[name]) and o[name] > 0):
             bad(name, "use a finite number > 0")
     if o["eta"] is not None and not (is_number(o["eta"]) and o["eta"] > 0):
-        bad("eta", "use None (measured from the initial weights) or a number > 0")
+        bad("eta", "use None (the rule: sqrt(2/fan_in) for matrices, 0.5 for vectors) or a number > 0")
     unused = _CLOSED_FORM_ONLY if o["schedule"] == "amos" else _AMOS_ONLY
     for name, neutral in unused.items():
         if o[name] != neutral:
