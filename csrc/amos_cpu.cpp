@@ -524,7 +524,8 @@ template <typename TP, typename TM>
 PieceFn piece_fn() {
 #ifdef AMOS_CPU_AVX2
 #ifdef AMOS_CPU_BF16
-  if (std::is_same<TM, c10::BFloat16>::value && cpu_avx512_bf16()) return piece_bf16<TP, TM>;
+  if constexpr (std::is_same<TM, c10::BFloat16>::value)  // the third build exists for bf16 m only
+    if (cpu_avx512_bf16()) return piece_bf16<TP, TM>;
 #endif
   if (cpu_avx2()) return piece_avx2<TP, TM>;
 #endif
