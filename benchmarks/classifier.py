@@ -10,8 +10,11 @@ Model: conv 1->16 3x3 pad 1, ReLU, maxpool 2 (8x8 -> 4x4); conv 16->32 3x3 pad 1
 (-> 2x2); linear 128 -> 10. torch's default init (kaiming-uniform with a=sqrt(5) for weights,
 uniform +-1/sqrt(fan_in) for biases). Cross-entropy, minibatches of 64 drawn per seed.
 
-Compared, all with the same linear warmup (convergence.lr_factor: first 5 % of steps):
+Compared, all but "amos total_steps" with the same linear warmup (convergence.lr_factor: first 5 %
+of steps):
 - "amos": `Amos(model.named_parameters())`, nothing tuned;
+- "amos total_steps": `Amos(model.named_parameters(), total_steps=steps)`, nothing tuned: the lr
+  follows Amos's own schedule for a run of that length (warmup, peak by the number of matrices, decay);
 - "inverse_time": Amos's closed form, half_life = steps / 4, default lr;
 - "adamw": torch AdamW, weight_decay 0.01, cosine decay to 0, best final validation loss of
   --adamw-lrs (mean over seeds).
@@ -44,6 +47,7 @@ VAL_FRACTION = 0.2
 BATCH = 64
 ADAMW_WEIGHT_DECAY = 0.01
 HALF_LIFE_FRACTION = 0.25
+TOTAL_STEPS_ROW = "amos total_steps"  # Amos given the run's length: its lr schedule, no LambdaLR
 
 
 def load_digits_split():
@@ -87,6 +91,8 @@ def build_optimizer(name, lr, model, steps):
     if name == "inverse_time":
         return Amos(model.named_parameters(), schedule="inverse_time",
                     half_life=max(1, round(HALF_LIFE_FRACTION * steps)))
+    if name == TOTAL_STEPS_ROW:
+        return Amos(model.named_parameters(), total_steps=steps)
     return Amos(model.named_parameters())
 
 
@@ -107,7 +113,10 @@ def train_one(name, lr, seed, steps, data, every):
     torch.manual_seed(seed)
     model = SmallCNN()
     opt = build_optimizer(name, lr, model, steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, convergence.lr_factor(name, steps))
+    sched = None
+    if name != TOTAL_STEPS_ROW:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, convergence.lr_factor(name, steps))
+    peak = opt.param_groups[0]["initial_lr"] if sched else opt.param_groups[0]["lr_schedule"][0]
     gen = torch.Generator().manual_seed(seed)  # same minibatches for every optimizer of a seed
     grid = eval_grid(steps, every)
     loss0, acc0 = evaluate(model, xv, yv)
@@ -123,7 +132,8 @@ def train_one(name, lr, seed, steps, data, every):
         loss.backward()
         opt.step()
         t_step.append(time.perf_counter() - t0)
-        sched.step()
+        if sched:
+            sched.step()
         if not math.isfinite(loss.item()):
             diverged = True
             break
@@ -133,7 +143,7 @@ def train_one(name, lr, seed, steps, data, every):
             val_loss.append(loss_v)
             val_acc.append(acc_v)
     warm = min(5, len(t_step) - 1)
-    return dict(name=name, lr=lr if lr is not None else opt.param_groups[0]["initial_lr"], label=label,
+    return dict(name=name, lr=lr if lr is not None else peak, label=label,
                 seed=seed, eval_steps=evals, val_loss=val_loss, val_acc=val_acc, diverged=diverged,
                 final_val=val_loss[-1] if not diverged else math.inf,
                 ms_train_step=1e3 * statistics.median(t_step[warm:]),
@@ -172,7 +182,7 @@ def table(summary, steps):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in summary:
         name = e["name"] + (" (best of sweep)" if e["best_adamw"] else "")
-        lr = f"{e['lr']:g}" + ("" if e["name"] == "adamw" else " (default)")
+        lr = f"{e['lr']:.3g}" + {"adamw": "", TOTAL_STEPS_ROW: " (peak, default)"}.get(e["name"], " (default)")
         lines.append(f"| {name} | {lr} | {fmt(e['val_loss_half'])} | {fmt(e['val_acc_half'])} "
                      f"| {fmt(e['val_loss_final'])} | {fmt(e['val_acc_final'])} | {e['state_bytes']:,} "
                      f"| {fmt(e['ms_train_step'], 2)} |")
@@ -219,7 +229,7 @@ def main(argv=None):
     data = load_digits_split()
     started = bc.now_utc()
     seeds = list(range(args.seed, args.seed + args.seeds))
-    configs = [("amos", None), ("inverse_time", None)] + [("adamw", lr) for lr in args.lrs]
+    configs = [("amos", None), (TOTAL_STEPS_ROW, None), ("inverse_time", None)] + [("adamw", lr) for lr in args.lrs]
     every = max(1, args.steps // 20)
     runs = [train_one(name, lr, seed, args.steps, data, every)
             for seed, (name, lr) in tqdm([(s, c) for s in seeds for c in configs], desc="runs", position=0,

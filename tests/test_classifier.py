@@ -35,11 +35,12 @@ def test_quick_run_prints_table_records_runs_and_draws_plot(tmp_path):
     text = stdout.getvalue()
     assert "| optimizer | lr | val loss @6 |" in text
     assert "| amos | 0.03 (default) |" in text and "| inverse_time |" in text
+    assert "| amos total_steps | 0.0917 (peak, default) |" in text  # 3 matrices: 0.275 / 3
     assert "adamw (best of sweep)" in text and " ± " in text  # two seeds: mean ± std
     runs = bench_common.read(tmp_path / "classifier.jsonl")
     assert (tmp_path / "classifier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    assert len(table) == 1 + 3  # header, amos, inverse_time, one AdamW lr under --quick
+    assert len(table) == 1 + 4  # header, amos, amos total_steps, inverse_time, one AdamW lr under --quick
     assert runs[0]["versions"]["torch"] and runs[0]["date"] and runs[0]["setup"]["steps"] == 12
     assert {r["seed"] for r in runs} == {0, 1}
     for r in runs:
