@@ -4,7 +4,7 @@ the eta rule: defaults.py; docs/defaults.md)."""
 import torch
 
 from . import backends, defaults, distributed
-from .options import check_options, is_number, scalar_lr
+from .options import FOREIGN, check_foreign, check_options, is_number, scalar_lr
 
 
 def _entries(group):
@@ -48,6 +48,7 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
     for key, value in options.items():
         group.setdefault(key, value)
     where = f"Amos param group {len(param_groups)}"
+    check_foreign([key for key in group if key in FOREIGN], where)
     total_steps = group.pop("total_steps", total_steps)  # a group's own, else the optimizer's
     defaults.check_total_steps(total_steps, where)
     if group["lr"] is None and group.get("schedule") in defaults.DEFAULT_LR:

@@ -7,7 +7,7 @@ from . import backends, distributed, pickling, verdict
 from . import defaults as default_rules
 from .defaults import DEFAULT_LR  # noqa: F401  (amos_fused.optimizer.DEFAULT_LR)
 from .groups import count_matrices, listed, prepare
-from .options import check_settings
+from .options import check_foreign, check_settings
 from .plan import Plan, WorkCheck, collect, full_run, sharded_work
 from .state import check_loadable, loaded, new_state
 
@@ -59,6 +59,10 @@ class Amos(torch.optim.Optimizer):
             ("cuda" or "triton") for CUDA parameters, and an eager step before the capture (it
             builds the kernels' tables). With DTensor parameters the verdict stays on the device too.
 
+    Options of torch's own optimizers that Amos does not have (``weight_decay``, ``betas``,
+    ``amsgrad``, ``maximize``, ``foreach``, ``fused``, ...) raise TypeError saying what to do instead,
+    given to the constructor or set in a param group (other keys of a group are kept, as torch does).
+
     Each parameter is listed once: one that appears twice, in a group or across groups, raises
     ValueError (torch warns about duplicates within a group, and steps them twice). A tensor lr
     may have any shape with one element (it is kept as a 0-d view of itself); more elements raise
@@ -80,7 +84,8 @@ class Amos(torch.optim.Optimizer):
     def __init__(self, params, lr=None, *, schedule="amos", half_life=None, q=1.0, beta=None,
                  momentum=0.9, momentum_dtype="auto", clip_value=None, d_coef=0.25, c_coef=0.25,
                  extra_l2=0.0, eps=2.0**-125, eta=None, eta_fn=None, granularity="row",
-                 backend="auto", guard="slice", capturable=False, total_steps=None):
+                 backend="auto", guard="slice", capturable=False, total_steps=None, **others):
+        check_foreign(list(others), "Amos")
         defaults = dict(lr=lr, schedule=schedule, half_life=half_life, q=q, beta=beta,
                         momentum=momentum, momentum_dtype=momentum_dtype, clip_value=clip_value,
                         d_coef=d_coef, c_coef=c_coef, extra_l2=extra_l2, eps=eps, eta=eta,

@@ -18,6 +18,33 @@ GUARDS = ("step", "slice")
 _AMOS_ONLY = {"d_coef": 0.25, "c_coef": 0.25, "extra_l2": 0.0}
 _CLOSED_FORM_ONLY = {"q": 1.0}
 
+# Options of torch's own optimizers that Amos does not have, and what to do instead: given to Amos
+# or set in a param group they raise, rather than being kept and silently ignored.
+_KERNELS = "leave it out: Amos picks its fused kernels itself (or set backend=, see amos_fused.backends.BACKENDS)"
+FOREIGN = {
+    "weight_decay": "its update decays every tensor towards 0 by itself (the decay term of docs/algorithm.md); "
+                    "leave weight_decay out, or add an L2 term with extra_l2 (schedule='amos')",
+    "betas": "use beta for the decay of the second moment (one number; None: 0.999, or 0.95 with total_steps) "
+             "and momentum for the first moment's (0.9)",
+    "amsgrad": "Amos has no AMSGrad variant; leave it out",
+    "maximize": "Amos minimizes; use the negated objective as the loss to maximize it",
+    "nesterov": "Amos's momentum is an EMA of the whole update (momentum=); leave nesterov out",
+    "foreach": _KERNELS,
+    "fused": _KERNELS,
+    "differentiable": "Amos's step is not differentiable; leave it out",
+}
+
+
+def check_foreign(names, where):
+    """Raise TypeError for options of torch's own optimizers (`FOREIGN`), or any other name, in `names`."""
+    for name in names:
+        if name in FOREIGN:
+            raise TypeError(f"{where}: Amos has no option {name!r}; {FOREIGN[name]}")
+    if names:
+        raise TypeError(f"{where}: unexpected option(s) {', '.join(map(repr, names))}; use the options listed by "
+                        "help(amos_fused.Amos)")
+
+
 # every option check_options reads but lr (a scheduler changes lr at every step)
 OPTION_KEYS = ("schedule", "granularity", "half_life", "beta", "momentum", "momentum_dtype", "clip_value",
                "d_coef", "c_coef", "extra_l2", "q", "eps", "eta")

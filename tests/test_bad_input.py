@@ -183,6 +183,37 @@ def test_group_edited_after_construction_raises_at_step_before_changing_anything
     assert_identical(snapshot(opt, params), before)
 
 
+FOREIGN_OPTIONS = [("weight_decay", 0.1), ("betas", (0.9, 0.999)), ("amsgrad", True), ("maximize", True),
+                   ("nesterov", True), ("foreach", True), ("fused", True), ("differentiable", True)]
+
+
+@pytest.mark.parametrize("name,value", FOREIGN_OPTIONS, ids=[name for name, _ in FOREIGN_OPTIONS])
+def test_options_of_torchs_optimizers_raise_rather_than_being_ignored(name, value):
+    params = make_params()
+    with pytest.raises(TypeError) as err:  # what Python raises for an unknown keyword, with the fix
+        Amos(params, lr=0.1, **{name: value})
+    assert_clear(err, name)
+    with pytest.raises(TypeError) as err:
+        Amos([{"params": params[:1]}, {"params": params[1:], name: value}], lr=0.1)
+    assert_clear(err, name, "param group 1")
+    opt = stepped(params[:2])
+    before = snapshot(opt, params)
+    with pytest.raises(TypeError) as err:
+        opt.add_param_group({"params": params[2:], name: value})
+    assert_clear(err, name, "param group 1")
+    assert_identical(snapshot(opt, params), before)
+    assert len(opt.param_groups) == 1
+
+
+def test_unknown_options_raise_and_other_group_keys_are_kept():
+    params = make_params()
+    with pytest.raises(TypeError) as err:
+        Amos(params, lr=0.1, lrr=0.2)
+    assert_clear(err, "lrr")
+    opt = Amos([{"params": params, "name": "body"}], lr=0.1)  # a key of the caller's own, as torch keeps it
+    assert opt.param_groups[0]["name"] == "body"
+
+
 def test_granularity_changed_after_state_exists():
     params = make_params()
     opt = stepped(params)
