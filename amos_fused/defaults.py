@@ -12,15 +12,16 @@ import torch
 
 from .reference import compute_dtype
 
-# lr of each family when neither lr nor total_steps is given (docs/defaults.md, "lr").
-DEFAULT_LR = {"amos": 0.03, "constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
+# lr of groups given without one (`lr`; docs/defaults.md, "The learning rate and total_steps"): the
+# closed forms' constant, and schedule="amos"'s rule for a model of M matrices, min(0.275/M, 0.15)
+DEFAULT_LR = {"constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
+LR_SCALE = 0.275  # 0.025 for 11 matrices, 0.0028 for 100 ...
+MAX_LR = 0.15  # ... and 0.15 for one or two: the largest measured to help
 
 # total_steps: the lr schedule of groups given without lr (lr, lr_factor); the shape and beta were
 # chosen by the study in docs/defaults.md ("Candidate rules measured")
 WARMUP_FRACTION = 0.2  # the lr rises linearly over the first 20 % of the run ...
 COOLDOWN_FRACTION = 0.3  # ... and decays over the last 30 %
-PEAK_SCALE = 0.275  # peak lr <= 0.275/M for a model of M matrices: 0.025 for 11, 0.0028 for 100
-MAX_PEAK = 0.15  # ... and <= 0.15 (one or two matrices): the largest peak measured to help
 LONG_RUN = 3.0  # peak lr <= 3/sqrt(N): 0.03 at N = 10 000; 0.0055 at 300k (official BERT run: 0.005)
 SCHEDULE_KEY = "lr_schedule"  # group entry (peak, total_steps, steps taken, cooldown, warmup), saved with the group
 LEGACY_WARMUP = 0.05  # the warmup of entries saved without one (three or four fields)
@@ -39,22 +40,28 @@ def check_total_steps(total_steps, where="Amos"):
         return
     ok = isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool) and total_steps >= 1
     if not ok:
-        raise ValueError(f"{where}: total_steps={total_steps!r} is invalid; use None (lr from DEFAULT_LR) or the "
+        raise ValueError(f"{where}: total_steps={total_steps!r} is invalid; use None (a constant lr) or the "
                          "number of optimizer steps the run will take, a whole number >= 1")
 
 
+def has_rule(schedule):
+    """Whether groups of `schedule` given without lr get one from `lr` (False: an unknown schedule)."""
+    return schedule == "amos" or schedule in DEFAULT_LR
+
+
 def lr(schedule, total_steps=None, matrices=1):
-    """The lr of a group of `schedule` given without one: DEFAULT_LR; with `total_steps` N, the
-    peak of the run's lr schedule (`schedule_lr`) for a model of `matrices` M parameters of two or
-    more dimensions: min(PEAK_SCALE / M, MAX_PEAK, LONG_RUN / sqrt(N)). Each step moves every
-    matrix by about lr of its scale, each move along its own gradient, so their effects on the
-    loss add up: the peak falls as 1/M (measured on the quality suite, docs/defaults.md); past
-    about 120 M^2 steps it is 1/sqrt(N)-like, as the official long-run advice."""
+    """The lr of a group of `schedule` given without one. The closed forms: DEFAULT_LR. "amos", for
+    a model of `matrices` M parameters of two or more dimensions: min(LR_SCALE / M, MAX_LR), the
+    constant lr; with `total_steps` N, the peak of the run's lr schedule (`schedule_lr`), also at
+    most LONG_RUN / sqrt(N). Each step moves every matrix by about lr of its scale, each move
+    along its own gradient, so their effects on the loss add up: the lr falls as 1/M (measured on
+    the quality suite, docs/defaults.md); past about 120 M^2 steps the peak is 1/sqrt(N)-like, as
+    the official long-run advice."""
     check_total_steps(total_steps)
-    base = DEFAULT_LR[schedule]
-    if total_steps is None or schedule != "amos":
-        return base
-    return min(PEAK_SCALE / max(1, matrices), MAX_PEAK, LONG_RUN / math.sqrt(total_steps))
+    if schedule != "amos":
+        return DEFAULT_LR[schedule]
+    rule = min(LR_SCALE / max(1, matrices), MAX_LR)
+    return rule if total_steps is None else min(rule, LONG_RUN / math.sqrt(total_steps))
 
 
 def lr_schedule(schedule, total_steps, matrices=1):

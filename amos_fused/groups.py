@@ -48,13 +48,14 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
     for key, value in options.items():
         group.setdefault(key, value)
     where = f"Amos param group {len(param_groups)}"
-    check_foreign([key for key in group if key in FOREIGN], where)
+    # the caller's keys only: torch's Optimizer.__setstate__ adds 'differentiable' to the defaults of copies
+    check_foreign([key for key in param_group if key in FOREIGN], where)
     total_steps = group.pop("total_steps", total_steps)  # a group's own, else the optimizer's
     defaults.check_total_steps(total_steps, where)
-    if group["lr"] is None and group.get("schedule") in defaults.DEFAULT_LR:
+    if group["lr"] is None and defaults.has_rule(group.get("schedule")):
         scheduled = defaults.lr_schedule(group["schedule"], total_steps, model_matrices)
         if scheduled is None:
-            group["lr"] = defaults.lr(group["schedule"], total_steps)
+            group["lr"] = defaults.lr(group["schedule"], total_steps, model_matrices)
         else:
             if capturable:
                 raise ValueError(f"{where}: total_steps schedules the lr on the host inside step(), which a "

@@ -20,7 +20,8 @@ class Amos(torch.optim.Optimizer):
             every option below except ``eta_fn``, ``backend``, ``guard`` and ``capturable`` can be
             overridden per group.
         lr: the global learning rate ``xi`` (``alpha0``); read at every step, so LR schedulers
-            work. None: the lr rule (``defaults.lr``: ``DEFAULT_LR``, or a schedule from ``total_steps``).
+            work. None: the lr rule (``defaults.lr``): for ``"amos"`` the constant ``min(0.275 / M, 0.15)``
+            for a model of M matrices, or a schedule from ``total_steps``; the closed forms ``DEFAULT_LR``.
         schedule: ``"amos"`` (official, adaptive decay) or ``"constant"``, ``"inverse_time"``,
             ``"inverse_square"`` (closed forms; the last two need ``half_life`` in steps).
         q: closed forms only: the decoupled decay rate is ``lr**2 / (2q) * s(t)``.

@@ -37,8 +37,7 @@ import convergence_report
 import lm_data
 import plots
 from lm_model import ByteLM
-from amos_fused import Amos
-from amos_fused.optimizer import DEFAULT_LR
+from amos_fused import Amos, defaults
 
 WARMUP_FRACTION = 0.05
 HALF_LIFE_FRACTION = 0.25  # closed forms: the step size halves after a quarter of the run
@@ -210,10 +209,17 @@ def train_one(name, lr, seed, cfg, data, device, position):
                 state_bytes=state_bytes(opt), params=sum(p.numel() for p in model.parameters()))
 
 
+def default_lr(name, cfg):
+    """The lr Amos gives a group of schedule `name` of this model when none is given (defaults.lr)."""
+    with torch.device("meta"):  # shapes only
+        model = ByteLM(cfg["layers"], cfg["width"], cfg["heads"], cfg["context"])
+    return defaults.lr(name, None, sum(p.ndim >= 2 for p in model.parameters()))
+
+
 def merge(paths, wanted):
     """Runs from earlier data files (same setup), those named in `wanted` [(name, lr or None)].
 
-    A run of an Amos family at that family's DEFAULT_LR is reported as the default run: it is the
+    A run of an Amos family at the lr Amos gives it by default is reported as the default run: it is the
     same computation as `Amos(model.named_parameters(), ...)` without lr (same seed, same batches).
     """
     rows = [r for p in paths for r in bc.read(p)]
@@ -223,7 +229,8 @@ def merge(paths, wanted):
     for r in rows:
         if r["setup"]["config"] != setup["config"] or r["setup"]["corpus"]["sha256"] != setup["corpus"]["sha256"]:
             raise SystemExit(f"--merge: a run of {r['date']} has another model, run length or corpus than the first")
-    wanted = [(name, lr if lr is not None else DEFAULT_LR[name]) for name, lr in wanted]
+    default = {name: default_lr(name, setup["config"]) for name in AMOS_FAMILY}
+    wanted = [(name, lr if lr is not None else default[name]) for name, lr in wanted]
 
     def rank(r):  # position in --optimizers, None if not wanted
         return next((i for i, (n, lr) in enumerate(wanted) if n == r["name"] and math.isclose(lr, r["lr"])), None)
@@ -232,7 +239,7 @@ def merge(paths, wanted):
     for row in rows:
         r = {k: v for k, v in row.items() if k not in bc.RECORD_KEYS and k not in ("setup", "note")}
         r["merged_from"] = row["date"]
-        if r["name"] in DEFAULT_LR and math.isclose(r["lr"], DEFAULT_LR[r["name"]]):
+        if r["name"] in default and math.isclose(r["lr"], default[r["name"]]):
             r.update(label=r["name"], lr_given=False)
         if (r["label"], r["seed"]) not in seen and rank(r) is not None:
             seen.add((r["label"], r["seed"]))

@@ -230,11 +230,10 @@ def default_momentum_dtype():
 
 
 def default_rows(task):
-    amos_lr = DEFAULT_LR["amos"]
     mdt = default_momentum_dtype()
     other_m = "amos fp32-m" if mdt == torch.bfloat16 else "amos bf16-m"
     return ([f"adamw@{lr:g}" for lr in task.adamw_lrs] + ["default"]
-            + [f"amos@{lr:g}" for lr in AMOS_LRS if not math.isclose(lr, amos_lr)] + ["amos total_steps"]
+            + [f"amos@{lr:g}" for lr in AMOS_LRS] + ["amos total_steps"]
             + ["inverse_time", "inverse_square", "constant", other_m])
 
 
@@ -519,7 +518,8 @@ def main(argv=None, kind="quality", command=None):
     setup = dict(seeds=seeds, adamw=dict(ADAMW, schedule=f"linear warmup {WARMUP_FRACTION:.0%} of steps, cosine to 0",
                                           weight_decay_on="matrices (ndim >= 2)"),
                  amos="Amos(model.named_parameters(), [lr=...]); no scheduler, no warmup",
-                 half_life_fraction=HALF_LIFE_FRACTION, corpus_bytes=CORPUS_BYTES, default_lr=dict(DEFAULT_LR),
+                 half_life_fraction=HALF_LIFE_FRACTION, corpus_bytes=CORPUS_BYTES,
+                 default_lr=dict(DEFAULT_LR, amos=f"min({defaults.LR_SCALE}/M, {defaults.MAX_LR}), M matrices"),
                  momentum_dtype=str(default_momentum_dtype()), amos_fused_sources=amos_hash, jobs=args.jobs,
                  threads_per_run=args.threads, wall_s=round(time.perf_counter() - clock, 1))
     tasks = {t.name: t for t in args.tasks_}

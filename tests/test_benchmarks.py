@@ -284,10 +284,10 @@ def test_quality_quick_records_runs_table_verdicts_and_png(tmp_path, capsys, one
         assert {"default", "amos total_steps", "inverse_time", "amos fp32-m"} <= set(rows)
         assert {r["family"] for r in rows.values()} >= {"adamw", "amos"}
         assert all(_finite(r["final_val"]) and r["task_setup"]["name"] == task for r in rows.values())
-        # the default row is Amos with nothing given: its lr is the family's default; total_steps: its peak
-        assert rows["default"]["lr"] == quality.DEFAULT_LR["amos"]
+        # the default row is Amos with nothing given: its lr is the rule's for the model; total_steps: its peak
         model = dataclasses.replace(quality.TASKS[task], **quality.QUICK_TASKS[task]).make_model()
         matrices = sum(p.ndim >= 2 for p in model.parameters())
+        assert rows["default"]["lr"] == quality.defaults.lr("amos", None, matrices) == min(0.275 / matrices, 0.15)
         assert rows["amos total_steps"]["lr"] == quality.defaults.lr("amos", rows["default"]["task_setup"]["steps"],
                                                                      matrices)
     assert (tmp_path / "quality.png").read_bytes()[:8] == PNG

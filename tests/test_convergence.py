@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amos_fused.optimizer import DEFAULT_LR
+from amos_fused import defaults
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -33,10 +33,16 @@ def quick_run(tmp_path_factory):
     return out, stdout.getvalue()
 
 
+def quick_default_lr():
+    """The lr Amos gives the --quick model (1 block: 7 matrices) when none is given."""
+    return convergence.default_lr("amos", convergence.PRESETS["quick"])
+
+
 def test_quick_run_prints_table_records_runs_and_draws_plot(quick_run):
     out, stdout = quick_run
     assert "| optimizer | lr | val @25%" in stdout
-    assert f"| amos | {DEFAULT_LR['amos']:g} (default) |" in stdout
+    assert quick_default_lr() == pytest.approx(0.275 / 7)
+    assert f"| amos | {quick_default_lr():g} (default) |" in stdout
     assert "adamw (best of sweep)" in stdout
     assert " ± " in stdout  # two seeds: mean ± spread
     table = [ln for ln in stdout.splitlines() if ln.startswith("| ")]
@@ -50,20 +56,20 @@ def test_quick_run_prints_table_records_runs_and_draws_plot(quick_run):
         assert r["val_loss"][-1] < r["val_loss"][0], f"{r['label']} did not learn at all"
         assert r["state_bytes"] > 0 and r["ms_opt_step"] > 0
     amos = next(r for r in runs if r["label"] == "amos")
-    assert amos["lr"] == pytest.approx(DEFAULT_LR["amos"])  # no lr given: the default
+    assert amos["lr"] == pytest.approx(quick_default_lr())  # no lr given: the default
     assert runs[0]["versions"]["torch"] and runs[0]["setup"]["corpus"]["sha256"]
     assert runs[0]["command"].startswith("python benchmarks/convergence.py --quick")
 
 
 def test_merge_selects_runs_without_training(quick_run, tmp_path, capsys):
     out, _ = quick_run
-    lr = DEFAULT_LR["amos"]
+    lr = quick_default_lr()
     convergence.main(["--merge", str(out / "convergence.jsonl"), "--results", str(tmp_path),
                       "--optimizers", f"adamw@0.01,amos@{lr}"])
     stdout = capsys.readouterr().out
     rows = [ln for ln in stdout.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| adamw (best of sweep)", "| amos"]  # --optimizers order
-    assert "(default)" in rows[1]  # a run at DEFAULT_LR is the default run
+    assert "(default)" in rows[1]  # a run at the default lr is the default run
     merged = bench_common.read(tmp_path / "convergence.jsonl")
     assert len(merged) == 4 and len({r["date"] for r in merged}) == 1  # 2 x 2 seeds, recorded as one run
 
@@ -77,7 +83,9 @@ def test_each_optimizer_is_built_as_documented(name):
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
         assert all(p.ndim >= 2 for p in group["params"])  # decay on matrices only
     else:
-        assert group["schedule"] == name and group["lr"] == DEFAULT_LR[name] and group["momentum"] == 0.9
+        matrices = sum(p.ndim >= 2 for p in model.parameters())
+        assert group["schedule"] == name and group["lr"] == defaults.lr(name, None, matrices)
+        assert group["momentum"] == 0.9
         assert group["half_life"] == (100 if name in ("inverse_time", "inverse_square") else None)
     f = convergence.lr_factor(name, 400)  # 20 warmup steps, then flat (Amos) or cosine (AdamW)
     assert f(0) == pytest.approx(1 / 20) and f(19) == 1.0

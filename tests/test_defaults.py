@@ -71,11 +71,17 @@ def _steps(model, opt, n, start=0):
     return lrs
 
 
-def test_lr_without_total_steps_is_the_family_default_and_given_lr_is_kept():
-    for schedule in DEFAULT_LR:
+def test_lr_without_total_steps_is_the_rule_and_given_lr_is_kept():
+    for schedule in DEFAULT_LR:  # the closed forms: their constant
         extra = {"half_life": 10} if schedule in ("inverse_time", "inverse_square") else {}
         opt = Amos(_model().parameters(), schedule=schedule, **extra)
         assert opt.param_groups[0]["lr"] == DEFAULT_LR[schedule] and defaults.SCHEDULE_KEY not in opt.param_groups[0]
+    assert "amos" not in DEFAULT_LR  # "amos": a constant lr by the model's matrices, the total_steps peak's rule
+    opt = Amos(_model().parameters())
+    assert opt.param_groups[0]["lr"] == defaults.lr("amos", None, M) == 0.1375  # 0.275 / 2
+    assert defaults.SCHEDULE_KEY not in opt.param_groups[0] and opt.param_groups[0]["beta"] == 0.999
+    model = _model()
+    assert _steps(model, opt, 3) == [0.1375] * 3  # constant
     model = _model()
     opt = Amos(model.parameters(), lr=0.0042, total_steps=100)  # given: exactly that lr, no schedule
     assert _steps(model, opt, 3) == [0.0042] * 3
@@ -96,9 +102,12 @@ def test_total_steps_schedule_warmup_stable_then_linear_decay_to_zero(total):
     assert factors[total - 1] > 0 and factors[total] == 0 and factors[total + 1] == 0
 
 
-def test_the_total_steps_peak_falls_with_the_models_matrices():
+def test_the_lr_and_the_total_steps_peak_fall_with_the_models_matrices():
     def peak(params, total=1000):
         return Amos(params, total_steps=total).param_groups[0][defaults.SCHEDULE_KEY][0]
+
+    def constant(params):
+        return Amos(params).param_groups[0]["lr"]
 
     def layers(n, width=8):  # n matrices and n biases
         torch.manual_seed(0)
@@ -106,6 +115,8 @@ def test_the_total_steps_peak_falls_with_the_models_matrices():
 
     for n in (1, 2, 3, 4, 11, 100):
         assert peak(layers(n).parameters(), total=100) == pytest.approx(min(0.275 / n, 0.15), rel=1e-12)
+        assert constant(layers(n).parameters()) == pytest.approx(min(0.275 / n, 0.15), rel=1e-12)
+    assert constant(layers(3).parameters()) == pytest.approx(0.275 / 3)  # no total_steps: no 3/sqrt(N) cap
     assert peak(layers(11).parameters()) == pytest.approx(0.025)  # the quality suite's transformer
     assert peak(layers(3).parameters()) == pytest.approx(0.275 / 3)  # its CNN
     assert peak(layers(3).parameters(), total=10_000) == pytest.approx(0.03)  # a long run's cap, 3/sqrt(N)
@@ -121,6 +132,10 @@ def test_the_total_steps_peak_falls_with_the_models_matrices():
     # a group added later counts the matrices of every group once it is in, and keeps the others' peak
     split.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 3)) for _ in range(5)]})
     assert [g[defaults.SCHEDULE_KEY][0] for g in split.param_groups] == [0.275 / 4] * 2 + [pytest.approx(0.275 / 9)]
+    plain = Amos([{"params": (p for p in model.parameters() if p.ndim == 2)},  # the same without total_steps
+                  {"params": (p for p in model.parameters() if p.ndim < 2)}])
+    plain.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 3)) for _ in range(5)]})
+    assert [g["lr"] for g in plain.param_groups] == [0.275 / 4] * 2 + [pytest.approx(0.275 / 9)]
     # a resumed run reads the peak back, whatever model it is loaded into
     state = split.state_dict()
     resumed = Amos([{"params": g["params"]} for g in split.param_groups], total_steps=100)
