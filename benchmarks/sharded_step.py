@@ -126,6 +126,7 @@ def worker(rank, args, port, out):
     if rank == 0:
         numel = sum(p.numel() for p in params)
         out.put(dict(times_ms=times, own_times_ms=own, numel=numel, tensors=len(params)))
+    dist.barrier()  # no rank tears its connections down while another still reads the last all-reduce
     dist.destroy_process_group()
 
 
