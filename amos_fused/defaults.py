@@ -16,7 +16,7 @@ from .reference import compute_dtype
 # closed forms' constant, and schedule="amos"'s rule for a model of M matrices, min(0.275/M, 0.15)
 DEFAULT_LR = {"constant": 0.1, "inverse_time": 0.1, "inverse_square": 0.1}
 LR_SCALE = 0.275  # 0.025 for 11 matrices, 0.0028 for 100 ...
-MAX_LR = 0.15  # ... and 0.15 for one or two: the largest measured to help
+MAX_LR = 0.15  # ... and 0.15 at most (one matrix or none): the largest measured to help
 
 # total_steps: the lr schedule of groups given without lr (lr, lr_factor); the shape and beta were
 # chosen by the study in docs/defaults.md ("Candidate rules measured")
