@@ -40,7 +40,7 @@ import bench_common as bc
 import convergence
 import convergence_report
 import plots
-from amos_fused import Amos
+from amos_fused import Amos, defaults
 
 SPLIT_SEED = 1234
 VAL_FRACTION = 0.2
@@ -116,7 +116,7 @@ def train_one(name, lr, seed, steps, data, every):
     sched = None
     if name != TOTAL_STEPS_ROW:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, convergence.lr_factor(name, steps))
-    peak = opt.param_groups[0]["initial_lr"] if sched else opt.param_groups[0]["lr_schedule"][0]
+    peak = opt.param_groups[0]["initial_lr"] if sched else opt.param_groups[0][defaults.SCHEDULE_KEY][0]
     gen = torch.Generator().manual_seed(seed)  # same minibatches for every optimizer of a seed
     grid = eval_grid(steps, every)
     loss0, acc0 = evaluate(model, xv, yv)

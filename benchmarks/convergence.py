@@ -38,6 +38,7 @@ import lm_data
 import plots
 from lm_model import ByteLM
 from amos_fused import Amos, defaults
+from amos_fused.groups import count_matrices
 
 WARMUP_FRACTION = 0.05
 HALF_LIFE_FRACTION = 0.25  # closed forms: the step size halves after a quarter of the run
@@ -213,7 +214,7 @@ def default_lr(name, cfg):
     """The lr Amos gives a group of schedule `name` of this model when none is given (defaults.lr)."""
     with torch.device("meta"):  # shapes only
         model = ByteLM(cfg["layers"], cfg["width"], cfg["heads"], cfg["context"])
-    return defaults.lr(name, None, sum(p.ndim >= 2 for p in model.parameters()))
+    return defaults.lr(name, None, count_matrices([model.parameters()]))  # M as the optimizer counts it
 
 
 def merge(paths, wanted):

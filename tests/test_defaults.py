@@ -77,11 +77,13 @@ def test_lr_without_total_steps_is_the_rule_and_given_lr_is_kept():
         opt = Amos(_model().parameters(), schedule=schedule, **extra)
         assert opt.param_groups[0]["lr"] == DEFAULT_LR[schedule] and defaults.SCHEDULE_KEY not in opt.param_groups[0]
     assert "amos" not in DEFAULT_LR  # "amos": a constant lr by the model's matrices, the total_steps peak's rule
-    opt = Amos(_model().parameters())
+    model = _model()
+    opt = Amos(model.parameters())
     assert opt.param_groups[0]["lr"] == defaults.lr("amos", None, M) == 0.1375  # 0.275 / 2
     assert defaults.SCHEDULE_KEY not in opt.param_groups[0] and opt.param_groups[0]["beta"] == 0.999
-    model = _model()
-    assert _steps(model, opt, 3) == [0.1375] * 3  # constant
+    before = [p.detach().clone() for p in model.parameters()]
+    assert _steps(model, opt, 3) == [0.1375] * 3  # constant over steps that do step the model
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     model = _model()
     opt = Amos(model.parameters(), lr=0.0042, total_steps=100)  # given: exactly that lr, no schedule
     assert _steps(model, opt, 3) == [0.0042] * 3
