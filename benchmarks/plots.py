@@ -10,6 +10,7 @@ import argparse
 import collections
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -185,14 +186,17 @@ def quality(rows, path):
                  for row, rs in by_row.items()}
         best = {fam: min((row for row, rs in by_row.items() if rs[0]["family"] == fam), key=final.get, default=None)
                 for fam in ("adamw", "amos")}
-        lows, highs = [], []
+        lows, highs, drawn = [], [], 0
         for row, rs in by_row.items():
             if rs[0]["family"] == "amos" and row not in ("default", best["amos"]):
                 continue
             rs = [r for r in rs if not r["diverged"]]
             if not rs:
                 continue
-            steps = min((r["eval_steps"] for r in rs), key=len)
+            # the whole curves only: a record may keep just the final point of a many-seed row's extra seeds
+            steps = max((r["eval_steps"] for r in rs), key=len)
+            rs = [r for r in rs if r["eval_steps"] == steps]
+            drawn = max(drawn, len(rs))
             mean = [statistics.fmean(r["val_loss"][r["eval_steps"].index(t)] for r in rs) for t in steps]
             main = row in ("default", best["adamw"])
             label = row + (" (best AdamW)" if row == best["adamw"] else "") + (
@@ -204,14 +208,14 @@ def quality(rows, path):
         if lows:
             lo, hi = min(lows), max(highs)
             ax.set_ylim(lo - 0.05 * (hi - lo), hi)
-        ax.set_title(f"{task}: {runs[0]['task_setup']['title']}", fontsize=9)
+        ax.set_title(f"{task}: {runs[0]['task_setup']['title']}, {runs[0]['task_setup']['steps']} steps "
+                     f"(curves: {drawn} seeds)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5)
     r = rows[0]
-    seeds = sorted({r["seed"] for r in rows})
-    _save(fig, path, f"quality suite, seeds {seeds}: validation loss, mean over seeds; {_machine(r)}, "
+    _save(fig, path, f"quality suite: validation loss, mean over seeds; {_machine(r)}, "
           f"torch {r['versions']['torch']}, {r['date'][:10]}")
 
 
@@ -281,11 +285,18 @@ PLOTTERS = {"step_time": step_time, "row_sweep": row_sweep, "convergence": conve
 RUN_IN_PARTS = ("quality", "defaults_study", "defaults_study_layers")  # each task, row and seed drawn from its latest run
 
 
+def base_kind(kind):
+    """The plotter's kind: "quality_x3" (quality.py --steps-factor 3) is drawn as "quality"."""
+    return re.sub(r"_x[0-9.e+-]+$", "", kind)
+
+
 def plot(kind, folder):
     """Draw <folder>/<kind>.png from the latest run in <folder>/<kind>.jsonl (RUN_IN_PARTS: the
-    latest of each task, row and seed); return its path."""
+    latest of each task, row and seed; a kind ending "_x<F>" is its base kind at F times the steps);
+    return its path."""
     rows = bc.read(os.path.join(folder, f"{kind}.jsonl"))
-    if kind in RUN_IN_PARTS:  # the suite is run in parts (--rows), each task at its latest setup
+    base = base_kind(kind)
+    if base in RUN_IN_PARTS:  # the suite is run in parts (--rows), each task at its latest setup
         last, setup = {}, {}
         for r in rows:
             last[(r["task"], r["row"], r["seed"])] = r
@@ -294,7 +305,7 @@ def plot(kind, folder):
     else:
         rows = bc.latest(rows)
     path = os.path.join(folder, f"{kind}.png")
-    PLOTTERS[kind](rows, path)
+    PLOTTERS[base](rows, path)
     return path
 
 
@@ -305,8 +316,9 @@ def main(argv=None):
     folders = args.folders or sorted(os.path.join(bc.RESULTS, d) for d in os.listdir(bc.RESULTS)
                                      if os.path.isdir(os.path.join(bc.RESULTS, d)))
     for folder in folders:
-        for kind in PLOTTERS:
-            if os.path.exists(os.path.join(folder, f"{kind}.jsonl")):
+        for name in sorted(os.listdir(folder)):
+            kind = name[:-len(".jsonl")]
+            if name.endswith(".jsonl") and base_kind(kind) in PLOTTERS:
                 print(f"drew {plot(kind, folder)}")
 
 

@@ -33,11 +33,12 @@ Prints one markdown table per task and the verdicts against the targets (Amos at
 2 % of the best AdamW's mean final validation loss on every task, at or below it on the language
 models). Every run is appended to benchmarks/results/cpu/quality.jsonl (bench_common.record, one
 row per run: task, row, family, seed, lr, curves, final validation loss; --results DIR elsewhere)
-and quality.png is drawn from it (plots.py).
+and quality.png is drawn from it (plots.py); runs with --steps-factor F go to quality_xF.jsonl / .png.
 
     python benchmarks/quality.py                      # the suite: 4 tasks x 3 seeds, ~13 min on 2 cores
     python benchmarks/quality.py --tasks digits --seeds 1
     python benchmarks/quality.py --rows "+amos fp32-m"  # the default rows and more
+    python benchmarks/quality.py --steps-factor 3 --rows "adamw-sweep,default,amos total_steps"  # 3000 steps
     python benchmarks/quality.py --quick              # smoke test, seconds
 """
 import argparse
@@ -523,6 +524,8 @@ def main(argv=None, kind="quality", command=None):
                  momentum_dtype=str(default_momentum_dtype()), amos_fused_sources=amos_hash, jobs=args.jobs,
                  threads_per_run=args.threads, wall_s=round(time.perf_counter() - clock, 1))
     tasks = {t.name: t for t in args.tasks_}
+    if args.steps_factor != 1:  # another run length, recorded apart: a file and its plot hold one length per task
+        kind = f"{kind}_x{args.steps_factor:g}"
     rows = [dict(r, family=family(r["row"]), task_setup=tasks[r["task"]].config(), setup=setup, note=args.note)
             for r in runs]
     path = bc.record(kind, rows, device="cpu", date=started, command=command or bc.command_line(__file__, argv),

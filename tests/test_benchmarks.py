@@ -137,7 +137,7 @@ def test_committed_results_are_data_files_with_their_metadata(common):
                 assert all(k in r for k in common.RECORD_KEYS), (path, sorted(r))
         elif name.endswith(".png"):
             kind = name[:-len(".png")]
-            assert kind in plots.PLOTTERS and os.path.exists(path[:-len(".png")] + ".jsonl"), path
+            assert plots.base_kind(kind) in plots.PLOTTERS and os.path.exists(path[:-len(".png")] + ".jsonl"), path
         else:
             assert name == "README.md", f"{path}: results are <kind>.jsonl data files and their plots"
 
@@ -300,6 +300,26 @@ def test_quality_quick_records_runs_table_verdicts_and_png(tmp_path, capsys, one
     assert len(cache.read_text().splitlines()) == n_cached
 
 
+def test_quality_at_another_run_length_is_recorded_apart(tmp_path, one_thread):
+    # a file and its plot hold one run length per task: runs at 2x the steps must not mix into quality.jsonl
+    quality = _load("quality")
+    argv = ["--quick", "--tasks", "digits", "--rows", "adamw-sweep,default", "--steps-factor", "2", "--no-progress",
+            "--results", str(tmp_path)]
+    assert quality.main(argv) == 0
+    assert not (tmp_path / "quality.jsonl").exists()
+    data = _load("bench_common").read(tmp_path / "quality_x2.jsonl")
+    steps = dataclasses.replace(quality.TASKS["digits"], **quality.QUICK_TASKS["digits"]).steps
+    assert {r["task_setup"]["steps"] for r in data} == {2 * steps}
+    assert {r["row"] for r in data} == {"adamw@0.003", "default"}
+    assert (tmp_path / "quality_x2.png").read_bytes()[:8] == PNG
+    plots = _load("plots")
+    assert plots.base_kind("quality_x2") == "quality" and plots.base_kind("defaults_study_layers") == \
+        "defaults_study_layers"
+    (tmp_path / "quality_x2.png").unlink()
+    plots.main([str(tmp_path)])  # redrawing a folder draws the suffixed kind too
+    assert (tmp_path / "quality_x2.png").read_bytes()[:8] == PNG
+
+
 def test_quality_rejects_unknown_rows_and_tasks():
     quality = _load("quality")
     for argv in (["--rows", "nope@0.1"], ["--tasks", "imagenet"], ["--rows", "amos@x"], ["--seeds", "0"]):
@@ -351,7 +371,8 @@ def test_defaults_study_layers_trains_deeper_transformers_recorded_apart(tmp_pat
     argv = ["--layers", "1", "--tasks", "lm_gpt2", "--steps-factor", "0.01", "--variants", "eta=fit", "--lrs", "0.05",
             "--seeds", "1", "--jobs", "1", "--no-progress", "--results", str(tmp_path)]  # jobs 1: no fork after autograd
     assert study.main(argv) == 0
-    data = _load("bench_common").read(tmp_path / "defaults_study_layers.jsonl")
+    # apart from the suite's tasks, and (steps x 0.01) from the layers' runs at the suite's length
+    data = _load("bench_common").read(tmp_path / "defaults_study_layers_x0.01.jsonl")
     assert {r["task"] for r in data} == {"lm_gpt2_L1"} and data[0]["task_setup"]["model"][1] == 1
-    assert not (tmp_path / "defaults_study.jsonl").exists()  # apart from the suite's tasks
-    assert (tmp_path / "defaults_study_layers.png").read_bytes()[:8] == PNG
+    assert sorted(os.listdir(tmp_path)) == ["defaults_study_layers_x0.01.jsonl", "defaults_study_layers_x0.01.png"]
+    assert (tmp_path / "defaults_study_layers_x0.01.png").read_bytes()[:8] == PNG
