@@ -276,7 +276,8 @@ def defaults_study(rows, path):
 
 
 def _title(rows, task):
-    return next(r["task_setup"]["title"] for r in rows if r["task"] == task)
+    setup = next(r["task_setup"] for r in rows if r["task"] == task)
+    return f"{setup['title']}, {setup['steps']} steps"
 
 
 PLOTTERS = {"step_time": step_time, "row_sweep": row_sweep, "convergence": convergence, "lr_sweep": lr_sweep,
