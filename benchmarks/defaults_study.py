@@ -20,7 +20,8 @@ The AdamW sweep and the plain default row are always trained too (from --cache w
     python benchmarks/defaults_study.py ... --tasks lm_gpt2 --layers 4   # its 4-block version (lm_gpt2_L4), held out
 Any other option goes to quality.py (--seeds, --jobs, --cache, --results, ...). Runs are recorded
 in benchmarks/results/<device>/defaults_study.jsonl (the quality suite's rows, kept apart from its
-own file), and drawn into defaults_study.png; runs with --layers in defaults_study_layers.jsonl / .png.
+own file), and drawn into defaults_study.png; runs with --layers in defaults_study_layers.jsonl / .png,
+runs with --steps-factor F in <that kind>_xF.jsonl / .png.
 """
 import argparse
 import dataclasses
