@@ -175,7 +175,9 @@ def _task_grid(plt, n):
 
 def quality(rows, path):
     """The quality suite: per task, validation loss (mean over seeds) of every row but the Amos lr
-    sweep's, of which the default and the best lr are drawn; the default and the best AdamW bold."""
+    sweep's, of which the default and the best lr are drawn; the default and the best AdamW bold.
+    Curves average the seeds whose whole curve is recorded (a many-seed row may keep only the final
+    point of its extra seeds); the rows' ranking reads every seed's final loss."""
     plt = _pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = _task_grid(plt, len(tasks))
@@ -186,7 +188,7 @@ def quality(rows, path):
                  for row, rs in by_row.items()}
         best = {fam: min((row for row, rs in by_row.items() if rs[0]["family"] == fam), key=final.get, default=None)
                 for fam in ("adamw", "amos")}
-        lows, highs, drawn = [], [], 0
+        lows, highs, drawn = [], [], set()
         for row, rs in by_row.items():
             if rs[0]["family"] == "amos" and row not in ("default", best["amos"]):
                 continue
@@ -196,7 +198,7 @@ def quality(rows, path):
             # the whole curves only: a record may keep just the final point of a many-seed row's extra seeds
             steps = max((r["eval_steps"] for r in rs), key=len)
             rs = [r for r in rs if r["eval_steps"] == steps]
-            drawn = max(drawn, len(rs))
+            drawn.add(len(rs))
             mean = [statistics.fmean(r["val_loss"][r["eval_steps"].index(t)] for r in rs) for t in steps]
             main = row in ("default", best["adamw"])
             label = row + (" (best AdamW)" if row == best["adamw"] else "") + (
@@ -209,7 +211,7 @@ def quality(rows, path):
             lo, hi = min(lows), max(highs)
             ax.set_ylim(lo - 0.05 * (hi - lo), hi)
         ax.set_title(f"{task}: {runs[0]['task_setup']['title']}, {runs[0]['task_setup']['steps']} steps "
-                     f"(curves: {drawn} seeds)", fontsize=9)
+                     f"(curves: {'-'.join(str(n) for n in sorted({min(drawn), max(drawn)}))} seeds)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (mean over seeds)")
         ax.grid(alpha=0.3)
@@ -219,16 +221,21 @@ def quality(rows, path):
           f"torch {r['versions']['torch']}, {r['date'][:10]}")
 
 
+FEW_RULES = 12
+
+
 def defaults_study(rows, path):
     """Candidate default rules: per task, the final validation loss (mean over seeds) over the best
     AdamW's, against lr, for every rule run on all the file's tasks (one line each, AdamW's sweep
-    dashed); rules screened on fewer tasks are in the data, not the picture."""
+    dashed); rules screened on fewer tasks are in the data, not the picture, unless the file holds
+    at most FEW_RULES rules: then each is drawn on the panels where it ran."""
     plt = _pyplot()
     from matplotlib import ticker
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     rule = lambda row: row.partition("@")[0]  # noqa: E731
-    everywhere = [x for x in dict.fromkeys(rule(r["row"]) for r in rows)
-                  if all(any(rule(r["row"]) == x and r["task"] == t for r in rows) for t in tasks)]
+    rules = list(dict.fromkeys(rule(r["row"]) for r in rows))
+    everywhere = rules if len(rules) <= FEW_RULES else [
+        x for x in rules if all(any(rule(r["row"]) == x and r["task"] == t for r in rows) for t in tasks)]
     fig, axes = _task_grid(plt, len(tasks))
     styles = {x: (plt.get_cmap("tab20")(i % 20), "osD^v"[i // 20 % 5]) for i, x in enumerate(everywhere)}
     # (rule, task, lr) -> seeds run: the legend gives each rule's range over every panel
@@ -248,6 +255,8 @@ def defaults_study(rows, path):
         adamw = min(v for (x, _), v in mean.items() if x == "adamw")
         for x in everywhere:
             pts = sorted((lr, v / adamw) for (y, lr), v in mean.items() if y == x and math.isfinite(v))
+            if not pts:
+                continue
             color, marker = styles[x]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if x == "adamw" else "-", marker=marker,
                     color=color, label=label[x], lw=2.2 if x in ("adamw", "default") else 1.2, ms=4)
@@ -264,7 +273,11 @@ def defaults_study(rows, path):
         ax.set_ylabel("final val loss / best AdamW's")
         ax.grid(alpha=0.3, which="both")
     # one legend for all panels, below them: the rules are many, and a legend inside would hide points
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend = {}  # label -> handle, over every panel: a rule may be drawn on some panels only
+    for ax in axes:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(text, handle)
+    handles, labels = list(legend.values()), list(legend)
     lines = (len(labels) + 1) // 2
     height = fig.get_figheight()
     fig.set_figheight(height + 0.17 * lines + 0.2)
@@ -288,7 +301,7 @@ RUN_IN_PARTS = ("quality", "defaults_study", "defaults_study_layers")  # each ta
 
 def base_kind(kind):
     """The plotter's kind: "quality_x3" (quality.py --steps-factor 3) is drawn as "quality"."""
-    return re.sub(r"_x[0-9.e+-]+$", "", kind)
+    return re.sub(r"_x\d+(\.\d+)?(e[+-]\d+)?$", "", kind)
 
 
 def plot(kind, folder):
@@ -317,6 +330,8 @@ def main(argv=None):
     folders = args.folders or sorted(os.path.join(bc.RESULTS, d) for d in os.listdir(bc.RESULTS)
                                      if os.path.isdir(os.path.join(bc.RESULTS, d)))
     for folder in folders:
+        if not os.path.isdir(folder):
+            ap.error(f"{folder}: no such folder; give a results folder such as benchmarks/results/cpu")
         for name in sorted(os.listdir(folder)):
             kind = name[:-len(".jsonl")]
             if name.endswith(".jsonl") and base_kind(kind) in PLOTTERS:

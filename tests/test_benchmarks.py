@@ -318,6 +318,25 @@ def test_quality_at_another_run_length_is_recorded_apart(tmp_path, one_thread):
     (tmp_path / "quality_x2.png").unlink()
     plots.main([str(tmp_path)])  # redrawing a folder draws the suffixed kind too
     assert (tmp_path / "quality_x2.png").read_bytes()[:8] == PNG
+    with pytest.raises(SystemExit):
+        plots.main([str(tmp_path / "missing")])
+
+
+def test_quality_plot_draws_whole_curves_of_rows_with_trimmed_seeds(tmp_path, monkeypatch, one_thread):
+    # a many-seed row may keep only the final point of its extra seeds: the curves average the whole ones
+    quality, plots = _load("quality"), _load("plots")
+    assert quality.main(["--quick", "--tasks", "digits", "--rows", "adamw-sweep,default", "--no-progress",
+                         "--results", str(tmp_path)]) == 0
+    rows = _load("bench_common").read(tmp_path / "quality.jsonl")
+    trimmed = [dict(r, seed=r["seed"] + 1, **{k: r[k][-1:] for k in ("eval_steps", "val_loss", "val_extra",
+                                                                       "train_loss")}) for r in rows]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, *args, **kwargs: figures.append(fig))
+    plots.quality(rows + trimmed, str(tmp_path / "q.png"))
+    (ax,) = [ax for ax in figures[0].axes if ax.lines]
+    assert "(curves: 1 seeds)" in ax.get_title()
+    whole = len(rows[0]["eval_steps"])
+    assert whole > 1 and {len(line.get_xdata()) for line in ax.lines} == {whole}
 
 
 def test_quality_rejects_unknown_rows_and_tasks():
