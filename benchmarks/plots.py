@@ -210,8 +210,9 @@ def quality(rows, path):
         if lows:
             lo, hi = min(lows), max(highs)
             ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+        seeds = "-".join(str(n) for n in sorted({min(drawn), max(drawn)})) if drawn else "no"  # no: all diverged
         ax.set_title(f"{task}: {runs[0]['task_setup']['title']}, {runs[0]['task_setup']['steps']} steps "
-                     f"(curves: {'-'.join(str(n) for n in sorted({min(drawn), max(drawn)}))} seeds)", fontsize=9)
+                     f"(curves: {seeds} seeds)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (mean over seeds)")
         ax.grid(alpha=0.3)
@@ -234,14 +235,14 @@ def defaults_study(rows, path):
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     rule = lambda row: row.partition("@")[0]  # noqa: E731
     rules = list(dict.fromkeys(rule(r["row"]) for r in rows))
-    everywhere = rules if len(rules) <= FEW_RULES else [
+    shown = rules if len(rules) <= FEW_RULES else [
         x for x in rules if all(any(rule(r["row"]) == x and r["task"] == t for r in rows) for t in tasks)]
     fig, axes = _task_grid(plt, len(tasks))
-    styles = {x: (plt.get_cmap("tab20")(i % 20), "osD^v"[i // 20 % 5]) for i, x in enumerate(everywhere)}
+    styles = {x: (plt.get_cmap("tab20")(i % 20), "osD^v"[i // 20 % 5]) for i, x in enumerate(shown)}
     # (rule, task, lr) -> seeds run: the legend gives each rule's range over every panel
     runs = collections.Counter((rule(r["row"]), r["task"], r["lr"]) for r in rows)
     label = {}
-    for x in everywhere:
+    for x in shown:
         counts = sorted({n for (y, _, _), n in runs.items() if y == x})
         seeds = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
         label[x] = f"{x} ({seeds} seed{'' if seeds == '1' else 's'})"
@@ -253,7 +254,7 @@ def defaults_study(rows, path):
                     math.inf if r["final_val"] is None else r["final_val"])
         mean = {k: statistics.fmean(v) for k, v in final.items()}
         adamw = min(v for (x, _), v in mean.items() if x == "adamw")
-        for x in everywhere:
+        for x in shown:
             pts = sorted((lr, v / adamw) for (y, lr), v in mean.items() if y == x and math.isfinite(v))
             if not pts:
                 continue
@@ -332,9 +333,9 @@ def main(argv=None):
     for folder in folders:
         if not os.path.isdir(folder):
             ap.error(f"{folder}: no such folder; give a results folder such as benchmarks/results/cpu")
-        for name in sorted(os.listdir(folder)):
-            kind = name[:-len(".jsonl")]
-            if name.endswith(".jsonl") and base_kind(kind) in PLOTTERS:
+        kinds = [name[:-len(".jsonl")] for name in sorted(os.listdir(folder)) if name.endswith(".jsonl")]
+        for kind in kinds:
+            if base_kind(kind) in PLOTTERS:
                 print(f"drew {plot(kind, folder)}")
 
 
