@@ -320,11 +320,24 @@ def device_folder(device):
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
+# options naming files of this machine (where to record, a cache of finished runs): they do not
+# change what a run measures, and their paths mean nothing elsewhere
+LOCAL_OPTIONS = ("--results", "--cache")
+
+
 def command_line(script, argv=None):
     """The command line a user types to run `script` (a benchmark's __file__) with `argv`
-    (default: this process's arguments), for `record`."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return "python " + shlex.join([os.path.relpath(os.path.abspath(script), REPO), *map(str, argv)])
+    (default: this process's arguments), for `record`; without LOCAL_OPTIONS and their values."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LOCAL_OPTIONS:
+            skip = True
+        elif not a.startswith(tuple(o + "=" for o in LOCAL_OPTIONS)):
+            kept.append(a)
+    return "python " + shlex.join([os.path.relpath(os.path.abspath(script), REPO), *kept])
 
 
 def _jsonable(x):

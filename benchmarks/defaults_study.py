@@ -64,7 +64,7 @@ def eta_fn_of(rule, vector=None):
         if p.ndim < 2:
             return vector
         if _rms(p) == 0:
-            return None  # the default rule's sqrt(1/C) for a zero matrix
+            return None  # the default rule's sqrt(2/C) for a zero matrix
         return fn(p)
     return eta_fn
 

@@ -18,7 +18,7 @@ class Regressor(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
-        opt = Amos(self.parameters(), lr=0.1)
+        opt = Amos(self.parameters())  # the lr by the model's size (docs/defaults.md)
         warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 20))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 

@@ -55,6 +55,14 @@ def test_bytes_per_parameter_follow_the_state_layout(common):
     assert common.adamw_bytes(4) == 28
 
 
+def test_recorded_command_leaves_out_this_machines_paths(common):
+    # --results and --cache name files here; the record keeps the command that reproduces the rows
+    script = os.path.join(os.path.dirname(common.__file__), "quality.py")
+    cmd = common.command_line(script, ["--tasks", "digits", "--results", "/tmp/r", "--cache=/tmp/c.jsonl",
+                                       "--seeds", "3", "--cache", "/tmp/c.jsonl"])
+    assert cmd == "python benchmarks/quality.py --tasks digits --seeds 3"
+
+
 def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
