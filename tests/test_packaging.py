@@ -6,7 +6,6 @@ suite (CI), is marked `build` (`pytest -m "not build"` leaves it out of a quick 
 is skipped, saying why, where such a build cannot run (no pip, an old setuptools, no C++ compiler).
 """
 import importlib.metadata
-import importlib.util
 import os
 import pathlib
 import re
@@ -36,7 +35,12 @@ def test_the_version_lives_in_one_place():
 
 def _cannot_build():
     """Why an offline build cannot run here, or None."""
-    if importlib.util.find_spec("pip") is None:
+    # by its metadata: importlib.util.find_spec("pip") would make setuptools' distutils shim step
+    # aside for the rest of the process (it does so for pip), and a later import of setuptools
+    # (torch.compile's Inductor builds with it) then fails
+    try:
+        importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
         return "pip is not installed in this interpreter"
     try:
         version = importlib.metadata.version("setuptools")
