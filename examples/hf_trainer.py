@@ -1,6 +1,6 @@
 """Amos in Hugging Face `Trainer`: pass it (and a scheduler) as `optimizers=(opt, sched)`.
 
-tests/test_integrations.py runs it when `transformers` is installed (it is not a dependency).
+tests/test_integrations.py runs it (requirements.txt installs `transformers`; the package does not need it).
 """
 import torch
 from transformers import Trainer, TrainingArguments

@@ -1,6 +1,6 @@
 """Amos in PyTorch Lightning: return it (and a scheduler) from `configure_optimizers`.
 
-tests/test_integrations.py runs it when `lightning` is installed (it is not a dependency).
+tests/test_integrations.py runs it (requirements.txt installs `lightning`; the package does not need it).
 """
 import lightning.pytorch as pl
 import torch

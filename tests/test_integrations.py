@@ -1,9 +1,10 @@
 """The plug-in examples of examples/ (docs/integrations.md), each run here.
 
 - plain loop: runs in CI; Amos with a tensor lr and a warm-up scheduler learns a teacher.
-- Lightning `configure_optimizers` and HF `Trainer(optimizers=(opt, sched))`: skipped unless
-  `lightning` / `transformers` are installed (neither is a dependency). Each must train with
-  OUR optimizer and scheduler: the parameters equal a plain loop over the same batches.
+- Lightning `configure_optimizers` and HF `Trainer(optimizers=(opt, sched))`: `lightning` and
+  `transformers` are in requirements.txt (the test environment), not dependencies of the package;
+  skipped where they are absent. Each must train with OUR optimizer and scheduler: the
+  parameters equal a plain loop over the same batches.
 """
 import os
 import sys
