@@ -130,6 +130,33 @@ def schedule_lr(param_groups):
         group["lr"] = now
 
 
+class TotalStepsLR:
+    """A stand-in LR scheduler for an Amos whose lr follows `total_steps`, for frameworks that want a
+    scheduler object beside the optimizer (Hugging Face's Trainer builds its own otherwise, which
+    would write over the schedule). Amos moves the lr itself inside `step()`, so this one never
+    writes it: `step()` does nothing, `get_last_lr()` reports each group's lr for the coming step
+    (as torch's schedulers do, for logging), and the schedule is saved with the optimizer's
+    `state_dict()`, so there is nothing to save here."""
+
+    def __init__(self, optimizer):
+        if not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"TotalStepsLR: {type(optimizer).__name__} is not an optimizer; pass the Amos instance")
+        self.optimizer = optimizer
+
+    def step(self, *args, **kwargs):
+        """Nothing: Amos took its schedule's step in `optimizer.step()`."""
+
+    def get_last_lr(self):
+        groups = self.optimizer.param_groups
+        return [scheduled_lr(g[SCHEDULE_KEY]) if g.get(SCHEDULE_KEY) is not None else g["lr"] for g in groups]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state_dict):
+        """Nothing to load: the schedule comes back with the optimizer's state_dict."""
+
+
 def count_scheduled_step(param_groups):
     """One more step taken by every scheduled group (called at the end of a step)."""
     for group in param_groups:

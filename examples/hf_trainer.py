@@ -1,18 +1,37 @@
-"""Amos in Hugging Face `Trainer`: pass it (and a scheduler) as `optimizers=(opt, sched)`.
+"""Amos in Hugging Face `Trainer`, its lr scheduled over the run's optimizer steps (`total_steps`).
 
+Trainer knows the run's length (`max_steps`, or the epochs times the batches per epoch over the
+gradient accumulation) only inside `train()`, after `state.max_steps` is set and just before it
+calls `create_optimizer`; so a small subclass builds Amos there, and gives Trainer a stand-in
+scheduler (`TotalStepsLR`) instead of the one it would build from `args.lr_scheduler_type`, which
+would write over Amos's schedule. The subclass also works where `optimizers=` is refused (FSDP).
 tests/test_integrations.py runs it (requirements.txt installs `transformers`; the package does not need it).
 """
-import torch
 from transformers import Trainer, TrainingArguments
 
-from amos_fused import Amos
+from amos_fused import Amos, TotalStepsLR
 
 
-def make_trainer(model, train_dataset, output_dir, max_steps, batch_size=8):
-    opt = Amos(model.parameters())  # the lr by the model's size (docs/defaults.md)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 20))
-    args = TrainingArguments(output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
+class AmosTrainer(Trainer):
+    """`Trainer` with Amos at its defaults and `total_steps` = the run's optimizer steps."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            self.optimizer = Amos(params, total_steps=self.state.max_steps)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:  # Amos schedules its lr itself; this one reports it for the logs
+            self.lr_scheduler = TotalStepsLR(self.optimizer if optimizer is None else optimizer)
+        return self.lr_scheduler
+
+
+def make_trainer(model, train_dataset, output_dir, max_steps=-1, epochs=1, batch_size=8, accumulation=1):
+    args = TrainingArguments(output_dir=output_dir, max_steps=max_steps, num_train_epochs=epochs,
+                             per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
                              report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
                              use_cpu=True)
-    # Trainer uses the given optimizer and scheduler as they are (args.learning_rate is unused)
-    return Trainer(model=model, args=args, train_dataset=train_dataset, optimizers=(opt, warmup))
+    # args.learning_rate, lr_scheduler_type and warmup are unused: Amos sets its own lr
+    return AmosTrainer(model=model, args=args, train_dataset=train_dataset)

@@ -1,7 +1,10 @@
-"""Amos in PyTorch Lightning: return it (and a scheduler) from `configure_optimizers`.
+"""Amos in PyTorch Lightning: `configure_optimizers` returns it, its lr scheduled over the run's
+optimizer steps (`total_steps`, from the Trainer's `estimated_stepping_batches`); no LR scheduler.
 
 tests/test_integrations.py runs it (requirements.txt installs `lightning`; the package does not need it).
 """
+import math
+
 import lightning.pytorch as pl
 import torch
 
@@ -18,14 +21,16 @@ class Regressor(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
-        opt = Amos(self.parameters())  # the lr by the model's size (docs/defaults.md)
-        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 20))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        # max_steps, or the epochs times the batches per epoch over the gradient accumulation;
+        # inf when the run has no end (max_steps=-1, max_epochs=-1): then a constant lr
+        steps = self.trainer.estimated_stepping_batches
+        return Amos(self.named_parameters(), total_steps=None if math.isinf(steps) else int(steps))
 
 
-def fit(loader, max_steps):
+def fit(loader, max_steps=-1, max_epochs=None, accumulation=1):
     model = Regressor()
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(max_steps=max_steps, max_epochs=max_epochs, accumulate_grad_batches=accumulation,
+                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, loader)
     return model, trainer

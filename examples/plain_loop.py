@@ -10,10 +10,9 @@ from amos_fused import Amos
 def train(steps=200, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
-    # Amos adapts its own step size and weight decay per slice; lr is the global scale xi.
-    # A 0-d tensor lr lets a scheduler change it without recompiling a torch.compile'd step.
-    opt = Amos(model.parameters(), lr=torch.tensor(0.1))
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 20))  # optional
+    # lr, eta and the decay: automatic. total_steps (the number of opt.step() calls) gives the lr a
+    # warmup and a decay to 0 at the end, which trains better than the constant lr without it.
+    opt = Amos(model.named_parameters(), total_steps=steps)
     teacher = torch.randn(16, 1)
     losses = []
     for _ in range(steps):
@@ -22,7 +21,6 @@ def train(steps=200, seed=0):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        warmup.step()
         losses.append(loss.item())
     return model, opt, losses
 

@@ -1,10 +1,11 @@
 """The plug-in examples of examples/ (docs/integrations.md), each run here.
 
-- plain loop: runs in CI; Amos with a tensor lr and a warm-up scheduler learns a teacher.
-- Lightning `configure_optimizers` and HF `Trainer(optimizers=(opt, sched))`: `lightning` and
+- plain loop: Amos with `total_steps` learns a teacher, and its schedule ends with the run.
+- Lightning `configure_optimizers` and HF `Trainer` (a subclass building Amos): `lightning` and
   `transformers` are in requirements.txt (the test environment), not dependencies of the package;
-  skipped where they are absent. Each must train with OUR optimizer and scheduler: the
-  parameters equal a plain loop over the same batches.
+  skipped where they are absent. Each must train with OUR optimizer, its lr scheduled over the
+  run's optimizer steps: the parameters equal a plain loop with `total_steps` over the same
+  batches, and with epochs and gradient accumulation `total_steps` counts optimizer steps, not batches.
 """
 import os
 import sys
@@ -42,7 +43,6 @@ def import_beside_kernels(name):
     return pytest.importorskip(name)
 
 STEPS = 6
-WARMUP = 20  # the examples' warm-up length
 
 
 def batches(n=STEPS, size=8, seed=0):
@@ -52,16 +52,26 @@ def batches(n=STEPS, size=8, seed=0):
     return [(x, torch.tanh(x @ teacher)) for x in xs]
 
 
-def plain_reference(net, data):
-    """What the framework examples must do: Amos at its defaults + the warm-up, one step per batch."""
-    opt = Amos(net.parameters())
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / WARMUP))
+def mse(net, x, y):
+    return torch.nn.functional.mse_loss(net(x), y)
+
+
+def plain_reference(net, data, loss=mse, clip=None):
+    """What the framework examples must do: Amos at its defaults with total_steps = the batches,
+    one step per batch (`clip`: the global gradient norm clipped first, as HF Trainer does)."""
+    opt = Amos(net.named_parameters(), total_steps=len(data))
     for x, y in data:
-        torch.nn.functional.mse_loss(net(x), y).backward()
+        loss(net, x, y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.step()
         opt.zero_grad()
-        warmup.step()
     return opt
+
+
+def schedule(opt):
+    """(total_steps, steps taken) of the lr schedule of every param group."""
+    return {tuple(g["lr_schedule"][1:3]) for g in opt.param_groups}
 
 
 def test_plain_loop_learns():
@@ -69,10 +79,10 @@ def test_plain_loop_learns():
 
     model, opt, losses = plain_loop.train(steps=100)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    # measured: ~0.9 -> ~0.15 over 100 steps; an optimizer that does not learn stays near 0.9
+    # measured: ~0.73 -> ~0.15 over 100 steps; an optimizer that does not learn stays near 0.75
     assert last < 0.4 * first, f"loss {first:.3f} -> {last:.3f}"
     assert opt.state[model[0].weight]["step"].item() == 100
-    assert opt.param_groups[0]["lr"].item() == pytest.approx(0.1)  # the warm-up reached 1
+    assert schedule(opt) == {(100, 100)}  # the schedule spans the run, and its lr is 0 after it
 
 
 def test_lightning_configure_optimizers():
@@ -81,14 +91,26 @@ def test_lightning_configure_optimizers():
 
     data = batches()
     torch.manual_seed(0)
-    model, trainer = lightning_module.fit(torch.utils.data.DataLoader(data, batch_size=None), STEPS)
+    model, trainer = lightning_module.fit(torch.utils.data.DataLoader(data, batch_size=None), max_steps=STEPS)
     opt = trainer.optimizers[0]
     assert isinstance(opt, Amos) and opt.state[model.net[0].weight]["step"].item() == STEPS
+    assert schedule(opt) == {(STEPS, STEPS)}
     torch.manual_seed(0)
     net = lightning_module.Regressor().net
     plain_reference(net, data)
     for p, q in zip(model.net.parameters(), net.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # same ops in the same order: bitwise
+
+
+def test_lightning_total_steps_counts_optimizer_steps():
+    pytest.importorskip("lightning")
+    import lightning_module
+
+    loader = torch.utils.data.DataLoader(batches(), batch_size=None)  # 6 batches per epoch
+    model, trainer = lightning_module.fit(loader, max_epochs=2, accumulation=2)  # 12 batches, 6 steps
+    opt = trainer.optimizers[0]
+    assert opt.state[model.net[0].weight]["step"].item() == 6
+    assert schedule(opt) == {(6, 6)}
 
 
 class _Dataset(torch.utils.data.IterableDataset):
@@ -111,30 +133,42 @@ class _HFRegressor(torch.nn.Module):
         return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
 
 
-def test_hf_trainer_optimizers(tmp_path):
+def hf_trainer(tmp_path, model, dataset, **kw):
     import_beside_kernels("transformers")
     pytest.importorskip("accelerate")
     import hf_trainer
 
+    return hf_trainer.make_trainer(model, dataset, os.fspath(tmp_path), **kw)
+
+
+def amos_of(trainer):
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(opt, Amos)
+    return opt
+
+
+def test_hf_trainer_amos_with_total_steps(tmp_path):
     data = batches()
     torch.manual_seed(0)
     model = _HFRegressor()
     net = _HFRegressor()
     net.load_state_dict(model.state_dict())
-    trainer = hf_trainer.make_trainer(model, _Dataset(data), os.fspath(tmp_path), STEPS)
+    trainer = hf_trainer(tmp_path, model, _Dataset(data), max_steps=STEPS)
     trainer.train()
-    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    assert isinstance(opt, Amos) and opt.state[model.net[0].weight]["step"].item() == STEPS
+    opt = amos_of(trainer)
+    assert opt.state[model.net[0].weight]["step"].item() == STEPS and schedule(opt) == {(STEPS, STEPS)}
+    from amos_fused import TotalStepsLR
 
-    # Trainer clips the global gradient norm to args.max_grad_norm (1.0) before each step
-    ref = Amos(net.parameters())
-    warmup = torch.optim.lr_scheduler.LambdaLR(ref, lambda k: min(1.0, (k + 1) / WARMUP))
-    for x, y in data:
-        net(x, y)["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        ref.step()
-        ref.zero_grad()
-        warmup.step()
+    assert isinstance(trainer.lr_scheduler, TotalStepsLR) and trainer.lr_scheduler.get_last_lr() == [0.0]
+
+    plain_reference(net, data, loss=lambda net, x, y: net(x, y)["loss"], clip=1.0)  # Trainer clips the global gradient norm to args.max_grad_norm (1.0)
     # Trainer may compute the loss and clip norm through other kernels (accelerate): a few ulps
     for p, q in zip(model.parameters(), net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_hf_trainer_total_steps_counts_optimizer_steps(tmp_path):
+    rows = _Dataset(batches()).rows  # 48 rows: 6 batches of 8 per epoch
+    trainer = hf_trainer(tmp_path, _HFRegressor(), rows, epochs=2, accumulation=2)  # 12 batches, 6 steps
+    trainer.train()
+    assert schedule(amos_of(trainer)) == {(6, 6)}
