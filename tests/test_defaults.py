@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from amos_fused import DEFAULT_LR, Amos, defaults
+from amos_fused import DEFAULT_LR, Amos, TotalStepsLR, defaults
 
 
 # ---- eta ------------------------------------------------------------------------------------------
@@ -261,6 +261,29 @@ def test_total_steps_with_an_lr_scheduler_raises_before_anything_changes():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all("v" not in opt.state[p] for p in model.parameters())
     assert opt.param_groups[0][defaults.SCHEDULE_KEY][2] == 0  # no step counted
+
+
+def test_total_steps_lr_reports_the_coming_steps_lr_and_never_writes_it():
+    """TotalStepsLR, the stand-in scheduler for frameworks that want one: after every step it
+    reports the lr the next step() will use (as torch's schedulers do), a group with its own lr
+    reports that lr, and stepping it or loading its state changes nothing."""
+    model = _model()
+    opt = Amos([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.005}], total_steps=10)
+    sched = TotalStepsLR(opt)
+    assert not any("initial_lr" in g for g in opt.param_groups)  # a torch scheduler's mark, which would raise
+    reported = [sched.get_last_lr()]
+    for t in range(10):
+        used = _steps(model, opt, 1, start=t)
+        assert used == reported[-1][:1]  # the reported lr is the one the step used
+        assert opt.param_groups[1]["lr"] == 0.005
+        sched.step()
+        sched.load_state_dict(sched.state_dict())
+        reported.append(sched.get_last_lr())
+    peak = opt.param_groups[0][defaults.SCHEDULE_KEY][0]
+    assert [r[0] for r in reported] == pytest.approx([peak * defaults.lr_factor(t, 10) for t in range(11)])
+    assert reported[-1] == [0.0, 0.005] and sched.state_dict() == {}
+    with pytest.raises(TypeError, match="not an optimizer"):
+        TotalStepsLR(model)
 
 
 def test_total_steps_with_capturable_raises():

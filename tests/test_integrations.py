@@ -172,3 +172,24 @@ def test_hf_trainer_total_steps_counts_optimizer_steps(tmp_path):
     trainer = hf_trainer(tmp_path, _HFRegressor(), rows, epochs=2, accumulation=2)  # 12 batches, 6 steps
     trainer.train()
     assert schedule(amos_of(trainer)) == {(6, 6)}
+
+
+def test_hf_trainer_resumes_the_schedule_from_a_checkpoint(tmp_path):
+    """A run stopped at step 3 and resumed from Trainer's checkpoint ends where the whole run ends:
+    the optimizer's state_dict carries the schedule (total, steps taken), the stand-in scheduler
+    saves nothing."""
+    data = batches()
+    torch.manual_seed(0)
+    whole, resumed = _HFRegressor(), _HFRegressor()
+    resumed.load_state_dict(whole.state_dict())
+    start = {k: v.clone() for k, v in whole.state_dict().items()}
+    hf_trainer(tmp_path / "whole", whole, _Dataset(data), max_steps=STEPS).train()
+
+    first = hf_trainer(tmp_path / "run", resumed, _Dataset(data), max_steps=STEPS, save_strategy="steps", save_steps=3)
+    first.train()
+    resumed.load_state_dict(start)  # a fresh process: the model as built, then the checkpoint
+    second = hf_trainer(tmp_path / "run", resumed, _Dataset(data), max_steps=STEPS)
+    second.train(resume_from_checkpoint=os.fspath(tmp_path / "run" / "checkpoint-3"))
+    assert schedule(amos_of(second)) == {(STEPS, STEPS)}
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
