@@ -80,6 +80,7 @@ def build_variant(spec):
     dcoef=, ccoef=, l2= (extra_l2) (Amos options), mdt=bf16|fp32 (momentum storage), warm=F (linear warmup over a
     fraction F of the steps), decay=cos|lin (lr multiplied by a cosine / linear decay to 0 over the run),
     cool=F (lr multiplied by a linear decay to 0 over the last fraction F of the steps),
+    rsqrt=W (no run length: a linear warmup over W steps, then the lr times sqrt(W / step)),
     elem=A/B (parameters whose name holds A or B in a group of granularity "element")."""
     options, schedule, eta, elem = {}, {}, dict(rule="rms", vector=None), []
     for token in spec.split():
@@ -99,6 +100,8 @@ def build_variant(spec):
             elem = value.split("/")  # not ",": --rows splits rows on commas
         elif key in ("warm", "decay", "cool"):
             schedule[key] = value if key == "decay" else float(value)
+        elif key == "rsqrt":
+            schedule[key] = int(value)
         else:
             raise ValueError(f"variant {spec!r}: unknown token {token!r}")
 
@@ -113,10 +116,12 @@ def build_variant(spec):
     return build
 
 
-def lr_factor(steps, warm=0.0, decay=None, cool=0.0):
+def lr_factor(steps, warm=0.0, decay=None, cool=0.0, rsqrt=0):
     warmup, cooldown = round(warm * steps), round(cool * steps)
 
     def f(i):
+        if rsqrt:  # inverse square root after a fixed warmup: the same at every run length
+            return min((i + 1) / rsqrt, math.sqrt(rsqrt / (i + 1)))
         x = (i + 1) / warmup if i < warmup else 1.0
         frac = (i - warmup) / max(1, steps - warmup) if i >= warmup else 0.0
         if decay == "cos":

@@ -372,6 +372,10 @@ def test_defaults_study_registers_its_variants_as_suite_rows():
     opt, _ = study.build_variant("eta=fit elem=0./1.bias")(model, None, 100)  # "/": rows split on ","
     assert [len(g["params"]) for g in opt.param_groups] == [1, 2]
     assert opt.param_groups[1]["granularity"] == "element"
+    _, factor = study.build_variant("eta=fanin2 rsqrt=200")(model, None, 1000)
+    _, longer = study.build_variant("eta=fanin2 rsqrt=200")(model, None, 3000)
+    assert factor(0) == pytest.approx(1 / 200) and factor(199) == 1.0 and factor(799) == pytest.approx(0.5)
+    assert [factor(i) for i in range(0, 1000, 37)] == [longer(i) for i in range(0, 1000, 37)]  # no run length
 
 
 def test_defaults_study_records_its_own_kind(tmp_path, capsys, one_thread):
