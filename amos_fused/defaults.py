@@ -24,9 +24,12 @@ WARMUP_FRACTION = 0.2  # the lr rises linearly over the first 20 % of the run ..
 COOLDOWN_FRACTION = 0.3  # ... and decays over the last 30 %
 LONG_RUN = 3.0  # peak lr <= 3/sqrt(N): 0.03 at N = 10 000; 0.0055 at 300k (official BERT run: 0.005)
 SCHEDULE_KEY = "lr_schedule"  # group entry (peak, total_steps, steps taken, cooldown, warmup), saved with the group
+# no total_steps: the lr still anneals, without a run length: a linear warmup over ANYTIME_WARMUP
+# steps, then peak * sqrt(ANYTIME_WARMUP / step); entry (peak, None, steps taken, None, ANYTIME_WARMUP)
+ANYTIME_WARMUP = 200
 LEGACY_WARMUP = 0.05  # the warmup of entries saved without one (three or four fields)
 
-# beta of groups given without one: the official 0.999; 0.95 where the lr follows total_steps
+# beta of groups given without one: the official 0.999; 0.95 where the lr follows a schedule of the rules
 BETA = 0.999
 SCHEDULED_BETA = 0.95
 
@@ -52,8 +55,7 @@ def has_rule(schedule):
 def lr(schedule, total_steps=None, matrices=1):
     """The lr of a group of `schedule` given without one. The closed forms: DEFAULT_LR. "amos", for
     a model of `matrices` M parameters of two or more dimensions: min(LR_SCALE / M, MAX_LR), the
-    constant lr; with `total_steps` N, the peak of the run's lr schedule (`schedule_lr`), also at
-    most LONG_RUN / sqrt(N). Each step moves every matrix by about lr of its scale, each move
+    peak of its lr schedule (`lr_schedule`); with `total_steps` N, also at most LONG_RUN / sqrt(N). Each step moves every matrix by about lr of its scale, each move
     along its own gradient, so their effects on the loss add up: the lr falls as 1/M (measured on
     the quality suite, docs/defaults.md); past about 120 M^2 steps the peak is 1/sqrt(N)-like, as
     the official long-run advice."""
@@ -64,21 +66,26 @@ def lr(schedule, total_steps=None, matrices=1):
     return rule if total_steps is None else min(rule, LONG_RUN / math.sqrt(total_steps))
 
 
-def lr_schedule(schedule, total_steps, matrices=1):
-    """The group entry `SCHEDULE_KEY` of a group whose lr the rules chose, or None: with
-    `total_steps`, schedule="amos" groups get a warmup, a constant lr and a linear decay (`lr_factor`)."""
-    if total_steps is None or schedule != "amos":
+def lr_schedule(schedule, total_steps, matrices=1, capturable=False):
+    """The group entry `SCHEDULE_KEY` of a group whose lr the rules chose, or None (a constant lr).
+    schedule="amos" groups get, with `total_steps`, a warmup, a constant lr and a linear decay to 0
+    at the run's end; without it, a warmup and an inverse-square-root decay that needs no run
+    length, unless `capturable` (a captured graph would freeze it): `lr_factor`."""
+    if schedule != "amos":
         return None
+    if total_steps is None:
+        return None if capturable else (lr(schedule, None, matrices), None, 0, None, ANYTIME_WARMUP)
     # (peak, N, steps taken, cooldown, warmup)
     return (lr(schedule, total_steps, matrices), int(total_steps), 0, COOLDOWN_FRACTION, WARMUP_FRACTION)
 
 
 def beta(scheduled):
-    """beta of a group given without one: SCHEDULED_BETA when its lr follows a total_steps schedule
-    (`scheduled`), else the official BETA. Under 0.999 the second moment remembers about 1000
-    steps, the whole of a short run: v stays high from the early, large gradients and the steps
-    come out smaller than the schedule's lr says, most on the GRU and the CNN of the quality suite
-    (docs/defaults.md); 0.95 follows the current gradients, as AdamW's pretraining recipes do."""
+    """beta of a group given without one: SCHEDULED_BETA when its lr follows a schedule of the
+    rules (`scheduled`: with or without total_steps), else the official BETA. Under 0.999 the
+    second moment remembers about 1000 steps, the whole of a short run: v stays high from the
+    early, large gradients and the steps come out smaller than the schedule's lr says, most on the
+    GRU and the CNN of the quality suite (docs/defaults.md); 0.95 follows the current gradients,
+    as AdamW's pretraining recipes do."""
     return SCHEDULED_BETA if scheduled else BETA
 
 
@@ -86,7 +93,13 @@ def lr_factor(steps_taken, total_steps, cooldown=COOLDOWN_FRACTION, warmup=WARMU
     """Multiplier of the peak lr at the step after `steps_taken` steps (warmup-stable-decay): linear
     warmup over the first `warmup` fraction of the run, the peak, then a linear decay over the last
     `cooldown` fraction of the run to 0 at `total_steps` (0 after it). `cooldown` None: the decay
-    spans the whole run after the warmup (the schedule of entries saved without a cooldown)."""
+    spans the whole run after the warmup (the schedule of entries saved without a cooldown).
+    `total_steps` None (no run length): a linear warmup over `warmup` steps, then
+    sqrt(warmup / step), the same at every run length: a run of N steps ends at lr ~ 1/sqrt(N), as
+    the official long-run advice, and every step it takes is annealed as far as that."""
+    if total_steps is None:
+        step = steps_taken + 1
+        return min(step / warmup, math.sqrt(warmup / step))
     rise = max(1, round(warmup * total_steps))  # warmup steps
     if steps_taken < rise:
         return (steps_taken + 1) / rise
@@ -110,18 +123,28 @@ def scheduled_lr(entry):
 
 
 def schedule_lr(param_groups):
-    """Set the lr of every group with a `SCHEDULE_KEY` for the coming step (called by step())."""
+    """Set the lr of every group with a `SCHEDULE_KEY` for the coming step (called by step()). An lr
+    set by an LR scheduler or the user's code over a total_steps schedule raises, before anything
+    changes; over the schedule without a run length, theirs rules from then on (the entry is
+    dropped, the lr left as they set it)."""
     entries = [(group, group[SCHEDULE_KEY]) for group in param_groups if group.get(SCHEDULE_KEY) is not None]
-    scheduled = [(group, entry, scheduled_lr(entry)) for group, entry in entries]
-    for group, entry, now in scheduled:
+    scheduled, yielded = [], []
+    for group, entry in entries:
         peak, total, taken, cooldown, warmup = _parts(entry)
+        now = scheduled_lr(entry)
         # the lr this rule set last (or, after a step that raised, for this step); anything else was
         # written by someone else (ReduceLROnPlateau leaves no 'initial_lr'), and would be overwritten
         ours = (peak if taken == 0 else peak * lr_factor(taken - 1, total, cooldown, warmup), now)
         if "initial_lr" in group or group["lr"] not in ours:
+            if total is None:
+                yielded.append(group)
+                continue
             raise RuntimeError(f"Amos: the lr of this param group follows total_steps (warmup, constant, decay), "
                                f"but an LR scheduler or your code set it (lr={group['lr']!r}, the schedule's: "
                                f"{ours[0]!r}); give Amos an lr to use your scheduler, or drop the scheduler")
+        scheduled.append((group, entry, now))
+    for group in yielded:
+        group[SCHEDULE_KEY] = None
     for group, entry, now in scheduled:
         total, taken = _parts(entry)[1:3]
         if taken == total:

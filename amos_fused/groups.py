@@ -53,7 +53,7 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
     total_steps = group.pop("total_steps", total_steps)  # a group's own, else the optimizer's
     defaults.check_total_steps(total_steps, where)
     if group["lr"] is None and defaults.has_rule(group.get("schedule")):
-        scheduled = defaults.lr_schedule(group["schedule"], total_steps, model_matrices)
+        scheduled = defaults.lr_schedule(group["schedule"], total_steps, model_matrices, capturable)
         if scheduled is None:
             group["lr"] = defaults.lr(group["schedule"], total_steps, model_matrices)
         else:
@@ -62,7 +62,9 @@ def prepare(param_group, options, param_groups, backend, capturable, eta_fn, tot
                                  "captured graph would freeze; with capturable=True pass lr and step an LR "
                                  "scheduler outside the graph")
             group[defaults.SCHEDULE_KEY] = scheduled
-            group["lr"] = defaults.scheduled_lr(scheduled)  # the first step's, read before it too
+            # total_steps: the first step's lr, read before it too; without, the peak, which an LR
+            # scheduler attached before the first step takes as its base (the schedule then yields)
+            group["lr"] = defaults.scheduled_lr(scheduled) if total_steps is not None else scheduled[0]
     if group["beta"] is None:
         group["beta"] = defaults.beta(scheduled=group.get(defaults.SCHEDULE_KEY) is not None)
     check_options(group, where)

@@ -20,13 +20,16 @@ class Amos(torch.optim.Optimizer):
             every option below except ``eta_fn``, ``backend``, ``guard`` and ``capturable`` can be
             overridden per group.
         lr: the global learning rate ``xi`` (``alpha0``); read at every step, so LR schedulers
-            work. None: the lr rule (``defaults.lr``): for ``"amos"`` the constant ``min(0.275 / M, 0.15)``
-            for a model of M matrices, or a schedule from ``total_steps``; the closed forms ``DEFAULT_LR``.
+            work. None: the lr rule (``defaults.lr``): for ``"amos"`` the peak ``min(0.275 / M, 0.15)``
+            for a model of M matrices of a schedule: with ``total_steps`` a warmup and a decay to 0
+            at the run's end; without it a warmup over 200 steps, then ``peak * sqrt(200 / t)`` at
+            step t, which an LR scheduler or an lr you set replaces (a constant lr with
+            ``capturable=True``); the closed forms ``DEFAULT_LR``.
         schedule: ``"amos"`` (official, adaptive decay) or ``"constant"``, ``"inverse_time"``,
             ``"inverse_square"`` (closed forms; the last two need ``half_life`` in steps).
         q: closed forms only: the decoupled decay rate is ``lr**2 / (2q) * s(t)``.
         beta: decay of the second moment ``v``. None: 0.999 (the official), or 0.95 for groups
-            whose lr follows ``total_steps`` (``defaults.beta``).
+            whose lr follows one of those schedules (``defaults.beta``).
         momentum: EMA of the whole update (0 disables it and its state ``m``).
         momentum_dtype: storage of ``m``: "auto" (default: bfloat16; fp64 for fp64 parameters),
             None (the compute dtype: fp32, fp64 for fp64 parameters), float32, bfloat16 or float16.

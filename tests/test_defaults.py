@@ -71,22 +71,80 @@ def _steps(model, opt, n, start=0):
     return lrs
 
 
-def test_lr_without_total_steps_is_the_rule_and_given_lr_is_kept():
+def anytime(steps, peak=0.1375, warmup=defaults.ANYTIME_WARMUP):
+    """The lr of the first `steps` steps without total_steps: a linear warmup, then peak * sqrt(W/t)."""
+    return [peak * min(t / warmup, math.sqrt(warmup / t)) for t in range(1, steps + 1)]
+
+
+def test_lr_without_total_steps_anneals_without_a_run_length_and_given_lr_is_kept():
     for schedule in DEFAULT_LR:  # the closed forms: their constant
         extra = {"half_life": 10} if schedule in ("inverse_time", "inverse_square") else {}
         opt = Amos(_model().parameters(), schedule=schedule, **extra)
         assert opt.param_groups[0]["lr"] == DEFAULT_LR[schedule] and defaults.SCHEDULE_KEY not in opt.param_groups[0]
-    assert "amos" not in DEFAULT_LR  # "amos": a constant lr by the model's matrices, the total_steps peak's rule
+    assert "amos" not in DEFAULT_LR  # "amos": the peak by the model's matrices, as the total_steps peak's rule
     model = _model()
     opt = Amos(model.parameters())
-    assert opt.param_groups[0]["lr"] == defaults.lr("amos", None, M) == 0.1375  # 0.275 / 2
-    assert defaults.SCHEDULE_KEY not in opt.param_groups[0] and opt.param_groups[0]["beta"] == 0.999
+    assert opt.param_groups[0]["lr"] == defaults.lr("amos", None, M) == 0.1375  # 0.275 / 2: the peak, before a step
+    assert opt.param_groups[0][defaults.SCHEDULE_KEY] == (0.1375, None, 0, None, 200)
+    assert opt.param_groups[0]["beta"] == defaults.beta(scheduled=True)
     before = [p.detach().clone() for p in model.parameters()]
-    assert _steps(model, opt, 3) == [0.1375] * 3  # constant over steps that do step the model
+    lrs = _steps(model, opt, 3) + _steps(model, opt, 797, start=3)
+    assert lrs == pytest.approx(anytime(800), rel=1e-12)
+    assert lrs[199] == pytest.approx(0.1375) and lrs[799] == pytest.approx(0.1375 / 2)  # the peak, then half at 4W
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     model = _model()
-    opt = Amos(model.parameters(), lr=0.0042, total_steps=100)  # given: exactly that lr, no schedule
+    opt = Amos(model.parameters(), lr=0.0042)  # given: exactly that lr, no schedule, the official beta
+    assert _steps(model, opt, 3) == [0.0042] * 3 and opt.param_groups[0]["beta"] == 0.999
+    assert defaults.SCHEDULE_KEY not in opt.param_groups[0]
+    opt = Amos(model.parameters(), lr=0.0042, total_steps=100)  # given with total_steps: the same
     assert _steps(model, opt, 3) == [0.0042] * 3
+
+
+def test_without_total_steps_an_lr_scheduler_or_your_lr_takes_over():
+    """The schedule without a run length is a default, not a request: a scheduler attached before
+    the first step starts from the peak and rules alone; an lr written later is kept from then on."""
+    model = _model()
+    opt = Amos(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** k)
+    lrs = []
+    for t in range(4):
+        lrs += _steps(model, opt, 1, start=t)
+        sched.step()
+    assert lrs == [0.1375 * 0.5 ** k for k in range(4)] and opt.param_groups[0][defaults.SCHEDULE_KEY] is None
+    for written in ("lr", "plateau"):
+        model = _model()
+        opt = Amos(model.parameters())
+        _steps(model, opt, 5)
+        if written == "lr":
+            opt.param_groups[0]["lr"] = 0.003
+        else:
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1)
+            plateau.step(1.0), plateau.step(2.0)  # no better: the lr falls tenfold
+        set_to = opt.param_groups[0]["lr"]
+        assert _steps(model, opt, 3, start=5) == [set_to] * 3 and opt.param_groups[0][defaults.SCHEDULE_KEY] is None
+    assert set_to == pytest.approx(anytime(5)[-1] * 0.1)
+
+
+def test_without_total_steps_a_resumed_run_continues_the_schedule_and_old_checkpoints_keep_their_lr():
+    model = _model()
+    opt = Amos(model.parameters())
+    _steps(model, opt, 250)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = Amos(model.parameters())
+    resumed.load_state_dict(saved)
+    assert _steps(model, resumed, 3, start=250) == pytest.approx(anytime(253)[250:], rel=1e-12)
+    for group in saved["param_groups"]:  # saved by a version without the schedule: its constant lr
+        del group[defaults.SCHEDULE_KEY]
+        group["lr"] = 0.1375
+    resumed = Amos(model.parameters())
+    resumed.load_state_dict(saved)
+    assert _steps(model, resumed, 3, start=250) == [0.1375] * 3
+
+
+def test_capturable_without_total_steps_keeps_a_constant_lr():
+    opt = Amos(_model().parameters(), capturable=True)  # a captured graph would freeze a host schedule
+    assert defaults.SCHEDULE_KEY not in opt.param_groups[0] and float(opt.param_groups[0]["lr"]) == pytest.approx(0.1375)
+    assert opt.param_groups[0]["beta"] == 0.999
 
 
 @pytest.mark.parametrize("total", [1, 20, 1000, 10_000, 300_000])
@@ -188,8 +246,9 @@ def test_a_schedule_saved_by_an_earlier_version_resumes_that_schedule(fields):
     assert resumed.param_groups[0][defaults.SCHEDULE_KEY] == (peak, 40, 40, 0.3)[:fields]
 
 
-def test_beta_is_the_official_one_unless_the_lr_follows_total_steps():
-    assert Amos(_model().parameters()).param_groups[0]["beta"] == defaults.BETA == 0.999
+def test_beta_is_the_official_one_unless_the_lr_follows_a_schedule_of_the_rules():
+    assert Amos(_model().parameters()).param_groups[0]["beta"] == defaults.SCHEDULED_BETA  # without total_steps too
+    assert Amos(_model().parameters(), lr=0.01).param_groups[0]["beta"] == defaults.BETA == 0.999
     scheduled = Amos(_model().parameters(), total_steps=100)
     assert scheduled.param_groups[0]["beta"] == defaults.SCHEDULED_BETA == 0.95
     assert Amos(_model().parameters(), total_steps=100, beta=0.99).param_groups[0]["beta"] == 0.99  # given: kept
