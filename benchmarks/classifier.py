@@ -10,9 +10,10 @@ Model: conv 1->16 3x3 pad 1, ReLU, maxpool 2 (8x8 -> 4x4); conv 16->32 3x3 pad 1
 (-> 2x2); linear 128 -> 10. torch's default init (kaiming-uniform with a=sqrt(5) for weights,
 uniform +-1/sqrt(fan_in) for biases). Cross-entropy, minibatches of 64 drawn per seed.
 
-Compared, all but "amos total_steps" with the same linear warmup (convergence.lr_factor: first 5 %
-of steps):
-- "amos": `Amos(model.named_parameters())`, nothing tuned;
+Compared, all but Amos at its defaults with the same linear warmup (convergence.lr_factor: first
+5 % of steps):
+- "amos": `Amos(model.named_parameters())`, nothing tuned and no scheduler: its own lr schedule
+  without a run length (warmup over 200 steps, then an inverse-square-root decay);
 - "amos total_steps": `Amos(model.named_parameters(), total_steps=steps)`, nothing tuned: the lr
   follows Amos's own schedule for a run of that length (warmup, peak by the number of matrices, decay);
 - "inverse_time": Amos's closed form, half_life = steps / 4, default lr;
@@ -48,6 +49,7 @@ BATCH = 64
 ADAMW_WEIGHT_DECAY = 0.01
 HALF_LIFE_FRACTION = 0.25
 TOTAL_STEPS_ROW = "amos total_steps"  # Amos given the run's length: its lr schedule, no LambdaLR
+OWN_SCHEDULE = ("amos", TOTAL_STEPS_ROW)  # Amos at its defaults: its own lr schedule (a LambdaLR would replace it)
 
 
 def load_digits_split():
@@ -114,7 +116,7 @@ def train_one(name, lr, seed, steps, data, every):
     model = SmallCNN()
     opt = build_optimizer(name, lr, model, steps)
     sched = None
-    if name != TOTAL_STEPS_ROW:
+    if name not in OWN_SCHEDULE:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, convergence.lr_factor(name, steps))
     peak = opt.param_groups[0]["initial_lr"] if sched else opt.param_groups[0][defaults.SCHEDULE_KEY][0]
     gen = torch.Generator().manual_seed(seed)  # same minibatches for every optimizer of a seed
@@ -182,7 +184,7 @@ def table(summary, steps):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in summary:
         name = e["name"] + (" (best of sweep)" if e["best_adamw"] else "")
-        lr = f"{e['lr']:.3g}" + {"adamw": "", TOTAL_STEPS_ROW: " (peak, default)"}.get(e["name"], " (default)")
+        lr = f"{e['lr']:.3g}" + {"adamw": "", "amos": " (peak, default)", TOTAL_STEPS_ROW: " (peak, default)"}.get(e["name"], " (default)")
         lines.append(f"| {name} | {lr} | {fmt(e['val_loss_half'])} | {fmt(e['val_acc_half'])} "
                      f"| {fmt(e['val_loss_final'])} | {fmt(e['val_acc_final'])} | {e['state_bytes']:,} "
                      f"| {fmt(e['ms_train_step'], 2)} |")

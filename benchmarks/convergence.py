@@ -1,9 +1,10 @@
 """The main job: does Amos at its defaults train a small language model as well as tuned AdamW?
 
 A byte-level GPT-2-style transformer (lm_model.py) learns Python's own standard library
-(lm_data.py: fixed split by path hash). Compared, all with the same linear warmup (LambdaLR over
-the first WARMUP_FRACTION of steps; Amos reads group["lr"] every step):
-- "amos": `Amos(model.named_parameters())`, nothing tuned (default lr, momentum 0.9, eta measured);
+(lm_data.py: fixed split by path hash). Compared, all but "amos" at its defaults with the same
+linear warmup (LambdaLR over the first WARMUP_FRACTION of steps; Amos reads group["lr"] every step):
+- "amos": `Amos(model.named_parameters())`, nothing tuned and no scheduler: its own lr schedule
+  (a warmup over 200 steps, then an inverse-square-root decay; docs/defaults.md), eta by the rule;
 - "inverse_time", "inverse_square": Amos's closed forms, half_life = HALF_LIFE_FRACTION * steps;
   "constant": the closed form without decay;
 - "adamw": torch AdamW (betas 0.9/0.95, weight_decay 0.1 on matrices only), linear warmup then
@@ -165,7 +166,8 @@ def train_one(name, lr, seed, cfg, data, device, position):
     model = ByteLM(cfg["layers"], cfg["width"], cfg["heads"], cfg["context"]).to(device)
     steps = cfg["steps"]
     opt = build_optimizer(name, lr, model, steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(name, steps))
+    # Amos at its defaults schedules its lr itself (a scheduler would replace that schedule)
+    sched = None if (name == "amos" and lr is None) else torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(name, steps))
     gen = torch.Generator().manual_seed(seed)  # same batches for every optimizer of a seed
     grid = eval_grid(steps, cfg["eval_every"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -187,7 +189,8 @@ def train_one(name, lr, seed, cfg, data, device, position):
         opt.step()
         sync()
         t2 = time.perf_counter()
-        sched.step()
+        if sched is not None:
+            sched.step()
         t_opt.append(t2 - t1)
         t_step.append(time.perf_counter() - t0)
         running.append(loss.item())
@@ -202,7 +205,8 @@ def train_one(name, lr, seed, cfg, data, device, position):
             bar.set_postfix(val=f"{val[-1]:.3f}")
     bar.close()
     warm = min(5, len(t_opt) - 1)  # the first steps allocate state and warm caches
-    return dict(name=name, lr=lr if lr is not None else opt.param_groups[0]["initial_lr"], lr_given=lr is not None,
+    rule_lr = opt.param_groups[0].get("initial_lr") or opt.param_groups[0][defaults.SCHEDULE_KEY][0]  # the peak
+    return dict(name=name, lr=lr if lr is not None else rule_lr, lr_given=lr is not None,
                 label=label, seed=seed, eval_steps=evals, val_loss=val, train_loss=train_curve,
                 final_val=val[-1] if not diverged else math.inf, diverged=diverged,
                 ms_opt_step=1e3 * statistics.median(t_opt[warm:]),

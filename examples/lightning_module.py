@@ -22,7 +22,7 @@ class Regressor(pl.LightningModule):
 
     def configure_optimizers(self):
         # max_steps, or the epochs times the batches per epoch over the gradient accumulation;
-        # inf when the run has no end (max_steps=-1, max_epochs=-1): then a constant lr
+        # inf when the run has no end (max_steps=-1, max_epochs=-1): then the schedule without a run length
         steps = self.trainer.estimated_stepping_batches
         return Amos(self.named_parameters(), total_steps=None if math.isinf(steps) else int(steps))
 
