@@ -34,7 +34,7 @@ def test_quick_run_prints_table_records_runs_and_draws_plot(tmp_path):
         assert classifier.main(["--quick", "--seeds", "2", "--results", str(tmp_path)]) == 0
     text = stdout.getvalue()
     assert "| optimizer | lr | val loss @6 |" in text
-    assert "| amos | 0.0917 (default) |" in text and "| inverse_time |" in text  # 3 matrices: 0.275 / 3
+    assert "| amos | 0.0917 (peak, default) |" in text and "| inverse_time |" in text  # 3 matrices: 0.275 / 3
     assert "| amos total_steps | 0.0917 (peak, default) |" in text  # 3 matrices: 0.275 / 3
     assert "adamw (best of sweep)" in text and " ± " in text  # two seeds: mean ± std
     runs = bench_common.read(tmp_path / "classifier.jsonl")
