@@ -55,10 +55,11 @@ def has_rule(schedule):
 def lr(schedule, total_steps=None, matrices=1):
     """The lr of a group of `schedule` given without one. The closed forms: DEFAULT_LR. "amos", for
     a model of `matrices` M parameters of two or more dimensions: min(LR_SCALE / M, MAX_LR), the
-    peak of its lr schedule (`lr_schedule`); with `total_steps` N, also at most LONG_RUN / sqrt(N). Each step moves every matrix by about lr of its scale, each move
-    along its own gradient, so their effects on the loss add up: the lr falls as 1/M (measured on
-    the quality suite, docs/defaults.md); past about 120 M^2 steps the peak is 1/sqrt(N)-like, as
-    the official long-run advice."""
+    peak of its lr schedule (`lr_schedule`); with `total_steps` N, also at most LONG_RUN / sqrt(N).
+    Each step moves every matrix by about lr of its scale, each move along its own gradient, so
+    their effects on the loss add up: the lr falls as 1/M (measured on the quality suite,
+    docs/defaults.md); past about 120 M^2 steps the peak is 1/sqrt(N)-like, as the official
+    long-run advice."""
     check_total_steps(total_steps)
     if schedule != "amos":
         return DEFAULT_LR[schedule]
@@ -154,12 +155,12 @@ def schedule_lr(param_groups):
 
 
 class TotalStepsLR:
-    """A stand-in LR scheduler for an Amos whose lr follows `total_steps`, for frameworks that want a
-    scheduler object beside the optimizer (Hugging Face's Trainer builds its own otherwise, which
-    would write over the schedule). Amos moves the lr itself inside `step()`, so this one never
-    writes it: `step()` does nothing, `get_last_lr()` reports each group's lr for the coming step
-    (as torch's schedulers do, for logging), and the schedule is saved with the optimizer's
-    `state_dict()`, so there is nothing to save here."""
+    """A stand-in LR scheduler for an Amos whose lr follows `total_steps` (or the schedule without a
+    run length), for frameworks that want a scheduler object beside the optimizer (Hugging Face's
+    Trainer builds its own otherwise, which would write over the schedule). Amos moves the lr itself
+    inside `step()`, so this one never writes it: `step()` does nothing, `get_last_lr()` reports
+    each group's lr for the coming step (as torch's schedulers do, for logging), and the schedule is
+    saved with the optimizer's `state_dict()`, so there is nothing to save here."""
 
     def __init__(self, optimizer):
         if not hasattr(optimizer, "param_groups"):

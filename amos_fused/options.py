@@ -24,8 +24,8 @@ _KERNELS = "leave it out: Amos picks its fused kernels itself (or set backend=, 
 FOREIGN = {
     "weight_decay": "its update decays every tensor towards 0 by itself (the decay term of docs/algorithm.md); "
                     "leave weight_decay out, or add an L2 term with extra_l2 (schedule='amos')",
-    "betas": "use beta for the decay of the second moment (one number; None: 0.95 where the lr rule schedules the lr, else 0.999) "
-             "and momentum for the first moment's (0.9)",
+    "betas": "use beta for the decay of the second moment (one number; None: 0.95 where the lr rule "
+             "schedules the lr, else 0.999) and momentum for the first moment's (0.9)",
     "amsgrad": "Amos has no AMSGrad variant; leave it out",
     "maximize": "Amos minimizes; use the negated objective as the loss to maximize it",
     "nesterov": "Amos's momentum is an EMA of the whole update (momentum=); leave nesterov out",

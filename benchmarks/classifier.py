@@ -184,7 +184,8 @@ def table(summary, steps):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in summary:
         name = e["name"] + (" (best of sweep)" if e["best_adamw"] else "")
-        lr = f"{e['lr']:.3g}" + {"adamw": "", "amos": " (peak, default)", TOTAL_STEPS_ROW: " (peak, default)"}.get(e["name"], " (default)")
+        lr = f"{e['lr']:.3g}" + ("" if e["name"] == "adamw" else
+                                 " (peak, default)" if e["name"] in OWN_SCHEDULE else " (default)")
         lines.append(f"| {name} | {lr} | {fmt(e['val_loss_half'])} | {fmt(e['val_acc_half'])} "
                      f"| {fmt(e['val_loss_final'])} | {fmt(e['val_acc_final'])} | {e['state_bytes']:,} "
                      f"| {fmt(e['ms_train_step'], 2)} |")

@@ -143,7 +143,8 @@ def test_without_total_steps_a_resumed_run_continues_the_schedule_and_old_checkp
 
 def test_capturable_without_total_steps_keeps_a_constant_lr():
     opt = Amos(_model().parameters(), capturable=True)  # a captured graph would freeze a host schedule
-    assert defaults.SCHEDULE_KEY not in opt.param_groups[0] and float(opt.param_groups[0]["lr"]) == pytest.approx(0.1375)
+    assert defaults.SCHEDULE_KEY not in opt.param_groups[0]
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.1375)
     assert opt.param_groups[0]["beta"] == 0.999
 
 

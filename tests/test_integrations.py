@@ -161,7 +161,8 @@ def test_hf_trainer_amos_with_total_steps(tmp_path):
 
     assert isinstance(trainer.lr_scheduler, TotalStepsLR) and trainer.lr_scheduler.get_last_lr() == [0.0]
 
-    plain_reference(net, data, loss=lambda net, x, y: net(x, y)["loss"], clip=1.0)  # Trainer clips the global gradient norm to args.max_grad_norm (1.0)
+    # Trainer clips the global gradient norm to args.max_grad_norm (1.0)
+    plain_reference(net, data, loss=lambda net, x, y: net(x, y)["loss"], clip=1.0)
     # Trainer may compute the loss and clip norm through other kernels (accelerate): a few ulps
     for p, q in zip(model.parameters(), net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
