@@ -43,8 +43,9 @@ def check_total_steps(total_steps, where="Amos"):
         return
     ok = isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool) and total_steps >= 1
     if not ok:
-        raise ValueError(f"{where}: total_steps={total_steps!r} is invalid; use None (a constant lr) or the "
-                         "number of optimizer steps the run will take, a whole number >= 1")
+        raise ValueError(f"{where}: total_steps={total_steps!r} is invalid; use None (no run length: the "
+                         "schedule without one) or the number of optimizer steps the run will take, a whole "
+                         "number >= 1")
 
 
 def has_rule(schedule):

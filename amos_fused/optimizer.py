@@ -240,7 +240,7 @@ class Amos(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._notices.check_pending()
-        default_rules.schedule_lr(self.param_groups)  # the lr of groups that follow total_steps
+        default_rules.schedule_lr(self.param_groups)  # the lr of groups that follow a schedule of the lr rule
         run = self._planned_run()
         if run is None:  # the full path: every check, then a plan for the next steps
             work = sharded_work(self._sharded_checks, self.param_groups) if self._sharded is not None else None

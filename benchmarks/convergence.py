@@ -222,10 +222,12 @@ def default_lr(name, cfg):
 
 
 def merge(paths, wanted):
-    """Runs from earlier data files (same setup), those named in `wanted` [(name, lr or None)].
+    """Runs from earlier data files (same setup), those named in `wanted` [(name, lr or None)]; of
+    several runs of one label and seed, the newest.
 
-    A run of an Amos family at the lr Amos gives it by default is reported as the default run: it is the
-    same computation as `Amos(model.named_parameters(), ...)` without lr (same seed, same batches).
+    A closed form's run at the lr it gets by default is reported as its default run: it is the same
+    computation as `Amos(model.named_parameters(), schedule=...)` without lr (same seed, same
+    batches). Not so for "amos": without lr it follows its own lr schedule, with one it keeps that lr.
     """
     rows = [r for p in paths for r in bc.read(p)]
     if not rows:
@@ -234,14 +236,14 @@ def merge(paths, wanted):
     for r in rows:
         if r["setup"]["config"] != setup["config"] or r["setup"]["corpus"]["sha256"] != setup["corpus"]["sha256"]:
             raise SystemExit(f"--merge: a run of {r['date']} has another model, run length or corpus than the first")
-    default = {name: default_lr(name, setup["config"]) for name in AMOS_FAMILY}
-    wanted = [(name, lr if lr is not None else default[name]) for name, lr in wanted]
+    default = {name: default_lr(name, setup["config"]) for name in AMOS_FAMILY if name != "amos"}
 
     def rank(r):  # position in --optimizers, None if not wanted
-        return next((i for i, (n, lr) in enumerate(wanted) if n == r["name"] and math.isclose(lr, r["lr"])), None)
+        return next((i for i, (n, lr) in enumerate(wanted) if n == r["name"] and
+                     (not r["lr_given"] if lr is None else r["lr_given"] and math.isclose(lr, r["lr"]))), None)
 
     runs, seen = [], set()
-    for row in rows:
+    for row in sorted(rows, key=lambda row: row["date"], reverse=True):  # the newest first
         r = {k: v for k, v in row.items() if k not in bc.RECORD_KEYS and k not in ("setup", "note")}
         r["merged_from"] = row["date"]
         if r["name"] in default and math.isclose(r["lr"], default[r["name"]]):
@@ -252,7 +254,8 @@ def merge(paths, wanted):
             runs.append(r)
     if not runs:
         raise SystemExit(f"--merge: no run in {paths} matches --optimizers")
-    missing = [f"{n}@{lr:g}" for i, (n, lr) in enumerate(wanted) if all(rank(r) != i for r in runs)]
+    missing = [n if lr is None else f"{n}@{lr:g}" for i, (n, lr) in enumerate(wanted)
+               if all(rank(r) != i for r in runs)]
     if missing:
         print(f"--merge: no run for {', '.join(missing)} in these files; left out", file=sys.stderr)
     runs.sort(key=lambda r: (rank(r), r["seed"]))

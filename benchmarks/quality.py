@@ -13,8 +13,10 @@ Rows (a row is NAME or NAME@LR, NAME from VARIANTS):
 - adamw@LR: torch AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices, linear warmup over the
   first 5 % of steps then cosine decay to 0; the task's 4-point lr sweep, the best by mean final
   validation loss is "best AdamW";
-- default: `Amos(model.named_parameters())`, nothing else: no lr, no scheduler, no warmup;
-- amos@LR: the same with `lr=LR` (the sweep says how far the default lr sits from the best);
+- default: `Amos(model.named_parameters())`, nothing else: no lr, no scheduler (its own lr schedule
+  without a run length: a warmup over 200 steps, then an inverse-square-root decay);
+- amos@LR: `Amos(model.named_parameters(), lr=LR)`, a constant lr (the sweep says how far the
+  rule's peak sits from the best constant lr);
 - amos total_steps: `Amos(model.named_parameters(), total_steps=<the run's steps>)`: the lr
   schedule the defaults give a run of known length (warmup, the peak, a decay over the last 30 %);
 - inverse_time, inverse_square, constant: the closed forms at their default lr, half_life a
@@ -293,7 +295,7 @@ def train_one(job):
     if not math.isfinite(final):
         diverged = True
     group = opt.param_groups[0]
-    scheduled = group.get(defaults.SCHEDULE_KEY)  # total_steps: the schedule's peak
+    scheduled = group.get(defaults.SCHEDULE_KEY)  # a schedule of the lr rule: its peak
     group_lr = scheduled[0] if scheduled else group.get("initial_lr", group["lr"])
     return dict(task=task.name, row=row, seed=seed, lr=float(group_lr), eval_steps=evals, val_loss=val,
                 val_extra=extras, train_loss=train_curve, final_val=final if not diverged else math.inf,
@@ -518,7 +520,7 @@ def main(argv=None, kind="quality", command=None):
     print("\n\n".join(table(s) for s in summaries) + "\n\n" + note + "\n\n" + "\n".join(verdict_lines(summaries)))
     setup = dict(seeds=seeds, adamw=dict(ADAMW, schedule=f"linear warmup {WARMUP_FRACTION:.0%} of steps, cosine to 0",
                                           weight_decay_on="matrices (ndim >= 2)"),
-                 amos="Amos(model.named_parameters(), [lr=...]); no scheduler, no warmup",
+                 amos="Amos(model.named_parameters(), [lr=... | total_steps=...]); no LR scheduler",
                  half_life_fraction=HALF_LIFE_FRACTION, corpus_bytes=CORPUS_BYTES,
                  default_lr=dict(DEFAULT_LR, amos=f"min({defaults.LR_SCALE}/M, {defaults.MAX_LR}), M matrices"),
                  momentum_dtype=str(default_momentum_dtype()), amos_fused_sources=amos_hash, jobs=args.jobs,

@@ -11,7 +11,7 @@ def train(steps=200, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
     # lr, eta and the decay: automatic. total_steps (the number of opt.step() calls) gives the lr a
-    # warmup and a decay to 0 at the end, which trains better than the constant lr without it.
+    # warmup and a decay to 0 at the end, which trains better than the schedule without a run length.
     opt = Amos(model.named_parameters(), total_steps=steps)
     teacher = torch.randn(16, 1)
     losses = []

@@ -2,6 +2,7 @@
 runs and draws its plot."""
 import contextlib
 import io
+import json
 import math
 import sys
 from pathlib import Path
@@ -63,15 +64,25 @@ def test_quick_run_prints_table_records_runs_and_draws_plot(quick_run):
 
 def test_merge_selects_runs_without_training(quick_run, tmp_path, capsys):
     out, _ = quick_run
-    lr = quick_default_lr()
     convergence.main(["--merge", str(out / "convergence.jsonl"), "--results", str(tmp_path),
-                      "--optimizers", f"adamw@0.01,amos@{lr}"])
+                      "--optimizers", "adamw@0.01,amos"])
     stdout = capsys.readouterr().out
     rows = [ln for ln in stdout.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| adamw (best of sweep)", "| amos"]  # --optimizers order
-    assert "(default)" in rows[1]  # a run at the default lr is the default run
+    assert "(default)" in rows[1]
     merged = bench_common.read(tmp_path / "convergence.jsonl")
     assert len(merged) == 4 and len({r["date"] for r in merged}) == 1  # 2 x 2 seeds, recorded as one run
+    # of two runs of one label and seed, the newest (an older run of "amos" was another default)
+    older = bench_common.read(out / "convergence.jsonl")
+    newer = [dict(r, date="2999-01-01T00:00:00+00:00", final_val=r["final_val"] + 1.0) for r in older]
+    both = tmp_path / "both.jsonl"
+    both.write_text("".join(json.dumps(r) + "\n" for r in older + newer))  # file order: oldest first
+    merged_runs, _ = convergence.merge([both], [("amos", None)])
+    assert [r["merged_from"] for r in merged_runs] == [newer[0]["date"]] * 2
+    # "amos" at its rule's lr is another computation (a constant lr) than "amos" without lr (its schedule)
+    with pytest.raises(SystemExit, match="no run"):
+        convergence.main(["--merge", str(out / "convergence.jsonl"), "--results", str(tmp_path),
+                          "--optimizers", f"amos@{quick_default_lr()}"])
 
 
 @pytest.mark.parametrize("name", convergence.OPTIMIZERS)
