@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from amos_fused.defaults import SCHEDULE_KEY
+
 # ---- model-shaped parameter sets --------------------------------------------------------------
 
 
@@ -235,6 +237,21 @@ def state_bytes(optimizer):
 
 
 # ---- machine and versions -------------------------------------------------------------------
+
+
+def schedules_itself(optimizer):
+    """Whether Amos schedules the lr of `optimizer`'s first param group itself (its lr rule's
+    schedule, with or without total_steps): an LR scheduler attached to it would replace that."""
+    return optimizer.param_groups[0].get(SCHEDULE_KEY) is not None
+
+
+def recorded_lr(optimizer):
+    """The lr a training run with `optimizer` is recorded at (its first param group's): the peak of
+    Amos's own schedule where the group follows one, else the base lr an LR scheduler scales
+    ('initial_lr'), else the group's lr."""
+    group = optimizer.param_groups[0]
+    entry = group.get(SCHEDULE_KEY)
+    return float(entry[0] if entry is not None else group.get("initial_lr", group["lr"]))
 
 
 def _cpu_model():

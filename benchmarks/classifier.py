@@ -41,7 +41,7 @@ import bench_common as bc
 import convergence
 import convergence_report
 import plots
-from amos_fused import Amos, defaults
+from amos_fused import Amos
 
 SPLIT_SEED = 1234
 VAL_FRACTION = 0.2
@@ -49,7 +49,7 @@ BATCH = 64
 ADAMW_WEIGHT_DECAY = 0.01
 HALF_LIFE_FRACTION = 0.25
 TOTAL_STEPS_ROW = "amos total_steps"  # Amos given the run's length: its lr schedule, no LambdaLR
-OWN_SCHEDULE = ("amos", TOTAL_STEPS_ROW)  # Amos at its defaults: its own lr schedule (a LambdaLR would replace it)
+OWN_SCHEDULE = ("amos", TOTAL_STEPS_ROW)  # Amos at its defaults: its own lr schedule, labelled by its peak
 
 
 def load_digits_split():
@@ -115,10 +115,10 @@ def train_one(name, lr, seed, steps, data, every):
     torch.manual_seed(seed)
     model = SmallCNN()
     opt = build_optimizer(name, lr, model, steps)
-    sched = None
-    if name not in OWN_SCHEDULE:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, convergence.lr_factor(name, steps))
-    peak = opt.param_groups[0]["initial_lr"] if sched else opt.param_groups[0][defaults.SCHEDULE_KEY][0]
+    # Amos at its defaults schedules its lr itself (a scheduler would replace that schedule)
+    factor = convergence.lr_factor(name, steps)
+    sched = None if bc.schedules_itself(opt) else torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    peak = bc.recorded_lr(opt)
     gen = torch.Generator().manual_seed(seed)  # same minibatches for every optimizer of a seed
     grid = eval_grid(steps, every)
     loss0, acc0 = evaluate(model, xv, yv)

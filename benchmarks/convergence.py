@@ -167,7 +167,7 @@ def train_one(name, lr, seed, cfg, data, device, position):
     steps = cfg["steps"]
     opt = build_optimizer(name, lr, model, steps)
     # Amos at its defaults schedules its lr itself (a scheduler would replace that schedule)
-    sched = None if (name == "amos" and lr is None) else torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(name, steps))
+    sched = None if bc.schedules_itself(opt) else torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(name, steps))
     gen = torch.Generator().manual_seed(seed)  # same batches for every optimizer of a seed
     grid = eval_grid(steps, cfg["eval_every"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -205,8 +205,7 @@ def train_one(name, lr, seed, cfg, data, device, position):
             bar.set_postfix(val=f"{val[-1]:.3f}")
     bar.close()
     warm = min(5, len(t_opt) - 1)  # the first steps allocate state and warm caches
-    rule_lr = opt.param_groups[0].get("initial_lr") or opt.param_groups[0][defaults.SCHEDULE_KEY][0]  # the peak
-    return dict(name=name, lr=lr if lr is not None else rule_lr, lr_given=lr is not None,
+    return dict(name=name, lr=lr if lr is not None else bc.recorded_lr(opt), lr_given=lr is not None,
                 label=label, seed=seed, eval_steps=evals, val_loss=val, train_loss=train_curve,
                 final_val=val[-1] if not diverged else math.inf, diverged=diverged,
                 ms_opt_step=1e3 * statistics.median(t_opt[warm:]),

@@ -294,10 +294,7 @@ def train_one(job):
     final, final_extra = _evaluate(task, model, final=True) if not diverged else (math.inf, {})
     if not math.isfinite(final):
         diverged = True
-    group = opt.param_groups[0]
-    scheduled = group.get(defaults.SCHEDULE_KEY)  # a schedule of the lr rule: its peak
-    group_lr = scheduled[0] if scheduled else group.get("initial_lr", group["lr"])
-    return dict(task=task.name, row=row, seed=seed, lr=float(group_lr), eval_steps=evals, val_loss=val,
+    return dict(task=task.name, row=row, seed=seed, lr=bc.recorded_lr(opt), eval_steps=evals, val_loss=val,
                 val_extra=extras, train_loss=train_curve, final_val=final if not diverged else math.inf,
                 final_extra=final_extra, diverged=diverged, ms_train_step=1e3 * statistics.median(times[5:] or times),
                 seconds=round(time.perf_counter() - started, 1), threads=threads)

@@ -30,9 +30,9 @@ class AmosTrainer(Trainer):
 
 def make_trainer(model, train_dataset, output_dir, max_steps=-1, epochs=1, batch_size=8, accumulation=1, **more):
     """`more`: further TrainingArguments (e.g. save_strategy="steps", save_steps=...)."""
-    args = dict(report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
+    quiet = dict(report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
     args = TrainingArguments(output_dir=output_dir, max_steps=max_steps, num_train_epochs=epochs,
                              per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                             **{**args, **more})
+                             **{**quiet, **more})
     # args.learning_rate, lr_scheduler_type and warmup are unused: Amos sets its own lr
     return AmosTrainer(model=model, args=args, train_dataset=train_dataset)
