@@ -149,7 +149,7 @@ def train_one(name, lr, seed, steps, data, every):
                 seed=seed, eval_steps=evals, val_loss=val_loss, val_acc=val_acc, diverged=diverged,
                 final_val=val_loss[-1] if not diverged else math.inf,
                 ms_train_step=1e3 * statistics.median(t_step[warm:]),
-                state_bytes=convergence.state_bytes(opt), params=sum(p.numel() for p in model.parameters()))
+                state_bytes=bc.state_bytes(opt), params=sum(p.numel() for p in model.parameters()))
 
 
 def _at(run, key, step):

@@ -142,10 +142,6 @@ def build_optimizer(name, lr, model, steps):
     return Amos(model.named_parameters(), **kwargs)
 
 
-def state_bytes(opt):
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-
-
 def eval_grid(steps, every):
     """Steps after which validation loss is measured: 0, every `every`, and each quarter."""
     quarters = {round(steps * k / 4) for k in (1, 2, 3, 4)}
@@ -210,7 +206,7 @@ def train_one(name, lr, seed, cfg, data, device, position):
                 final_val=val[-1] if not diverged else math.inf, diverged=diverged,
                 ms_opt_step=1e3 * statistics.median(t_opt[warm:]),
                 ms_train_step=1e3 * statistics.median(t_step[warm:]),
-                state_bytes=state_bytes(opt), params=sum(p.numel() for p in model.parameters()))
+                state_bytes=bc.state_bytes(opt), params=sum(p.numel() for p in model.parameters()))
 
 
 def default_lr(name, cfg):
